@@ -1,0 +1,63 @@
+"""The ``dpmega`` command line: one sub-command per module.
+
+Each sub-command lives in its own module exposing ``add_parser(subparsers)``
+(which registers the sub-command and sets ``func`` on it) and a function
+``run(args) -> int``. Bad input raises :class:`dpmega.errors.UsageError` (or
+``ValueError`` during validation); both print one clear line and exit with
+code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from dpmega.errors import UsageError
+
+# Sub-command modules, imported lazily so `dpmega epsilon` does not import Flax.
+_COMMAND_MODULES = (
+    "dpmega.cli_accounting",
+    "dpmega.cli_train",
+    "dpmega.cli_audit",
+)
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse with exit code 2 and a single-line error (its default already is 2)."""
+
+  def error(self, message: str):  # noqa: D401 - argparse API
+    self.print_usage(sys.stderr)
+    self.exit(2, f"dpmega: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = _Parser(prog="dpmega", description=__doc__.splitlines()[0])
+  subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+  for name in _COMMAND_MODULES:
+    try:
+      module = importlib.import_module(name)
+    except ModuleNotFoundError as e:
+      if e.name == name:  # that sub-command is not part of this build
+        continue
+      raise
+    module.add_parser(subparsers)
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  try:
+    return int(args.func(args) or 0)
+  except (UsageError, ValueError) as e:
+    print(f"dpmega {args.command}: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print(f"dpmega {args.command}: interrupted", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,9 @@
+"""Errors the library raises on purpose."""
+
+
+class UsageError(ValueError):
+  """Bad input from a user (flag, config field, file): exit code 2 in the CLI."""
+
+
+class BudgetExceededError(RuntimeError):
+  """The next step would spend more privacy budget than allowed."""

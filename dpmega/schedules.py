@@ -1,0 +1,359 @@
+"""Batch-size schedules: constant, piecewise steps, linear and geometric ramps.
+
+A schedule maps a training step (0-based) to the *expected* logical batch size
+of that step. Under Poisson sampling the step's sampling probability is
+``batch_size(step) / dataset_size``; the accountant (:mod:`dpmega.accounting`)
+and the trainer read the same schedule, so what is accounted is what runs.
+
+Every schedule is a frozen dataclass with
+
+* ``batch_size(step) -> int`` for one step,
+* ``batch_sizes(num_steps) -> np.ndarray`` (int64, shape ``[num_steps]``) for
+  steps ``0 .. num_steps - 1``, vectorised and equal to ``batch_size`` step by
+  step,
+* ``to_dict()`` / :func:`from_dict` (JSON-able) and ``to_spec()`` /
+  :func:`parse_schedule` (the command-line syntax below).
+
+Command-line syntax (:func:`parse_schedule`)::
+
+  4096                                 constant
+  constant:4096                        constant
+  steps:1000@0,5000@100,20000@400      BATCH@FIRST_STEP, first at step 0
+  linear:1000->2000000@5000            START->END reached at step RAMP-1
+  geometric:1000->2000000@5000         same, interpolated in log space
+  linear:1000->2000000@5000,round_to=1024
+
+For ``linear`` and ``geometric`` the ``@RAMP`` part may be left out when the
+caller passes ``num_steps``: the ramp then spans the whole run. After the ramp
+the batch size stays at ``END``. ``round_to=M`` rounds every batch size to the
+nearest positive multiple of ``M`` (fewer distinct shapes to compile, and fewer
+distinct sampling probabilities to account).
+
+Edge cases: a step before 0 or a non-integer step is a ``ValueError``; a ramp of
+one step is at ``END`` from step 0; ``batch_sizes(0)`` is an empty array.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Any, Mapping, Union
+
+import numpy as np
+
+__all__ = [
+    "Constant",
+    "Steps",
+    "Linear",
+    "Geometric",
+    "Schedule",
+    "parse_schedule",
+    "from_dict",
+    "as_schedule",
+]
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if isinstance(value, float) and value.is_integer():
+      value = int(value)
+    else:
+      raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+  if value <= 0:
+    raise ValueError(f"{name} must be a positive integer (>= 1), got {value!r}.")
+  return int(value)
+
+
+def _check_step(step: Any) -> int:
+  if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+    raise ValueError(f"step must be a non-negative integer, got {step!r}.")
+  if step < 0:
+    raise ValueError(f"step must be a non-negative integer, got {step!r}.")
+  return int(step)
+
+
+def _check_num_steps(num_steps: Any) -> int:
+  if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
+    raise ValueError(f"num_steps must be a non-negative integer, got {num_steps!r}.")
+  if num_steps < 0:
+    raise ValueError(f"num_steps must be a non-negative integer, got {num_steps!r}.")
+  return int(num_steps)
+
+
+def _round_to(x: np.ndarray, multiple: int) -> np.ndarray:
+  """Nearest positive multiple of ``multiple`` (half rounds up), as int64."""
+  units = np.floor(np.asarray(x, dtype=np.float64) / multiple + 0.5)
+  return (np.maximum(units, 1.0) * multiple).astype(np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Constant:
+  """The same batch size at every step."""
+
+  size: int
+
+  def __post_init__(self):
+    object.__setattr__(self, "size", _check_positive_int("batch_size", self.size))
+
+  def batch_size(self, step: int) -> int:
+    _check_step(step)
+    return self.size
+
+  def batch_sizes(self, num_steps: int) -> np.ndarray:
+    return np.full(_check_num_steps(num_steps), self.size, dtype=np.int64)
+
+  def to_dict(self) -> dict:
+    return {"kind": "constant", "batch_size": self.size}
+
+  def to_spec(self) -> str:
+    return f"constant:{self.size}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """Piecewise-constant batch size.
+
+  ``stages`` is a tuple of ``(first_step, batch_size)`` pairs: the first stage
+  starts at step 0, first steps strictly increase, and each stage lasts until
+  the next one starts (the last one forever).
+  """
+
+  stages: tuple[tuple[int, int], ...]
+
+  def __post_init__(self):
+    try:
+      stages = tuple((s[0], s[1]) for s in self.stages)
+    except (TypeError, IndexError, KeyError):
+      raise ValueError(
+          f"stages must be a sequence of (first_step, batch_size) pairs, got {self.stages!r}."
+      ) from None
+    if not stages:
+      raise ValueError("stages must hold at least one (first_step, batch_size) pair, got none.")
+    checked = []
+    for i, (start, size) in enumerate(stages):
+      if isinstance(start, bool) or not isinstance(start, numbers.Integral) or start < 0:
+        raise ValueError(
+            f"stages[{i}] first step must be a non-negative integer, got {start!r}.")
+      checked.append((int(start), _check_positive_int(f"stages[{i}] batch size", size)))
+    if checked[0][0] != 0:
+      raise ValueError(f"stages[0] must start at step 0, got first step {checked[0][0]}.")
+    for i in range(1, len(checked)):
+      if checked[i][0] <= checked[i - 1][0]:
+        raise ValueError(
+            f"stages first steps must strictly increase, got {checked[i - 1][0]} then "
+            f"{checked[i][0]} at stages[{i}].")
+    object.__setattr__(self, "stages", tuple(checked))
+
+  def batch_size(self, step: int) -> int:
+    step = _check_step(step)
+    size = self.stages[0][1]
+    for start, s in self.stages:
+      if start > step:
+        break
+      size = s
+    return size
+
+  def batch_sizes(self, num_steps: int) -> np.ndarray:
+    num_steps = _check_num_steps(num_steps)
+    starts = np.array([s for s, _ in self.stages], dtype=np.int64)
+    sizes = np.array([b for _, b in self.stages], dtype=np.int64)
+    idx = np.searchsorted(starts, np.arange(num_steps, dtype=np.int64), side="right") - 1
+    return sizes[idx]
+
+  def to_dict(self) -> dict:
+    return {"kind": "steps", "stages": [[s, b] for s, b in self.stages]}
+
+  def to_spec(self) -> str:
+    return "steps:" + ",".join(f"{b}@{s}" for s, b in self.stages)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ramp:
+  """Shared fields of the linear and geometric ramps."""
+
+  start: int
+  end: int
+  ramp_steps: int
+  round_to: int = 1
+
+  def __post_init__(self):
+    object.__setattr__(self, "start", _check_positive_int("start", self.start))
+    object.__setattr__(self, "end", _check_positive_int("end", self.end))
+    object.__setattr__(self, "ramp_steps", _check_positive_int("ramp_steps", self.ramp_steps))
+    object.__setattr__(self, "round_to", _check_positive_int("round_to", self.round_to))
+
+  def _fraction(self, steps: np.ndarray) -> np.ndarray:
+    if self.ramp_steps == 1:
+      return np.ones_like(steps, dtype=np.float64)
+    return np.minimum(steps / (self.ramp_steps - 1), 1.0)
+
+  def _interpolate(self, frac: np.ndarray) -> np.ndarray:
+    raise NotImplementedError
+
+  def batch_size(self, step: int) -> int:
+    step = _check_step(step)
+    return int(self.batch_sizes_at(np.array([step], dtype=np.int64))[0])
+
+  def batch_sizes_at(self, steps: np.ndarray) -> np.ndarray:
+    frac = self._fraction(np.asarray(steps, dtype=np.float64))
+    values = self._interpolate(frac)
+    # The endpoints are exact whatever the floating-point path.
+    values = np.where(frac <= 0.0, float(self.start), values)
+    values = np.where(frac >= 1.0, float(self.end), values)
+    return _round_to(values, self.round_to)
+
+  def batch_sizes(self, num_steps: int) -> np.ndarray:
+    num_steps = _check_num_steps(num_steps)
+    return self.batch_sizes_at(np.arange(num_steps, dtype=np.int64))
+
+  def to_dict(self) -> dict:
+    return {"kind": self._kind, "start": self.start, "end": self.end,
+            "ramp_steps": self.ramp_steps, "round_to": self.round_to}
+
+  def to_spec(self) -> str:
+    spec = f"{self._kind}:{self.start}->{self.end}@{self.ramp_steps}"
+    if self.round_to != 1:
+      spec += f",round_to={self.round_to}"
+    return spec
+
+
+@dataclasses.dataclass(frozen=True)
+class Linear(_Ramp):
+  """``start`` at step 0 to ``end`` at step ``ramp_steps - 1``, linearly; then ``end``."""
+
+  _kind = "linear"
+
+  def _interpolate(self, frac):
+    return self.start + (self.end - self.start) * frac
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometric(_Ramp):
+  """``start`` at step 0 to ``end`` at step ``ramp_steps - 1``, with a constant ratio per step."""
+
+  _kind = "geometric"
+
+  def _interpolate(self, frac):
+    return np.exp(math.log(self.start) + (math.log(self.end) - math.log(self.start)) * frac)
+
+
+Schedule = Union[Constant, Steps, Linear, Geometric]
+_KINDS = ("constant", "steps", "linear", "geometric")
+
+
+def from_dict(d: Mapping[str, Any]) -> Schedule:
+  """Inverse of ``to_dict``; ``ValueError`` naming the field on bad input."""
+  if not isinstance(d, Mapping):
+    raise ValueError(f"schedule must be a mapping with a 'kind' field, got {d!r}.")
+  kind = d.get("kind")
+  fields = {k: v for k, v in d.items() if k != "kind"}
+
+  def need(*names, optional=()):
+    missing = [n for n in names if n not in fields]
+    extra = [n for n in fields if n not in names and n not in optional]
+    if missing:
+      raise ValueError(f"schedule of kind {kind!r} needs field(s) {missing}, got {sorted(fields)}.")
+    if extra:
+      raise ValueError(f"schedule of kind {kind!r} has unknown field(s) {extra}.")
+
+  if kind == "constant":
+    need("batch_size")
+    return Constant(fields["batch_size"])
+  if kind == "steps":
+    need("stages")
+    return Steps(tuple(tuple(s) for s in fields["stages"]))
+  if kind in ("linear", "geometric"):
+    need("start", "end", "ramp_steps", optional=("round_to",))
+    cls = Linear if kind == "linear" else Geometric
+    return cls(fields["start"], fields["end"], fields["ramp_steps"], fields.get("round_to", 1))
+  raise ValueError(f"schedule kind must be one of {list(_KINDS)}, got {kind!r}.")
+
+
+def _parse_int(text: str, what: str, spec: str) -> int:
+  text = text.strip()
+  try:
+    value = float(text) if any(c in text for c in ".eE") else int(text)
+  except ValueError:
+    raise ValueError(f"{what} in schedule {spec!r} must be an integer, got {text!r}.") from None
+  if isinstance(value, float):
+    if not value.is_integer():
+      raise ValueError(f"{what} in schedule {spec!r} must be an integer, got {text!r}.")
+    value = int(value)
+  return value
+
+
+def parse_schedule(spec: str, num_steps: int | None = None) -> Schedule:
+  """Parses the command-line schedule syntax (see the module docstring).
+
+  Args:
+    spec: e.g. ``"constant:4096"``, ``"steps:1000@0,5000@100"``,
+      ``"linear:1000->2000000@5000"``, ``"geometric:1000->2000000"``.
+    num_steps: length of the run; used as the ramp length of a ``linear`` or
+      ``geometric`` spec without ``@RAMP``.
+
+  Returns:
+    The schedule.
+
+  Raises:
+    ValueError: a malformed spec, naming the offending part and the expected
+      form.
+  """
+  if not isinstance(spec, str) or not spec.strip():
+    raise ValueError(f"batch schedule must be a non-empty string, got {spec!r}.")
+  text = spec.strip()
+  kind, sep, body = text.partition(":")
+  kind = kind.strip().lower()
+  if not sep:
+    return Constant(_parse_int(text, "batch size", spec))
+  if kind == "constant":
+    return Constant(_parse_int(body, "batch size", spec))
+  if kind == "steps":
+    stages = []
+    for i, part in enumerate(body.split(",")):
+      size, at, start = part.partition("@")
+      if not at:
+        raise ValueError(
+            f"stage {i} of schedule {spec!r} must look like BATCH@FIRST_STEP, got {part!r}.")
+      stages.append((_parse_int(start, f"stage {i} first step", spec),
+                     _parse_int(size, f"stage {i} batch size", spec)))
+    return Steps(tuple(stages))
+  if kind in ("linear", "geometric"):
+    main, *options = body.split(",")
+    round_to = 1
+    for opt in options:
+      key, eq, value = opt.partition("=")
+      if key.strip() != "round_to" or not eq:
+        raise ValueError(f"unknown option {opt!r} in schedule {spec!r}; the only one is round_to=M.")
+      round_to = _parse_int(value, "round_to", spec)
+    ends, at, ramp = main.partition("@")
+    start, arrow, end = ends.partition("->")
+    if not arrow:
+      raise ValueError(
+          f"schedule {spec!r} must look like {kind}:START->END[@RAMP_STEPS], got {body!r}.")
+    if at:
+      ramp_steps = _parse_int(ramp, "ramp steps", spec)
+    elif num_steps is not None:
+      ramp_steps = max(int(num_steps), 1)
+    else:
+      raise ValueError(
+          f"schedule {spec!r} needs its ramp length: write {kind}:START->END@RAMP_STEPS "
+          "or give the number of steps.")
+    cls = Linear if kind == "linear" else Geometric
+    return cls(_parse_int(start, "start", spec), _parse_int(end, "end", spec), ramp_steps, round_to)
+  raise ValueError(
+      f"batch schedule kind must be one of {list(_KINDS)} (or a plain integer), got {kind!r} "
+      f"in {spec!r}.")
+
+
+def as_schedule(value: Any, num_steps: int | None = None) -> Schedule:
+  """A schedule from a schedule, an int (constant), a spec string or a dict."""
+  if isinstance(value, (Constant, Steps, Linear, Geometric)):
+    return value
+  if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+    return Constant(int(value))
+  if isinstance(value, str):
+    return parse_schedule(value, num_steps=num_steps)
+  if isinstance(value, Mapping):
+    return from_dict(value)
+  raise ValueError(f"batch schedule must be a schedule, int, spec string or dict, got {value!r}.")

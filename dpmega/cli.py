@@ -21,6 +21,7 @@ _COMMAND_MODULES = (
     "dpmega.cli_accounting",
     "dpmega.cli_train",
     "dpmega.cli_audit",
+    "dpmega.cli_criteo",
 )
 
 
@@ -30,6 +31,12 @@ class _Parser(argparse.ArgumentParser):
   def error(self, message: str):  # noqa: D401 - argparse API
     self.print_usage(sys.stderr)
     self.exit(2, f"dpmega: error: {message}\n")
+
+  def _get_values(self, action, arg_strings):
+    # argparse drops a "--" value (`--flag=--`) and stores [] instead of failing.
+    if action.option_strings and action.nargs is None and arg_strings == ["--"]:
+      self.error(f"argument {'/'.join(action.option_strings)}: expected one value, got '--'")
+    return super()._get_values(action, arg_strings)
 
 
 def build_parser() -> argparse.ArgumentParser:

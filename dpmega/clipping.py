@@ -262,7 +262,7 @@ def clipped_grad_sum(
     clip_norm: float | jax.Array,
     microbatch_size: int | None = None,
     has_aux: bool = False,
-    clipping: str = "vmap",
+    clipping: str = "auto",
 ) -> tuple[PyTree, Any, ClipStats]:
   """Sum of per-example clipped gradients over a batch, micro-batch by micro-batch.
 
@@ -283,7 +283,11 @@ def clipped_grad_sum(
     clip_norm: L2 bound C on each example's gradient.
     microbatch_size: examples per scan step (must divide the batch); None: one step.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``; aux is returned per example.
-    clipping: ``"vmap"`` (materialize per-example grads) or another registered mode.
+    clipping: ``"auto"`` (default: ghost norms + book-keeping for the layers
+      :mod:`dpmega.ghost` recognises, per-layer choice of Gram vs materialized
+      norms, ``vmap`` for the other parameters), ``"ghost"`` (the same with
+      Gram norms only), ``"vmap"`` (materialize every per-example gradient).
+      All modes give the same result to float tolerance.
 
   Returns:
     ``(grad_sum, aux, stats)``: float32 pytree like ``params``; per-example aux
@@ -327,3 +331,7 @@ def clipped_grad_sum(
   if has_aux:
     aux = jax.tree_util.tree_map(lambda x: jnp.reshape(x, (b,) + x.shape[2:]), aux)
   return grad_sum, aux, stats
+
+
+# Registers "auto" and "ghost" (dpmega.ghost imports this module, so it comes last).
+from dpmega import ghost as _ghost  # noqa: E402,F401  pylint: disable=g-import-not-at-top,unused-import

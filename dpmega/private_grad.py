@@ -24,7 +24,7 @@ def private_value_and_grad(
     microbatch_size: int | None = None,
     has_aux: bool = False,
     argnums: int | Sequence[int] = 0,
-    clipping: str = "vmap",
+    clipping: str = "auto",
 ) -> Callable[..., Any]:
   """Makes a function returning the loss and a DP-SGD noisy mean gradient.
 
@@ -63,8 +63,9 @@ def private_value_and_grad(
     microbatch_size: examples per scan step; must divide the batch size.
     has_aux: ``loss_fn`` returns ``(loss, aux)``; aux is returned per example.
     argnums: which positional args (before the example) to differentiate.
-    clipping: how per-example norms are computed (see
-      :func:`dpmega.clipping.clipping_modes`).
+    clipping: how per-example norms are computed: ``"auto"`` (default, fast
+      ghost norms where possible), ``"ghost"`` or ``"vmap"``; all exact (see
+      :func:`dpmega.clipping.clipped_grad_sum`).
 
   Returns:
     ``f(*args, batch, key, mask=None) -> (loss, grads, stats)`` where ``loss``

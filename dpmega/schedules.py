@@ -11,6 +11,10 @@ Every schedule is a frozen dataclass with
 * ``batch_sizes(num_steps) -> np.ndarray`` (int64, shape ``[num_steps]``) for
   steps ``0 .. num_steps - 1``, vectorised and equal to ``batch_size`` step by
   step,
+* ``batch_size_counts(num_steps) -> (sizes, counts)``: the distinct batch
+  sizes of the first ``num_steps`` steps (ascending) and how many steps use
+  each, without materialising a long constant tail (the accountant composes
+  each distinct size once, with ``count=``),
 * ``to_dict()`` / :func:`from_dict` (JSON-able) and ``to_spec()`` /
   :func:`parse_schedule` (the command-line syntax below).
 
@@ -51,7 +55,12 @@ __all__ = [
     "parse_schedule",
     "from_dict",
     "as_schedule",
+    "steps_for_epochs",
 ]
+
+
+# Sizes and step counts are stored as int64; anything larger is a typo, not a schedule.
+_MAX_INT = 2**62
 
 
 def _check_positive_int(name: str, value: Any) -> int:
@@ -60,8 +69,8 @@ def _check_positive_int(name: str, value: Any) -> int:
       value = int(value)
     else:
       raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-  if value <= 0:
-    raise ValueError(f"{name} must be a positive integer (>= 1), got {value!r}.")
+  if value <= 0 or value > _MAX_INT:
+    raise ValueError(f"{name} must be a positive integer in [1, 2**62], got {value!r}.")
   return int(value)
 
 
@@ -76,8 +85,8 @@ def _check_step(step: Any) -> int:
 def _check_num_steps(num_steps: Any) -> int:
   if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
     raise ValueError(f"num_steps must be a non-negative integer, got {num_steps!r}.")
-  if num_steps < 0:
-    raise ValueError(f"num_steps must be a non-negative integer, got {num_steps!r}.")
+  if num_steps < 0 or num_steps > _MAX_INT:
+    raise ValueError(f"num_steps must be a non-negative integer in [0, 2**62], got {num_steps!r}.")
   return int(num_steps)
 
 
@@ -85,6 +94,14 @@ def _round_to(x: np.ndarray, multiple: int) -> np.ndarray:
   """Nearest positive multiple of ``multiple`` (half rounds up), as int64."""
   units = np.floor(np.asarray(x, dtype=np.float64) / multiple + 0.5)
   return (np.maximum(units, 1.0) * multiple).astype(np.int64)
+
+
+def _merge_counts(sizes: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  keep = counts > 0
+  unique, inverse = np.unique(sizes[keep], return_inverse=True)
+  totals = np.zeros(unique.shape, np.int64)
+  np.add.at(totals, inverse, counts[keep])
+  return unique.astype(np.int64), totals
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +119,12 @@ class Constant:
 
   def batch_sizes(self, num_steps: int) -> np.ndarray:
     return np.full(_check_num_steps(num_steps), self.size, dtype=np.int64)
+
+  def batch_size_counts(self, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    num_steps = _check_num_steps(num_steps)
+    if num_steps == 0:
+      return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.array([self.size], np.int64), np.array([num_steps], np.int64)
 
   def to_dict(self) -> dict:
     return {"kind": "constant", "batch_size": self.size}
@@ -161,6 +184,13 @@ class Steps:
     idx = np.searchsorted(starts, np.arange(num_steps, dtype=np.int64), side="right") - 1
     return sizes[idx]
 
+  def batch_size_counts(self, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    num_steps = _check_num_steps(num_steps)
+    starts = np.array([st for st, _ in self.stages] + [num_steps], dtype=np.int64)
+    sizes = np.array([b for _, b in self.stages], dtype=np.int64)
+    lengths = np.clip(np.minimum(starts[1:], num_steps) - np.minimum(starts[:-1], num_steps), 0, None)
+    return _merge_counts(sizes, lengths)
+
   def to_dict(self) -> dict:
     return {"kind": "steps", "stages": [[s, b] for s, b in self.stages]}
 
@@ -206,6 +236,16 @@ class _Ramp:
   def batch_sizes(self, num_steps: int) -> np.ndarray:
     num_steps = _check_num_steps(num_steps)
     return self.batch_sizes_at(np.arange(num_steps, dtype=np.int64))
+
+  def batch_size_counts(self, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    num_steps = _check_num_steps(num_steps)
+    head = min(num_steps, self.ramp_steps)
+    sizes = self.batch_sizes(head)
+    counts = np.ones_like(sizes)
+    if num_steps > head:
+      sizes = np.append(sizes, self.batch_sizes_at(np.array([self.ramp_steps]))[0])
+      counts = np.append(counts, num_steps - head)
+    return _merge_counts(sizes, counts)
 
   def to_dict(self) -> dict:
     return {"kind": self._kind, "start": self.start, "end": self.end,
@@ -357,3 +397,34 @@ def as_schedule(value: Any, num_steps: int | None = None) -> Schedule:
   if isinstance(value, Mapping):
     return from_dict(value)
   raise ValueError(f"batch schedule must be a schedule, int, spec string or dict, got {value!r}.")
+
+
+def steps_for_epochs(schedule: Schedule, epochs: float, dataset_size: int) -> int:
+  """Fewest steps whose expected batch sizes add up to ``epochs * dataset_size``.
+
+  With a constant batch ``B`` this is ``ceil(epochs * dataset_size / B)``
+  (MNIST: 60 epochs of 60000 at 256 is 14063 steps). ``epochs`` must be
+  positive and finite; ``dataset_size`` a positive integer.
+  """
+  dataset_size = _check_positive_int("dataset_size", dataset_size)
+  if isinstance(epochs, bool) or not isinstance(epochs, numbers.Real) or not (
+      0 < epochs < math.inf):
+    raise ValueError(f"epochs must be a positive finite number, got {epochs!r}.")
+  target = float(epochs) * dataset_size
+  # Examples seen after n steps is increasing in n: double, then bisect.
+  def seen(n: int) -> float:
+    sizes, counts = schedule.batch_size_counts(n)
+    return float(np.dot(sizes.astype(np.float64), counts))
+  hi = 1
+  while seen(hi) < target * (1 - 1e-12):
+    hi *= 2
+    if hi > 2**50:
+      raise ValueError(f"epochs={epochs} needs more than 2**50 steps.")
+  lo = hi // 2  # seen(lo) < target unless lo == 0
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    if seen(mid) < target * (1 - 1e-12):
+      lo = mid
+    else:
+      hi = mid
+  return hi

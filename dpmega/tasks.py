@@ -18,7 +18,13 @@ from dpmega.data.sources import RandomAccessSource
 PyTree = Any
 
 # task name -> "module:function" that builds it from the whole config.
-_BUILDERS: dict[str, str] = {}
+_BUILDERS: dict[str, str] = {
+    "synthetic_ctr": "dpmega.tasks_builtin:build_task",
+    "ctr_wide_deep": "dpmega.ctr_task:build_task",
+    "ctr_deepfm": "dpmega.ctr_task:build_task",
+    "ctr_dlrm": "dpmega.ctr_task:build_task",
+    "bert_mlm": "dpmega.models.bert:build_task",
+}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -83,14 +83,16 @@ class WordPiece:
       raise ValueError(f"vocab_path must be an existing vocab.txt file, got {str(path)!r}.")
     from tokenizers import BertWordPieceTokenizer  # pylint: disable=g-import-not-at-top
 
+    # vocab.txt: the id of a token is its line number.
+    with open(path, encoding="utf-8") as f:
+      vocab = {line.rstrip("\n"): i for i, line in reversed(list(enumerate(f)))}
+    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+    if missing:
+      raise ValueError(f"vocab_path {str(path)!r} must contain the special tokens {SPECIAL_TOKENS}, missing {missing}.")
     self.vocab_path = path
     self.lowercase = lowercase
     self._tok = BertWordPieceTokenizer(str(path), lowercase=lowercase)
-    ids = {t: self._tok.token_to_id(t) for t in SPECIAL_TOKENS}
-    missing = [t for t, i in ids.items() if i is None]
-    if missing:
-      raise ValueError(f"vocab_path {str(path)!r} must contain the special tokens {SPECIAL_TOKENS}, missing {missing}.")
-    self.special = SpecialIds(*(ids[t] for t in SPECIAL_TOKENS))
+    self.special = SpecialIds(*(self._tok.token_to_id(t) for t in SPECIAL_TOKENS))
     self.vocab_size = self._tok.get_vocab_size()
 
   def encode(self, texts: Sequence[str]) -> list[list[int]]:

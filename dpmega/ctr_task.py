@@ -1,0 +1,258 @@
+"""The CTR tasks ``ctr_wide_deep``, ``ctr_deepfm``, ``ctr_dlrm``: model + Criteo data + exact metrics.
+
+``config.task`` fields (defaults in :func:`default_task_config`):
+
+``name``
+  ``ctr_wide_deep`` | ``ctr_deepfm`` | ``ctr_dlrm`` (chooses the model).
+``model``
+  ``buckets`` (int or 26 ints: hash buckets per categorical feature),
+  ``embed_dim`` (int or 26 ints), ``mlp_dims``, ``bottom_mlp_dims`` (DLRM),
+  ``num_crosses`` and ``cross_buckets`` (Wide & Deep), ``embed_init_std``.
+``data``
+  ``train_dir``: a directory written by :func:`dpmega.data.criteo.convert`;
+  empty: generate learnable data (:mod:`dpmega.data.criteo_synthetic`) of
+  ``synthetic_rows`` train and ``synthetic_eval_rows`` evaluation rows with
+  ``synthetic_vocab`` values per feature (0: the default, skewed vocabularies)
+  and ``synthetic_seed``, into ``synthetic_dir`` (empty: a temporary directory),
+  reusing it when it was already generated with the same settings.
+  ``eval_dir``: evaluation directory; empty: the last ``eval_fraction`` of
+  ``train_dir`` (the Criteo files are in time order, so this is the usual
+  "last day" split). ``eval_max_rows``: evaluate on at most this many rows
+  (0: all), ``eval_batch_size``.
+
+The evaluation split is never part of ``train_source``; its metrics are exact
+(:mod:`dpmega.metrics`) and not private with respect to the evaluation rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from dpmega import ghost  # noqa: F401 - registers the "auto" (sparse/ghost) clipping modes the configs use
+from dpmega import metrics as metrics_lib
+from dpmega.data import criteo
+from dpmega.data import criteo_synthetic
+from dpmega.models import ctr
+from dpmega.tasks import Task
+
+
+def default_task_config(name: str = "ctr_dlrm") -> ml_collections.ConfigDict:
+  """Small defaults that train in a minute on a laptop CPU."""
+  return ml_collections.ConfigDict({
+      "name": name,
+      "model": {
+          "buckets": 1000,
+          "embed_dim": 8,
+          "mlp_dims": (64, 32),
+          "bottom_mlp_dims": (32,),
+          "num_crosses": 8,
+          "cross_buckets": 10_000,
+          "embed_init_std": 0.05,
+      },
+      "data": {
+          "train_dir": "",
+          "eval_dir": "",
+          "eval_fraction": 0.1,
+          "eval_max_rows": 0,
+          "eval_batch_size": 4096,
+          "synthetic_rows": 50_000,
+          "synthetic_eval_rows": 10_000,
+          "synthetic_vocab": 0,
+          "synthetic_seed": 0,
+          "synthetic_dir": "",
+      },
+  })
+
+
+def base_ctr_config(name: str, variant: str | None = None) -> ml_collections.ConfigDict:
+  """Trainer + task fields shared by ``configs/ctr_*.py``; the model files set the rest.
+
+  Args:
+    name: the task name (``ctr_wide_deep``, ``ctr_deepfm``, ``ctr_dlrm``).
+    variant: None or ``"small"``: generated data, small tables, about a minute
+      on 2 CPU cores. ``"kaggle"``: Criteo Kaggle (``train.txt`` converted with
+      ``dpmega.data.criteo.convert`` to ``data/criteo_kaggle``; the last 1/7,
+      one day, is the evaluation split), hashed tables of 2**20 rows per
+      feature, sparse ("auto") clipping, mega-batches. Not run here.
+  """
+  from dpmega import config as config_lib  # pylint: disable=g-import-not-at-top
+
+  if variant not in (None, "", "small", "kaggle"):
+    raise ValueError(f"config variant must be 'small' or 'kaggle', got {variant!r}.")
+  c = config_lib.base_config()
+  c.task = default_task_config(name)
+  c.workdir = f"runs/{name}"
+  c.clip_norm = 1.0
+  c.target_epsilon = 3.0
+  c.delta = 1e-6
+  c.sampling = "poisson"
+  c.accountant = "rdp"
+  c.optimizer.name = "adam"
+  c.optimizer.schedule = "cosine"
+  c.log_every = 10
+  if variant == "kaggle":
+    c.task.data.train_dir = "data/criteo_kaggle"
+    c.task.data.eval_fraction = 1 / 7
+    c.task.data.eval_max_rows = 0
+    c.task.data.eval_batch_size = 65_536
+    c.task.model.buckets = 2**20
+    c.task.model.cross_buckets = 2**22
+    c.clipping = "auto"  # sparse per-example clipping of the lookups: no B x V x d tensor
+    c.num_steps = 1_800  # ~3 epochs of the ~39.3M training rows at 65,536 per step
+    c.batch_schedule = "constant:65536"
+    c.microbatch_size = 2_048
+    c.max_microbatches = 8
+    c.delta = 1e-8  # < 1 / 39.3M training rows
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.warmup_steps = 50
+    c.eval_every = 300
+    c.checkpoint_every = 300
+  else:
+    c.task.data.synthetic_rows = 50_000
+    c.task.data.synthetic_eval_rows = 10_000
+    c.task.data.synthetic_vocab = 0
+    c.task.model.buckets = 1_000
+    c.task.model.cross_buckets = 4_096
+    c.clipping = "auto"
+    c.num_steps = 60
+    c.batch_schedule = "constant:2048"
+    c.microbatch_size = 256
+    c.max_microbatches = 8
+    c.delta = 1e-5  # < 1 / 50,000 training rows
+    # SGD with momentum, not Adam: Adam rescales every coordinate's update to
+    # about the learning rate, so coordinates that only see noise (most
+    # embedding rows, most MLP weights at small batch sizes) random-walk at the
+    # learning rate; measured here, Adam lost 0.1-0.3 AUC at epsilon = 3.
+    c.optimizer.name = "momentum"
+    c.optimizer.momentum = 0.9
+    c.optimizer.learning_rate = 1.0  # per model in configs/ctr_*.py
+    c.optimizer.warmup_steps = 5
+    c.eval_every = 0
+  return c
+
+
+def model_config(cfg: Any) -> ctr.CtrModelConfig:
+  """The :class:`dpmega.models.ctr.CtrModelConfig` of ``config.task``."""
+  if cfg.name not in ctr.TASK_NAMES:
+    raise ValueError(f"task.name must be one of {sorted(ctr.TASK_NAMES)}, got {cfg.name!r}.")
+  m = cfg.model
+  buckets = criteo.validate_buckets(m.buckets, criteo.NUM_CAT, "task.model.buckets")
+  num_crosses = int(m.get("num_crosses", 0))
+  if not 0 <= num_crosses <= criteo.NUM_CAT // 2:
+    raise ValueError(f"task.model.num_crosses must be in [0, {criteo.NUM_CAT // 2}], got {num_crosses}.")
+  try:
+    return ctr.CtrModelConfig(
+        kind=ctr.TASK_NAMES[cfg.name],
+        buckets=buckets,
+        embed_dims=m.embed_dim if isinstance(m.embed_dim, int) else tuple(m.embed_dim),
+        num_dense=criteo.NUM_INT,
+        mlp_dims=tuple(m.mlp_dims),
+        bottom_mlp_dims=tuple(m.get("bottom_mlp_dims", (32,))),
+        crosses=ctr.default_crosses(criteo.NUM_CAT, num_crosses),
+        cross_buckets=int(m.get("cross_buckets", 10_000)),
+        embed_init_std=float(m.get("embed_init_std", 0.05)),
+    )
+  except ValueError as e:
+    raise ValueError(f"task.model: {e}") from None
+
+
+def _synthetic_dirs(d: Any) -> tuple[Path, Path]:
+  """Generates (or reuses) the synthetic train and evaluation directories."""
+  rows, eval_rows = int(d.synthetic_rows), int(d.synthetic_eval_rows)
+  if rows < 1 or eval_rows < 1:
+    raise ValueError(f"task.data.synthetic_rows and synthetic_eval_rows must be >= 1, got {rows}, {eval_rows}.")
+  vocab, seed = int(d.synthetic_vocab), int(d.synthetic_seed)
+  if vocab < 0:
+    raise ValueError(f"task.data.synthetic_vocab must be >= 0 (0: default vocabularies), got {vocab}.")
+  spec = criteo_synthetic.small_spec(vocab) if vocab else criteo_synthetic.SyntheticSpec()
+  key = json.dumps({"rows": rows, "eval_rows": eval_rows, "spec": repr(spec), "seed": seed}, sort_keys=True)
+  tag = hashlib.sha256(key.encode()).hexdigest()[:12]
+  root = Path(d.synthetic_dir) if d.synthetic_dir else Path(tempfile.gettempdir()) / "dpmega-ctr-synthetic"
+  base = root / f"criteo-synthetic-{tag}"
+  train, evaluation = base / "train", base / "eval"
+  if not (train / "meta.json").exists() or not (evaluation / "meta.json").exists():
+    base.mkdir(parents=True, exist_ok=True)
+    criteo_synthetic.generate_dataset(train, rows, spec=spec, seed=seed, row_seed=2 * seed)
+    criteo_synthetic.generate_dataset(evaluation, eval_rows, spec=spec, seed=seed, row_seed=2 * seed + 1)
+  return train, evaluation
+
+
+def sources(cfg: Any) -> tuple[criteo.CriteoSource, criteo.CriteoSource]:
+  """(train, evaluation) sources of ``config.task`` (disjoint rows)."""
+  d = cfg.data
+  buckets = criteo.validate_buckets(cfg.model.buckets, criteo.NUM_CAT, "task.model.buckets")
+  if not d.train_dir:
+    train_dir, eval_dir = _synthetic_dirs(d)
+    return criteo.CriteoSource(train_dir, buckets), criteo.CriteoSource(eval_dir, buckets)
+  columns = criteo.open_columns(d.train_dir)
+  if d.eval_dir:
+    return criteo.CriteoSource(columns, buckets), criteo.CriteoSource(d.eval_dir, buckets)
+  frac = float(d.eval_fraction)
+  if not 0 < frac < 1:
+    raise ValueError(f"task.data.eval_fraction must be in (0, 1) when eval_dir is empty, got {frac}.")
+  n = len(columns)
+  cut = n - max(1, int(round(frac * n)))
+  if cut < 1:
+    raise ValueError(f"task.data.train_dir has {n} rows: too few to split off an evaluation fraction of {frac}.")
+  return criteo.CriteoSource(columns, buckets, stop=cut), criteo.CriteoSource(columns, buckets, start=cut)
+
+
+def make_evaluate(model, source: criteo.CriteoSource, *, batch_size: int = 4096, max_rows: int = 0):
+  """``params -> metrics`` on the first ``max_rows`` (0: all) rows of ``source``, exactly.
+
+  Batches are padded to ``batch_size`` so the prediction compiles once.
+  """
+  if batch_size < 1:
+    raise ValueError(f"eval_batch_size must be >= 1, got {batch_size}.")
+  n = len(source) if not max_rows else min(int(max_rows), len(source))
+  predict = jax.jit(lambda params, dense, sparse: model.apply({"params": params}, dense, sparse))
+
+  def evaluate(params) -> dict[str, float]:
+    logits, labels = [], []
+    for lo in range(0, n, batch_size):
+      idx = np.arange(lo, min(lo + batch_size, n))
+      batch = source.take(np.pad(idx, (0, batch_size - idx.size), mode="edge"))
+      logits.append(np.asarray(predict(params, batch["dense"], batch["sparse"]))[:idx.size])
+      labels.append(batch["label"][:idx.size])
+    return metrics_lib.binary_metrics(np.concatenate(labels), np.concatenate(logits).astype(np.float64))
+
+  return evaluate
+
+
+def per_example_loss(model):
+  """``(params, example) -> scalar`` logistic loss of ONE example (no batch axis)."""
+
+  def loss_fn(params, example):
+    logit = model.apply({"params": params}, example["dense"], example["sparse"])
+    return optax.sigmoid_binary_cross_entropy(logit, example["label"])
+
+  return loss_fn
+
+
+def build_task(config: Any) -> Task:
+  """The CTR task of ``config.task`` (see the module docstring)."""
+  cfg = config.task
+  mcfg = model_config(cfg)
+  model = ctr.make_model(mcfg)
+  train, evaluation = sources(cfg)
+  d = cfg.data
+
+  @jax.jit
+  def init_params(key):
+    dense = jnp.zeros((criteo.NUM_INT,), jnp.float32)
+    sparse = jnp.zeros((criteo.NUM_CAT,), jnp.int32)
+    return model.init(key, dense, sparse)["params"]
+
+  evaluate = make_evaluate(model, evaluation, batch_size=int(d.get("eval_batch_size", 4096)),
+                           max_rows=int(d.get("eval_max_rows", 0)))
+  return Task(cfg.name, init_params, per_example_loss(model), train, evaluate)

@@ -1,0 +1,559 @@
+"""Exact per-example clipping without per-example weight gradients ("ghost" clipping).
+
+For a parameter ``W`` that enters the loss only through products with
+activations -- ``z = dot_general(a, W)`` (Flax ``Dense``, ``DenseGeneral``,
+the projections of ``MultiHeadDotProductAttention``, ``Embed.attend``) or a
+row lookup ``z = W[ids]`` (Flax ``Embed``, ``jnp.take``) -- the per-example
+gradient is ``sum_u X_u^T Y_u`` over the uses ``u`` of ``W``, where one factor
+is the activation ``a`` (or the one-hot ids) and the other is
+``g = dL_i / dz``. We never form it for a whole batch:
+
+* **norms**: ``||sum_u X_u^T Y_u||^2 = sum_{s,t} (x_s . x_t)(y_s . y_t)`` over
+  all rows of all uses (the cross terms between uses included, so a tied or
+  re-used weight is exact), or -- when cheaper, ``n^2 > K N`` -- by forming the
+  one example's ``K x N`` gradient ("mixed ghost clipping", Bu et al. 2022).
+  Row lookups go through :mod:`dpmega.embeddings` (duplicate ids summed).
+* **clipped sum**: the book-keeping trick (Bu et al. 2023): with the clip
+  factors ``c_i``, ``sum_i c_i X_i^T Y_i`` is one matmul over the batch (a
+  scatter-add for lookups); no second backward pass.
+
+Every other parameter (biases, LayerNorm scales, a weight used in any op not
+listed above, inside ``custom_jvp``/``scan``/...) gets its per-example
+gradient by ``vmap``, in the same backward pass, only for that parameter. The
+per-example norm is the global norm over all parameters, and the weights and
+stats come from :func:`dpmega.clipping.combine`, so every mode counts alike.
+
+Layers are found by tracing ``loss_fn`` for one example to a jaxpr and
+following each parameter leaf (through dtype casts, transposes and nested
+``jit``/``remat`` calls) to the primitives that consume it. This works for
+Linen, NNX and plain JAX functions alike.
+
+Guarantee: the result equals :func:`dpmega.clipping.clipped_sum_vmap` (same
+norms, same clipped sum, same stats) to float rounding, for any
+differentiable ``loss_fn``; an op the fast path does not recognise only makes
+it slower (``vmap`` for the parameters involved), never different.
+
+Edge cases (besides those of :mod:`dpmega.clipping`, which hold unchanged
+because the weights come from ``combine``; mirrored by ``tests/test_ghost.py``
+and ``tests/test_embeddings.py``):
+
+===============================================  ==================================
+input                                            behaviour
+===============================================  ==================================
+weight used twice / tied (``Embed.attend``)      one norm over all uses, cross terms
+weight in an unrecognised op too (``sin(W)``)    whole weight by ``vmap``
+weight inside ``custom_jvp`` / ``scan`` / cond   whole weight by ``vmap``
+``stop_gradient`` on activations                 respected (it stays in the jaxpr)
+lookup id out of range, ``mode="fill"``          row gets no gradient (dropped)
+lookup id out of range, clip / promise mode      clamped, as XLA does
+NaN in a masked or non-finite example            zeroed before the book-keeping sum
+bf16 parameters                                  norms and sums in float32
+===============================================  ==================================
+
+.. warning::
+   ``loss_fn`` is traced once per call for ONE example (to find the layers);
+   Python side effects in it run at trace time, as under ``jax.jit``.
+
+References:
+  Li et al. 2022, "Large language models can be strong differentially private
+  learners" (ghost clipping), https://arxiv.org/abs/2110.05679.
+  Bu et al. 2022, "Scalable and efficient training of large convolutional
+  neural networks with differential privacy" (mixed ghost clipping),
+  https://arxiv.org/abs/2205.10683.
+  Bu et al. 2023, "Differentially private optimization on large model at
+  small cost" (book-keeping), https://arxiv.org/abs/2210.00038.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any, Callable, Sequence
+
+import jax
+from jax import lax
+import jax.extend.core as jex
+import jax.numpy as jnp
+import numpy as np
+
+from dpmega import clipping as clipping_lib
+from dpmega import embeddings as embeddings_lib
+
+PyTree = Any
+
+# Call-like primitives whose body we follow (the parameters inside are found).
+_INLINE = frozenset({"jit", "pjit", "closed_call", "core_call", "remat2", "checkpoint"})
+_CASTS = frozenset({"convert_element_type", "copy", "copy_p"})
+_HIGHEST = lax.Precision.HIGHEST
+
+
+class NormMethod(enum.Enum):
+  """How the norm of a recognised parameter's per-example gradient is computed."""
+
+  GRAM = "gram"  # sum_{s,t} (x_s . x_t)(y_s . y_t): memory b n^2.
+  MATERIALIZE = "materialize"  # the example's K x N gradient: memory b K N.
+  AUTO = "auto"  # per parameter, whichever has fewer elements (n^2 vs K N).
+  ROWS = "rows"  # lookups only: duplicate ids summed, dpmega.embeddings (chosen, not asked for).
+
+
+@dataclasses.dataclass(frozen=True)
+class _Use:
+  """One recognised use of a parameter leaf, found at ``path`` in the jaxpr."""
+
+  path: tuple[int, ...]
+  kind: str  # "dot", "gather" or "slice" (``dynamic_slice`` of whole rows)
+  leaf: int
+  # dot: which operand is the weight, and its contracted dims in PARAM coordinates,
+  # paired (same order) with the activation's contracted dims.
+  w_side: int = 0
+  w_contract: tuple[int, ...] = ()
+  a_contract: tuple[int, ...] = ()
+  # dims of the weight operand (var coordinates) -> param dims.
+  perm: tuple[int, ...] = ()
+  mode: Any = None  # gather mode
+  slice_rows: int = 0  # slice: number of consecutive rows
+
+  def split(self) -> frozenset[int]:
+    """The param dims on the ``X`` side of this use's outer product."""
+    return frozenset(self.w_contract) if self.kind == "dot" else frozenset({0})
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+  """Which parameter leaves take which path (for reporting and tests).
+
+  Attributes:
+    ghost: ``{leaf index: number of uses}`` for leaves on the fast path.
+    fallback: leaf indices whose per-example gradients are materialized by vmap.
+    unused: leaf indices the loss does not depend on (zero gradient).
+    methods: ``{leaf index: NormMethod}`` chosen for each ghost leaf.
+    names: ``{leaf index: key path string}``.
+  """
+
+  ghost: dict[int, int]
+  fallback: tuple[int, ...]
+  unused: tuple[int, ...]
+  methods: dict[int, NormMethod]
+  names: dict[int, str]
+
+  def describe(self) -> str:
+    lines = []
+    for i, name in sorted(self.names.items()):
+      if i in self.ghost:
+        how = f"ghost/{self.methods[i].value} ({self.ghost[i]} use{'s' if self.ghost[i] > 1 else ''})"
+      elif i in self.fallback:
+        how = "vmap"
+      else:
+        how = "unused"
+      lines.append(f"{name}: {how}")
+    return "\n".join(lines)
+
+
+def _inner(eqn) -> tuple[Any, Sequence[Any]] | None:
+  if eqn.primitive.name not in _INLINE:
+    return None
+  for key in ("jaxpr", "call_jaxpr"):
+    j = eqn.params.get(key)
+    if isinstance(j, jex.ClosedJaxpr):
+      return j.jaxpr, j.consts
+    if isinstance(j, jex.Jaxpr):
+      return j, ()
+  return None
+
+
+def _dot_use(eqn, tags, path) -> _Use | None:
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  tl, tr = tags
+  if (tl is None) == (tr is None) or lb or rb:
+    return None
+  w_side = 0 if tl is not None else 1
+  leaf, perm = tl if w_side == 0 else tr
+  w_c, a_c = (lc, rc) if w_side == 0 else (rc, lc)
+  return _Use(path, "dot", leaf, w_side=w_side, w_contract=tuple(perm[d] for d in w_c),
+              a_contract=tuple(a_c), perm=tuple(perm))
+
+
+def _gather_use(eqn, tags, path) -> _Use | None:
+  t_op, t_idx = tags
+  if t_op is None or t_idx is not None:
+    return None
+  leaf, perm = t_op
+  op_aval, idx_aval = eqn.invars[0].aval, eqn.invars[1].aval
+  out_aval = eqn.outvars[0].aval
+  dn = eqn.params["dimension_numbers"]
+  mode = eqn.params["mode"]
+  ok = (
+      perm == (0, 1)
+      and len(op_aval.shape) == 2
+      and idx_aval.shape[-1:] == (1,)
+      and tuple(dn.offset_dims) == (len(out_aval.shape) - 1,)
+      and tuple(dn.collapsed_slice_dims) == (0,)
+      and tuple(dn.start_index_map) == (0,)
+      and not tuple(dn.operand_batching_dims)
+      and not tuple(dn.start_indices_batching_dims)
+      and tuple(eqn.params["slice_sizes"]) == (1, op_aval.shape[1])
+      and mode in (lax.GatherScatterMode.FILL_OR_DROP, lax.GatherScatterMode.CLIP,
+                   lax.GatherScatterMode.PROMISE_IN_BOUNDS))
+  return _Use(path, "gather", leaf, mode=mode) if ok else None
+
+
+def _slice_use(eqn, tags, path) -> _Use | None:
+  """``table[i]`` with a scalar ``i`` traces to ``dynamic_slice`` of whole rows (clamped start)."""
+  if tags[0] is None or any(t is not None for t in tags[1:]):
+    return None
+  leaf, perm = tags[0]
+  shape = eqn.invars[0].aval.shape
+  sizes = tuple(eqn.params["slice_sizes"])
+  if perm != (0, 1) or len(shape) != 2 or len(sizes) != 2 or sizes[1] != shape[1] or sizes[0] < 1:
+    return None
+  return _Use(path, "slice", leaf, slice_rows=sizes[0])
+
+
+def _analyze(closed, num_leaves: int):
+  """Finds recognised uses of each param leaf; returns (uses by path, fallback leaves, pert avals)."""
+  uses: dict[tuple[int, ...], _Use] = {}
+  out_avals: dict[tuple[int, ...], Any] = {}
+  fallback: set[int] = set()
+  inlined: set[tuple[int, ...]] = set()
+
+  def walk(jaxpr, in_tags, prefix):
+    env = {}
+    for v in jaxpr.constvars:
+      env[v] = None
+    for v, t in zip(jaxpr.invars, in_tags):
+      env[v] = t
+    read = lambda v: None if isinstance(v, jex.Literal) else env.get(v)
+    for i, eqn in enumerate(jaxpr.eqns):
+      path = prefix + (i,)
+      tags = [read(v) for v in eqn.invars]
+      out_tags = [None] * len(eqn.outvars)
+      if any(t is not None for t in tags):
+        name = eqn.primitive.name
+        inner = _inner(eqn)
+        use = None
+        handled = True
+        if inner is not None and len(inner[0].invars) == len(tags):
+          inlined.add(path)
+          out_tags = walk(inner[0], tags, path)
+        elif name in _CASTS and len(eqn.invars) == 1:
+          out_tags = [tags[0]]
+        elif name == "transpose":
+          leaf, perm = tags[0]
+          out_tags = [(leaf, tuple(perm[p] for p in eqn.params["permutation"]))]
+        elif name == "dot_general":
+          use = _dot_use(eqn, tags, path)
+          handled = use is not None
+        elif name == "gather":
+          use = _gather_use(eqn, tags, path)
+          handled = use is not None
+        elif name == "dynamic_slice":
+          use = _slice_use(eqn, tags, path)
+          handled = use is not None
+        else:
+          handled = False
+        if use is not None:
+          uses[path] = use
+          out_avals[path] = eqn.outvars[0].aval
+        if not handled:
+          fallback.update(t[0] for t in tags if t is not None)
+      for v, t in zip(eqn.outvars, out_tags):
+        env[v] = t
+    return [read(v) for v in jaxpr.outvars]
+
+  outs = walk(closed.jaxpr, [(i, tuple(range(len(v.aval.shape)))) for i, v in
+                             enumerate(closed.jaxpr.invars[:num_leaves])] + [None] * (
+                                 len(closed.jaxpr.invars) - num_leaves), ())
+  fallback.update(t[0] for t in outs if t is not None)
+  return uses, fallback, out_avals, inlined
+
+
+def _evaluate(closed, active: dict, inlined: set, args: Sequence[Any], perts: dict):
+  """Evaluates the jaxpr, adding ``perts[path]`` to each active use's output.
+
+  Returns ``(outputs, captured)`` where ``captured[path]`` is the activation
+  (dot) or index (gather) operand of each active use.
+  """
+  captured = {}
+
+  def run(jaxpr, consts, vals, prefix):
+    env = {}
+    for v, x in zip(jaxpr.constvars, consts):
+      env[v] = x
+    for v, x in zip(jaxpr.invars, vals):
+      env[v] = x
+    read = lambda v: v.val if isinstance(v, jex.Literal) else env[v]
+    for i, eqn in enumerate(jaxpr.eqns):
+      path = prefix + (i,)
+      invals = [read(v) for v in eqn.invars]
+      if path in inlined:
+        inner_jaxpr, inner_consts = _inner(eqn)
+        outs = run(inner_jaxpr, inner_consts, invals, path)
+      else:
+        outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+        if not eqn.primitive.multiple_results:
+          outs = [outs]
+        if path in active:
+          use = active[path]
+          captured[path] = invals[1 - use.w_side] if use.kind == "dot" else invals[1]
+          outs = [outs[0] + perts[path]]
+      for v, x in zip(eqn.outvars, outs):
+        env[v] = x
+    return [read(v) for v in jaxpr.outvars]
+
+  return run(closed.jaxpr, closed.consts, args, ()), captured
+
+
+def _dot_factors(use: _Use, a: jax.Array, g: jax.Array):
+  """``(A [b, n, K_A], G [b, n, K_G])``: A over the contracted param dims (ascending), G over the rest."""
+  b = a.shape[0]
+  a_nd = a.ndim - 1
+  a_free = [d for d in range(a_nd) if d not in use.a_contract]
+  pairs = sorted(zip(use.w_contract, use.a_contract))
+  a_mat = jnp.transpose(a, [0] + [1 + d for d in a_free] + [1 + d for _, d in pairs])
+  n = int(np.prod([a.shape[1 + d] for d in a_free], dtype=np.int64))
+  a_mat = a_mat.reshape(b, n, -1)
+  # Output dims: (lhs free..., rhs free...); the weight's free dims come in its operand's order.
+  w_var_contract = [use.perm.index(p) for p in use.w_contract]
+  w_free_var = [d for d in range(len(use.perm)) if d not in w_var_contract]
+  w_free_param = [use.perm[d] for d in w_free_var]
+  n_a, n_w = len(a_free), len(w_free_var)
+  a_axes = list(range(n_a)) if use.w_side == 1 else list(range(n_w, n_w + n_a))
+  w_axes = list(range(n_a, n_a + n_w)) if use.w_side == 1 else list(range(n_w))
+  w_axes = [w_axes[j] for j in np.argsort(w_free_param)]
+  g_mat = jnp.transpose(g, [0] + [1 + d for d in a_axes + w_axes]).reshape(b, n, -1)
+  return a_mat, g_mat
+
+
+def _gram(x, y):
+  """``[b]``: ``sum_{s,t} (x_s . x_t)(y_s . y_t)`` for ``x [b, n, K]``, ``y [b, n, N]``."""
+  xx = jnp.einsum("bsk,btk->bst", x, x, precision=_HIGHEST)
+  yy = jnp.einsum("bsk,btk->bst", y, y, precision=_HIGHEST)
+  return jnp.sum(xx * yy, axis=(1, 2))
+
+
+def _leaf_plan(uses: list[_Use], shape: tuple[int, ...]):
+  """Canonical X-side dims for a leaf, or None if its uses do not share one outer-product split."""
+  nd = len(shape)
+  if any(u.kind != "dot" for u in uses):
+    canon = frozenset({0})
+  else:
+    canon = uses[0].split()
+  comp = frozenset(range(nd)) - canon
+  for u in uses:
+    if u.split() not in (canon, comp):
+      return None
+  return canon
+
+
+def _choose(method: NormMethod, uses, shape, canon, avals) -> NormMethod:
+  if all(u.kind != "dot" for u in uses):
+    return NormMethod.ROWS
+  if any(u.kind != "dot" for u in uses):
+    return NormMethod.GRAM
+  if method != NormMethod.AUTO:
+    return method
+  n = 0
+  for u in uses:
+    out = avals[u.path].shape
+    free_w = len(shape) - len(u.w_contract)
+    n += int(np.prod(out[:len(out) - free_w] if u.w_side == 1 else out[free_w:], dtype=np.int64))
+  k = int(np.prod([shape[d] for d in sorted(canon)], dtype=np.int64))
+  m = int(np.prod([shape[d] for d in range(len(shape)) if d not in canon], dtype=np.int64))
+  return NormMethod.GRAM if n * n <= k * m else NormMethod.MATERIALIZE
+
+
+def _from_canonical(mat: jax.Array, shape: tuple[int, ...], canon: frozenset[int]) -> jax.Array:
+  order = sorted(canon) + [d for d in range(len(shape)) if d not in canon]
+  full = mat.reshape([shape[d] for d in order])
+  return jnp.transpose(full, np.argsort(order))
+
+
+def plan_layers(loss_fn: Callable[..., Any], params: PyTree, example: PyTree,
+                method: NormMethod = NormMethod.AUTO) -> LayerPlan:
+  """Which parameter leaves of ``loss_fn(params, example)`` take the fast path.
+
+  ``example`` is ONE example (no batch axis), arrays or ``jax.ShapeDtypeStruct``.
+  """
+  leaves, _ = jax.tree_util.tree_flatten(params)
+  closed = jax.make_jaxpr(lambda p, e: jax.tree_util.tree_leaves(loss_fn(p, e)))(params, example)
+  uses, fallback, avals, _ = _analyze(closed, len(leaves))
+  ghost, methods, fb = _partition(uses, fallback, leaves, avals, method)
+  names = {i: jax.tree_util.keystr(k) for i, (k, _) in enumerate(jax.tree_util.tree_flatten_with_path(params)[0])}
+  used = set(ghost) | set(fb)
+  return LayerPlan(
+      ghost={i: len(v) for i, (v, _) in ghost.items()}, fallback=tuple(sorted(fb)),
+      unused=tuple(i for i in range(len(leaves)) if i not in used), methods=methods, names=names)
+
+
+def _partition(uses, fallback, leaves, avals, method):
+  by_leaf: dict[int, list[_Use]] = {}
+  for u in uses.values():
+    by_leaf.setdefault(u.leaf, []).append(u)
+  fallback = set(fallback)
+  ghost, methods = {}, {}
+  for leaf, us in by_leaf.items():
+    if leaf in fallback:
+      continue
+    dtype = jnp.result_type(leaves[leaf])
+    if not jnp.issubdtype(dtype, jnp.floating):
+      fallback.add(leaf)
+      continue
+    shape = tuple(np.shape(leaves[leaf]))
+    canon = _leaf_plan(us, shape)
+    if canon is None:
+      fallback.add(leaf)
+      continue
+    ghost[leaf] = (us, canon)
+    methods[leaf] = _choose(method, us, shape, canon, avals)
+  return ghost, methods, fallback
+
+
+def clipped_sum_ghost(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    batch: PyTree,
+    mask: jax.Array,
+    clip_norm: float | jax.Array,
+    has_aux: bool = False,
+    *,
+    method: NormMethod = NormMethod.AUTO,
+) -> tuple[PyTree, Any, clipping_lib.ClipStats]:
+  """Clipped, masked sum of one micro-batch without per-example weight gradients.
+
+  Same signature, result and guarantee as :func:`dpmega.clipping.clipped_sum_vmap`.
+
+  Args:
+    loss_fn: ``loss_fn(params, example) -> loss`` (or ``(loss, aux)``) for ONE example.
+    params: pytree to differentiate.
+    batch: pytree with a leading batch axis.
+    mask: ``[b]``, 1 for real examples.
+    clip_norm: the L2 bound C.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    method: norm method for recognised layers (:class:`NormMethod`).
+
+  Returns:
+    ``(grad_sum float32 like params, aux or None, ClipStats)``.
+  """
+  if method not in (NormMethod.AUTO, NormMethod.GRAM, NormMethod.MATERIALIZE):
+    raise ValueError(f"method must be NormMethod.AUTO, GRAM or MATERIALIZE, got {method=!r}.")
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  if not leaves:
+    raise ValueError("params has no leaves: nothing to differentiate.")
+  leaves = [jnp.asarray(x) for x in leaves]
+  ex_leaves, ex_def = jax.tree_util.tree_flatten(batch)
+  ex_leaves = [jnp.asarray(x) for x in ex_leaves]
+  b = ex_leaves[0].shape[0]
+  example = [jax.ShapeDtypeStruct(x.shape[1:], x.dtype) for x in ex_leaves]
+  out_def = []
+
+  def flat_loss(p_leaves, e_leaves):
+    out = loss_fn(jax.tree_util.tree_unflatten(treedef, p_leaves), jax.tree_util.tree_unflatten(ex_def, e_leaves))
+    flat, tree = jax.tree_util.tree_flatten(out)
+    out_def.append(tree)
+    return flat
+
+  closed = jax.make_jaxpr(flat_loss)(leaves, example)
+  uses, fallback, avals, inlined = _analyze(closed, len(leaves))
+  ghost, methods, fb = _partition(uses, fallback, leaves, avals, method)
+  fb = sorted(fb)
+  active = {u.path: u for us, _ in ghost.values() for u in us}
+  perts0 = {p: jnp.zeros(avals[p].shape, avals[p].dtype) for p in active}
+
+  def per_example(fb_vals, perts, e_leaves):
+    args = list(leaves)
+    for j, v in zip(fb, fb_vals):
+      args[j] = v
+    outs, captured = _evaluate(closed, active, inlined, args + list(e_leaves), perts)
+    out = jax.tree_util.tree_unflatten(out_def[0], outs)
+    loss, aux = out if has_aux else (out, None)
+    return loss, (loss, aux, captured)
+
+  grad_fn = jax.grad(per_example, argnums=(0, 1), has_aux=True)
+  (fb_grads, g_perts), (losses, aux, captured) = jax.vmap(grad_fn, in_axes=(None, None, 0))(
+      [leaves[j] for j in fb], perts0, ex_leaves)
+
+  # Per-leaf factors in canonical orientation: dense (X [b,n,K], Y [b,n,N]) and lookups (ids, valid, rows).
+  factors = {}
+  sq = jnp.zeros((b,), jnp.float32)
+  for leaf, (us, canon) in ghost.items():
+    shape = tuple(leaves[leaf].shape)
+    dense_x, dense_y, ids_l, valid_l, rows_l = [], [], [], [], []
+    for u in us:
+      g = g_perts[u.path].astype(jnp.float32)
+      act = captured[u.path]
+      if u.kind == "slice":
+        v_rows, k = shape[0], u.slice_rows
+        start = jnp.clip(act.reshape(b).astype(jnp.int32), 0, v_rows - k)
+        ids_l.append(start[:, None] + jnp.arange(k, dtype=jnp.int32)[None])
+        valid_l.append(jnp.ones((b, k), bool))
+        rows_l.append(g.reshape(b, k, -1))
+      elif u.kind == "gather":
+        ids = act.reshape(b, -1).astype(jnp.int32)
+        rows = g.reshape(b, ids.shape[1], -1)
+        v_rows = shape[0]
+        if u.mode == lax.GatherScatterMode.FILL_OR_DROP:
+          valid = (ids >= 0) & (ids < v_rows)
+        else:
+          ids, valid = jnp.clip(ids, 0, v_rows - 1), jnp.ones(ids.shape, bool)
+        ids_l.append(jnp.where(valid, ids, 0))
+        valid_l.append(valid)
+        rows_l.append(jnp.where(valid[..., None], rows, 0.0))
+      else:
+        a_mat, g_mat = _dot_factors(u, act.astype(jnp.float32), g)
+        x, y = (a_mat, g_mat) if u.split() == canon else (g_mat, a_mat)
+        dense_x.append(x)
+        dense_y.append(y)
+    xd = jnp.concatenate(dense_x, axis=1) if dense_x else None
+    yd = jnp.concatenate(dense_y, axis=1) if dense_y else None
+    ids = jnp.concatenate(ids_l, axis=1) if ids_l else None
+    valid = jnp.concatenate(valid_l, axis=1) if valid_l else None
+    rows = jnp.concatenate(rows_l, axis=1) if rows_l else None
+    factors[leaf] = (xd, yd, ids, valid, rows)
+    if ids is not None:
+      sq = sq + embeddings_lib.row_grad_sq_norms(ids, rows, valid)
+    if xd is not None:
+      if methods[leaf] == NormMethod.MATERIALIZE:
+        per_ex = jnp.einsum("bnk,bnm->bkm", xd, yd, precision=_HIGHEST)
+        sq = sq + jnp.sum(jnp.square(per_ex), axis=(1, 2))
+      else:
+        sq = sq + _gram(xd, yd)
+    if ids is not None and xd is not None:
+      # Cross terms between lookups and dense uses of one (tied) table:
+      # x_s . onehot(id_t) = x_s[id_t].
+      xi = jnp.take_along_axis(xd, ids[:, None, :], axis=2)  # [b, n_dense, n_ids]
+      yi = jnp.einsum("bsm,btm->bst", yd, rows, precision=_HIGHEST)
+      sq = sq + 2.0 * jnp.sum(xi * yi, axis=(1, 2))
+  for g in fb_grads:
+    sq = sq + jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(b, -1), axis=1)
+  norms = jnp.sqrt(jnp.where(sq < 0, 0.0, sq))  # rounding of cross terms; NaN stays NaN
+
+  weights, stats = clipping_lib.combine(norms, mask, clip_norm, losses)
+  keep = weights > 0
+  out_leaves = [jnp.zeros(np.shape(x), jnp.float32) for x in leaves]
+  for leaf, (xd, yd, ids, valid, rows) in factors.items():
+    us, canon = ghost[leaf]
+    shape = tuple(leaves[leaf].shape)
+    order = sorted(canon) + [d for d in range(len(shape)) if d not in canon]
+    k = int(np.prod([shape[d] for d in sorted(canon)], dtype=np.int64))
+    total = jnp.zeros((k, int(np.prod(shape, dtype=np.int64)) // max(k, 1)), jnp.float32)
+    if xd is not None:
+      xw = jnp.where(keep[:, None, None], xd, 0.0)
+      yw = jnp.where(keep[:, None, None], yd * weights[:, None, None], 0.0)
+      total = total + jnp.einsum("bnk,bnm->km", xw, yw, precision=_HIGHEST)
+    if ids is not None:
+      total = total + embeddings_lib.scatter_add_rows(ids, rows, k, valid=valid, weights=weights)
+    out_leaves[leaf] = _from_canonical(total, shape, canon) if order != list(range(len(shape))) else total.reshape(shape)
+  if fb:
+    sums = clipping_lib.weighted_sum(fb_grads, weights)
+    for j, s in zip(fb, sums):
+      out_leaves[j] = s
+  return jax.tree_util.tree_unflatten(treedef, out_leaves), aux, stats
+
+
+def clipped_sum_gram(loss_fn, params, batch, mask, clip_norm, has_aux=False):
+  """:func:`clipped_sum_ghost` with pure Gram (ghost) norms for every recognised layer."""
+  return clipped_sum_ghost(loss_fn, params, batch, mask, clip_norm, has_aux, method=NormMethod.GRAM)
+
+
+clipping_lib.register_clipping("auto", clipped_sum_ghost)
+clipping_lib.register_clipping("ghost", clipped_sum_gram)

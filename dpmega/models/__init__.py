@@ -1,0 +1,1 @@
+"""Models trained by dpmega tasks: BERT masked LM, CTR models."""

@@ -1,0 +1,269 @@
+"""Mesh and multi-process checks that need their own JAX process (spawned by the tests).
+
+``python tests/mesh_worker.py devices8 OUT`` -- run with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``: trains the same short
+private loop on 1 device and on several 8-device meshes, probes clipping per
+shard and the noise, and writes ``OUT/devices8.npz`` + ``OUT/devices8.json``.
+
+``python tests/mesh_worker.py multihost OUT --process_id I --num_processes 2
+--port P`` -- one of the processes of a ``jax.distributed`` CPU run (gloo,
+loopback only): trains the loop on a mesh spanning every process, saves and
+restores an Orbax checkpoint from all processes, and (process 0) writes
+``OUT/multihost.npz`` + ``OUT/multihost.json``.
+
+The loop itself (:func:`train`) is imported by the tests to compute the
+single-process reference in their own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+SEED = 7
+DATASET_SIZE = 384
+BATCH_SIZE = 64          # expected batch size B (q = 1/6)
+NOISE_MULTIPLIER = 1.0
+CLIP_NORM = 0.5
+MICROBATCH = 2           # per device
+MAX_MICROBATCHES = 4
+STEPS = 3
+D_IN, D_HID, D_OUT = 8, 32, 4
+
+
+def dataset():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(DATASET_SIZE, D_IN)).astype(np.float32)
+  y = rng.integers(0, D_OUT, size=(DATASET_SIZE,)).astype(np.int32)
+  return x, y
+
+
+def init_params():
+  rng = np.random.default_rng(1)
+  return {
+      "w1": (rng.normal(size=(D_IN, D_HID)) / np.sqrt(D_IN)).astype(np.float32),
+      "b1": np.zeros((D_HID,), np.float32),
+      "w2": (rng.normal(size=(D_HID, D_OUT)) / np.sqrt(D_HID)).astype(np.float32),
+  }
+
+
+def loss_fn(params, example):
+  import jax
+  import jax.numpy as jnp
+  h = jnp.tanh(example["x"] @ params["w1"] + params["b1"])
+  logits = h @ params["w2"]
+  return -jax.nn.log_softmax(logits)[example["y"]]
+
+
+def train(mesh, *, steps=STEPS, min_shard_size=0, noise_multiplier=NOISE_MULTIPLIER):
+  """The short private loop on ``mesh``; returns (params, opt_state) as global arrays.
+
+  Poisson sample of the whole logical batch -> this process's share in fixed
+  chunks -> sharded clipped sums -> noise once -> adam.
+  """
+  import jax
+  import optax
+
+  from dpmega import clipping
+  from dpmega import sampling
+  from dpmega import sharding
+  from dpmega.data.sources import ArraySource
+
+  x, y = dataset()
+  opt = optax.adam(1e-2)
+  params0 = init_params()
+  p_sh = sharding.param_shardings(params0, mesh, min_size=min_shard_size)
+  o_sh = sharding.param_shardings(jax.eval_shape(opt.init, params0), mesh, min_size=min_shard_size)
+  params = sharding.shard(params0, p_sh)
+  opt_state = jax.jit(opt.init, out_shardings=o_sh)(params)
+  accumulate = sharding.make_accumulate_fn(loss_fn, mesh, p_sh, clip_norm=CLIP_NORM, microbatch_size=MICROBATCH)
+  privatize = sharding.make_privatize_fn(p_sh, clip_norm=CLIP_NORM)
+
+  @jax.jit
+  def update(grads, opt_state, params):
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  update = jax.jit(update, out_shardings=(p_sh, o_sh), donate_argnums=(1, 2))
+  source = ArraySource({"x": x, "y": y})
+  sampler = sampling.PoissonSampler(DATASET_SIZE, seed=SEED)
+  counts = []
+  for step in range(steps):
+    # Every process draws the same global sample, then reads only its share.
+    global_indices = sampler.indices_at(step, BATCH_SIZE)
+    grad_sum = sharding.zeros_like_sharded(params0, p_sh)
+    stats = clipping.ClipStats.zeros()
+    for c in sharding.iterate_process_chunks(source, global_indices, mesh, microbatch_size=MICROBATCH,
+                                             max_microbatches=MAX_MICROBATCHES):
+      batch = sharding.global_batch_from_process_local(c.batch, mesh)
+      mask = sharding.global_batch_from_process_local(c.mask, mesh)
+      grad_sum, stats = accumulate(params, grad_sum, stats, batch, mask)
+    counts.append(int(stats.num_examples))
+    grads = privatize(grad_sum, sharding.step_key(SEED, step), noise_multiplier, BATCH_SIZE)
+    params, opt_state = update(grads, opt_state, params)
+  return params, opt_state, counts
+
+
+def _spec_strings(tree):
+  import jax
+  return [str(x.sharding.spec) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def devices8(out_dir):
+  import jax
+  import jax.numpy as jnp
+
+  from dpmega import clipping
+  from dpmega import sharding
+
+  assert jax.device_count() == 8, jax.devices()
+  sharding.check_partitionable_rng()
+  arrays, info = {}, {"threefry_partitionable": bool(jax.config.jax_threefry_partitionable)}
+
+  # 1. The same loop on 1 device and on 8 devices (pure data parallel and FSDP).
+  meshes = {
+      "d1": sharding.MeshConfig(data=1),
+      "d8": sharding.MeshConfig(),
+      "d2f4": sharding.MeshConfig(fsdp=4),
+  }
+  info["sample_counts"] = {}
+  for name, cfg in meshes.items():
+    mesh = sharding.make_mesh(cfg)
+    params, opt_state, counts = train(mesh)
+    info["sample_counts"][name] = counts
+    for k, v in params.items():
+      arrays[f"{name}/{k}"] = np.asarray(v)
+    info[f"{name}/mesh"] = dict(mesh.shape)
+    info[f"{name}/param_specs"] = {k: str(v.sharding.spec) for k, v in params.items()}
+    info[f"{name}/param_shard_shapes"] = {k: list(v.addressable_shards[0].data.shape) for k, v in params.items()}
+    info[f"{name}/opt_specs"] = _spec_strings(opt_state)
+    info[f"{name}/opt_shard_shapes"] = [list(l.addressable_shards[0].data.shape)
+                                        for l in jax.tree_util.tree_leaves(opt_state)]
+
+  # 2. Per-example clipping on every shard: one huge example per device at a time.
+  mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=2))
+  params0 = init_params()
+  p_sh = sharding.param_shardings(params0, mesh, min_size=0)
+  params = sharding.shard(params0, p_sh)
+  accumulate = sharding.make_accumulate_fn(loss_fn, mesh, p_sh, clip_norm=CLIP_NORM, microbatch_size=MICROBATCH)
+  rows = 8 * MICROBATCH * 2
+  rng = np.random.default_rng(5)
+  big = {"x": (1e3 * rng.normal(size=(rows, D_IN))).astype(np.float32),
+         "y": rng.integers(0, D_OUT, size=(rows,)).astype(np.int32)}
+  per_device = rows // 8
+  norms = []
+  for d in range(8):
+    mask = np.zeros((rows,), np.float32)
+    mask[d * per_device + (d % per_device)] = 1.0
+    g, st = accumulate(params, sharding.zeros_like_sharded(params0, p_sh), clipping.ClipStats.zeros(),
+                       sharding.global_batch_from_process_local(big, mesh),
+                       sharding.global_batch_from_process_local(mask, mesh))
+    norms.append(float(jnp.sqrt(sum(jnp.sum(v ** 2) for v in jax.tree_util.tree_leaves(g)))))
+    info.setdefault("clip_counts", []).append([int(st.num_examples), int(st.num_clipped)])
+  info["single_example_norms"] = norms
+  # Whole chunk (half masked) vs the one-device clipped sum.
+  mask = (rng.random(rows) < 0.5).astype(np.float32)
+  small = {"x": big["x"] / 1e3, "y": big["y"]}
+  g, st = accumulate(params, sharding.zeros_like_sharded(params0, p_sh), clipping.ClipStats.zeros(),
+                     sharding.global_batch_from_process_local(small, mesh),
+                     sharding.global_batch_from_process_local(mask, mesh))
+  ref, _, ref_st = clipping.clipped_grad_sum(loss_fn, params0, small, mask, clip_norm=CLIP_NORM)
+  for k in params0:
+    arrays[f"chunk_sharded/{k}"] = np.asarray(g[k])
+    arrays[f"chunk_single/{k}"] = np.asarray(ref[k])
+  info["chunk_stats"] = {"sharded": [float(v) for v in st], "single": [float(v) for v in ref_st]}
+  info["chunk_grad_specs"] = {k: str(v.sharding.spec) for k, v in g.items()}
+
+  # 3. Noise: one draw per step, not per device, the same on 1 and 8 devices.
+  n = 2**16
+  big_params = {"w": np.zeros((n // 64, 64), np.float32), "v": np.zeros((64,), np.float32)}
+  noise_loss = lambda p, ex: 0.0 * (jnp.sum(p["w"]) + jnp.sum(p["v"])) * ex["x"][0]
+  zero_batch = {"x": np.ones((8 * MICROBATCH, 1), np.float32)}
+  sigma, expected = 2.0, 100.0
+  draws = {}
+  for name, cfg in {"d1": sharding.MeshConfig(data=1), "d8": sharding.MeshConfig(),
+                    "d1f8": sharding.MeshConfig(fsdp=8)}.items():
+    mesh = sharding.make_mesh(cfg)
+    sh = sharding.param_shardings(big_params, mesh, min_size=0)
+    acc = sharding.make_accumulate_fn(noise_loss, mesh, sh, clip_norm=CLIP_NORM, microbatch_size=MICROBATCH)
+    priv = sharding.make_privatize_fn(sh, clip_norm=CLIP_NORM)
+    p = sharding.shard(big_params, sh)
+    g, _ = acc(p, sharding.zeros_like_sharded(big_params, sh), clipping.ClipStats.zeros(),
+               sharding.global_batch_from_process_local(zero_batch, mesh),
+               sharding.global_batch_from_process_local(np.ones((8 * MICROBATCH,), np.float32), mesh))
+    noisy = priv(g, sharding.step_key(SEED, 0), sigma, expected)
+    draws[name] = noisy
+    arrays[f"noise_{name}/w"] = np.asarray(noisy["w"])
+    arrays[f"noise_{name}/v"] = np.asarray(noisy["v"])
+    info[f"noise_{name}/w_spec"] = str(noisy["w"].sharding.spec)
+    info[f"noise_{name}/w_shards"] = [np.asarray(s.data).ravel()[:16].tolist() for s in noisy["w"].addressable_shards]
+  info["noise_expected_std"] = sigma * CLIP_NORM / expected
+  np.savez(os.path.join(out_dir, "devices8.npz"), **arrays)
+  with open(os.path.join(out_dir, "devices8.json"), "w") as f:
+    json.dump(info, f)
+
+
+def multihost(out_dir, process_id, num_processes, port):
+  from dpmega import sharding
+  sharding.initialize_distributed(f"127.0.0.1:{port}", num_processes, process_id, initialization_timeout=60)
+
+  import jax
+  import orbax.checkpoint as ocp
+  from jax.experimental import multihost_utils
+
+  assert jax.process_count() == num_processes and jax.device_count() == 2 * num_processes
+  try:
+    sharding.make_mesh(sharding.MeshConfig(data=1))
+    partial_mesh_error = ""
+  except ValueError as e:
+    partial_mesh_error = str(e)
+  mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=2))
+  params, opt_state, counts = train(mesh)
+  info = {"mesh": dict(mesh.shape), "process_count": jax.process_count(), "counts": counts,
+          "param_specs": {k: str(v.sharding.spec) for k, v in params.items()},
+          "fully_addressable": all(v.is_fully_addressable for v in params.values()),
+          "partial_mesh_error": partial_mesh_error}
+
+  # Checkpoint written by every process, restored onto the same shardings.
+  ckpt_dir = os.path.join(out_dir, "ckpt")
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(ckpt_dir, {"params": params, "opt_state": opt_state})
+    ckptr.wait_until_finished()
+    target = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                                    {"params": params, "opt_state": opt_state})
+    restored = ckptr.restore(ckpt_dir, target)
+  same = jax.tree_util.tree_map(np.array_equal, sharding.to_host({"params": params, "opt_state": opt_state}),
+                                sharding.to_host(restored))
+  info["checkpoint_roundtrip_equal"] = all(jax.tree_util.tree_leaves(same))
+  info["restored_specs"] = {k: str(v.sharding.spec) for k, v in restored["params"].items()}
+  gathered = sharding.to_host(params)
+  if process_id == 0:
+    np.savez(os.path.join(out_dir, "multihost.npz"), **gathered)
+    with open(os.path.join(out_dir, "multihost.json"), "w") as f:
+      json.dump(info, f)
+  multihost_utils.sync_global_devices("done")
+  jax.distributed.shutdown()
+
+
+def main(argv):
+  parser = argparse.ArgumentParser()
+  parser.add_argument("mode", choices=["devices8", "multihost"])
+  parser.add_argument("out_dir")
+  parser.add_argument("--process_id", type=int, default=0)
+  parser.add_argument("--num_processes", type=int, default=2)
+  parser.add_argument("--port", type=int, default=0)
+  args = parser.parse_args(argv)
+  if args.mode == "devices8":
+    devices8(args.out_dir)
+  else:
+    multihost(args.out_dir, args.process_id, args.num_processes, args.port)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,644 @@
+"""Robustness of every entry point: bad input is one clear line and exit code 2.
+
+Each CLI sub-command is fuzzed with hypothesis, flag by flag: a valid base
+command line with ONE flag replaced by a bad value (wrong type, out of range,
+NaN, infinities, huge numbers, empty strings, wrong paths). The command must
+exit with code 2, print no traceback, name the flag, and leave no output file.
+The CLI runs in-process through ``dpmega.cli.main`` (fast); a few cases run it
+in a subprocess to check what a user sees. Config files (missing, empty, broken,
+binary) and ``--set`` overrides of every trainer field get the same treatment.
+
+Faults (subprocesses, Linux): SIGKILL in the middle of a checkpoint write;
+disk full (``RLIMIT_FSIZE``) while writing a checkpoint or metrics; a loss that
+turns NaN; and determinism -- two runs with one seed and config give
+bit-identical parameters.
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dpmega import cli
+
+_FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
+                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+_JUNK = ["", " ", "nan", "NaN", "inf", "-inf", "+inf", "1e400", "-1e400", "abc", "1,5", "0x10", "None",
+         "[]", "{}", "1e", "--", "é", "1/2", "true", "\t", "9" * 400, "-" + "9" * 400]
+
+
+def _as_number(text: str):
+  try:
+    return float(text.replace("_", ""))
+  except (ValueError, OverflowError):
+    return None
+
+
+def bad_values(lo: float, hi: float, *, integer: bool = False, lo_open: bool = False,
+               hi_open: bool = False) -> st.SearchStrategy[str]:
+  """Command-line strings that are NOT a number in the range (an int if ``integer``)."""
+
+  def ok(text: str) -> bool:
+    v = _as_number(text)
+    if v is None or not math.isfinite(v):
+      return False
+    if integer and not v.is_integer():
+      return False
+    return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+
+  out_of_range = st.one_of(
+      st.floats(allow_nan=True, allow_infinity=True).map(repr),
+      st.integers(min_value=-10**30, max_value=10**30).map(str),
+  )
+  candidates = [st.sampled_from(_JUNK), out_of_range, st.text(max_size=8)]
+  if integer:
+    candidates.append(st.floats(min_value=max(lo, -1e9), max_value=min(hi, 1e9)).map(lambda v: repr(v + 0.5)))
+  return st.one_of(*candidates).filter(lambda s: not ok(s) and "\x00" not in s)
+
+
+def _run(argv, capsys):
+  try:
+    code = cli.main(argv)
+  except SystemExit as e:
+    code = e.code
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def _replace(argv: list[str], flag: str, value: str) -> list[str]:
+  argv = list(argv)
+  if flag in argv:
+    argv[argv.index(flag) + 1] = value
+  else:
+    argv += [flag, value]
+  # "--flag=value" keeps values that start with "-" from being read as flags.
+  i = argv.index(flag)
+  return argv[:i] + [f"{flag}={value}"] + argv[i + 2:]
+
+
+def _check_rejected(argv, flag, capsys, out_dir):
+  before = sorted(os.listdir(out_dir))
+  code, out, err = _run(argv, capsys)
+  assert code == 2, (argv, code, err)
+  assert "Traceback" not in err and err.strip(), (argv, err)
+  assert flag.lstrip("-") in err or flag in err, (argv, err)
+  assert out == "", (argv, out)
+  assert sorted(os.listdir(out_dir)) == before, (argv, os.listdir(out_dir))
+
+
+# ------------------------------------------------------------------ dpmega audit
+_AUDIT_FLAGS = {
+    "--noise_multiplier": bad_values(0, 1e6, lo_open=True),
+    "--clip_norm": bad_values(0, 1e12, lo_open=True),
+    "--sampling_rate": bad_values(0, 1, lo_open=True),
+    "--trials": bad_values(20, 10**7, integer=True),
+    "--confidence": bad_values(0.5, 1, hi_open=True),
+    "--delta": bad_values(0, 1, lo_open=True, hi_open=True),
+    "--seed": bad_values(0, 2**31 - 1, integer=True),
+    "--canaries": bad_values(2, 10**4, integer=True),
+    "--steps": bad_values(1, 10**5, integer=True),
+    "--background": bad_values(0, 10**4, integer=True),
+    "--batch_size": bad_values(1, 2 * 10**4, integer=True),
+    "--kind": st.text(max_size=10).filter(lambda s: s not in ("mechanism", "one-run", "both")),
+    "--accountant": st.text(max_size=10).filter(lambda s: s not in ("pld", "rdp")),
+}
+
+
+@_FUZZ
+@given(data=st.data())
+def test_audit_rejects_any_bad_flag_value(data, tmp_path_factory, capsys):
+  out_dir = tmp_path_factory.mktemp("audit")
+  flag = data.draw(st.sampled_from(sorted(_AUDIT_FLAGS)), label="flag")
+  value = data.draw(_AUDIT_FLAGS[flag], label="value")
+  base = ["audit", "--noise_multiplier", "1", "--trials", "20", "--json", str(out_dir / "a.json")]
+  _check_rejected(_replace(base, flag, value), flag, capsys, out_dir)
+
+
+@pytest.mark.parametrize("path", ["", "{dir}", "{dir}/missing/a.json", "/proc/no/such/file.json"])
+def test_audit_rejects_bad_json_paths(path, tmp_path, capsys):
+  argv = ["audit", "--noise_multiplier", "1", "--trials", "20", "--json", path.format(dir=tmp_path)]
+  _check_rejected(argv, "--json", capsys, tmp_path)
+
+
+# ------------------------------------------------------------------ dpmega epsilon / calibrate
+_ACCOUNTING_BASE = ["--dataset_size", "60000", "--batch_size", "256", "--steps", "100", "--delta", "1e-5"]
+_ACCOUNTING_FLAGS = {
+    "--dataset_size": bad_values(1, math.inf, integer=True),
+    "--batch_size": bad_values(1, 60000, integer=True),
+    "--steps": bad_values(0, math.inf, integer=True),
+    "--delta": bad_values(0, 1, lo_open=True, hi_open=True),
+    "--points": bad_values(1, math.inf, integer=True),
+    "--pld_discretization": bad_values(0, 1, lo_open=True),
+    "--accountant": st.text(max_size=10).filter(lambda s: s not in ("rdp", "pld", "both")),
+    "--sampling": st.text(max_size=10).filter(lambda s: s not in ("poisson", "without_replacement")),
+    "--batch_schedule": st.one_of(st.sampled_from(_JUNK), st.text(max_size=12)).filter(
+        lambda s: s.strip() and not s.strip().lower().startswith(("constant", "steps", "linear", "geometric"))),
+}
+
+
+@pytest.fixture(scope="module")
+def accounting_cli():
+  return pytest.importorskip("dpmega.cli_accounting")
+
+
+@_FUZZ
+@given(data=st.data())
+def test_epsilon_rejects_any_bad_flag_value(data, accounting_cli, tmp_path_factory, capsys):
+  out_dir = tmp_path_factory.mktemp("epsilon")
+  flags = {**_ACCOUNTING_FLAGS, "--noise_multiplier": bad_values(0, math.inf)}
+  flag = data.draw(st.sampled_from(sorted(flags)), label="flag")
+  value = data.draw(flags[flag], label="value")
+  base = ["epsilon", *_ACCOUNTING_BASE, "--noise_multiplier", "1.1", "--plot", str(out_dir / "e.png")]
+  if flag == "--batch_schedule":
+    base.remove("--batch_size"), base.remove("256")
+  _check_rejected(_replace(base, flag, value), flag, capsys, out_dir)
+
+
+@_FUZZ
+@given(data=st.data())
+def test_calibrate_rejects_any_bad_flag_value(data, accounting_cli, tmp_path_factory, capsys):
+  out_dir = tmp_path_factory.mktemp("calibrate")
+  flags = {**_ACCOUNTING_FLAGS, "--target_epsilon": bad_values(0, math.inf, lo_open=True)}
+  flags["--accountant"] = st.text(max_size=10).filter(lambda s: s not in ("rdp", "pld"))
+  flag = data.draw(st.sampled_from(sorted(flags)), label="flag")
+  value = data.draw(flags[flag], label="value")
+  base = ["calibrate", *_ACCOUNTING_BASE, "--target_epsilon", "3", "--plot", str(out_dir / "c.png")]
+  if flag == "--batch_schedule":
+    base.remove("--batch_size"), base.remove("256")
+  _check_rejected(_replace(base, flag, value), flag, capsys, out_dir)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["epsilon", "--dataset_size", "100", "--batch_size", "101", "--steps", "1", "--delta", "1e-5",
+      "--noise_multiplier", "1"], "batch"),
+    (["calibrate", "--dataset_size", "100", "--batch_size", "10", "--steps", "0", "--delta", "1e-5",
+      "--target_epsilon", "1"], "--steps"),
+    (["calibrate", "--dataset_size", "100", "--batch_size", "10", "--steps", "10", "--delta", "1e-5",
+      "--target_epsilon", "1", "--sampling", "without_replacement", "--accountant", "pld"], "pld"),
+])
+def test_accounting_cross_flag_errors_exit_2(argv, flag, accounting_cli, capsys, tmp_path):
+  code, out, err = _run(argv, capsys)
+  assert code == 2 and "Traceback" not in err and flag.lower() in err.lower(), err
+
+
+# ------------------------------------------------------------------ dpmega criteo-convert
+@pytest.fixture(scope="module")
+def criteo_cli():
+  return pytest.importorskip("dpmega.cli_criteo")
+
+
+def _criteo_inputs(d):
+  import gzip  # pylint: disable=import-outside-toplevel
+
+  (d / "empty.tsv").write_bytes(b"")
+  (d / "binary.tsv").write_bytes(bytes(range(256)) * 4)
+  (d / "short.tsv").write_text("1\t2\n")
+  (d / "not_gzip.gz").write_text("1\t2\n")
+  (d / "truncated.gz").write_bytes(gzip.compress(b"1\t2\t3\n" * 100)[:30])
+  (d / "a_dir").mkdir()
+
+
+@pytest.mark.parametrize("name", ["empty.tsv", "binary.tsv", "short.tsv", "not_gzip.gz", "truncated.gz",
+                                  "a_dir", "missing.tsv"])
+def test_criteo_convert_rejects_bad_input_files_without_output(name, criteo_cli, tmp_path, capsys):
+  _criteo_inputs(tmp_path)
+  out = tmp_path / "out"
+  code, stdout, err = _run(["criteo-convert", "--files", str(tmp_path / name), "--out", str(out),
+                            "--no_progress"], capsys)
+  assert code == 2 and "Traceback" not in err and err.strip() and stdout == "", err
+  assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+@_FUZZ
+@given(data=st.data())
+def test_criteo_convert_rejects_bad_flag_values(data, criteo_cli, tmp_path_factory, capsys):
+  d = tmp_path_factory.mktemp("criteo")
+  (d / "short.tsv").write_text("1\t2\n")
+  flag = data.draw(st.sampled_from(["--max_rows", "--days", "--layout", "--out"]), label="flag")
+  bad = {"--max_rows": bad_values(1, math.inf, integer=True),
+         "--days": bad_values(0, 23, integer=True),
+         "--layout": st.text(max_size=8).filter(lambda s: s not in ("kaggle", "terabyte")),
+         "--out": st.sampled_from(["/proc/no/such/dir", str(d / "short.tsv")])}[flag]
+  value = data.draw(bad, label="value")
+  if flag in ("--days", "--layout"):
+    base = ["criteo-convert", "--layout", "terabyte", "--root", str(d), "--out", str(d / "out"), "--no_progress"]
+  else:
+    base = ["criteo-convert", "--files", str(d / "short.tsv"), "--out", str(d / "out"), "--no_progress"]
+  before = sorted(os.listdir(d))
+  code, stdout, err = _run(_replace(base, flag, value), capsys)
+  assert code == 2 and "Traceback" not in err and err.strip() and stdout == "", (flag, value, err)
+  assert sorted(os.listdir(d)) == before
+
+
+# ------------------------------------------------------------------ what a user sees
+@pytest.mark.parametrize("argv", [
+    ["audit", "--noise_multiplier", "1", "--trials", "1e400"],
+    ["epsilon", "--dataset_size", "1e400", "--batch_size", "1", "--steps", "1", "--delta", "1e-5",
+     "--noise_multiplier", "1"],
+    ["nonexistent-command"],
+])
+def test_subprocess_bad_input_is_one_line_exit_2(argv, tmp_path):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  p = subprocess.run([sys.executable, "-m", "dpmega", *argv], capture_output=True, text=True, env=env,
+                     timeout=120, cwd=tmp_path)
+  assert p.returncode == 2, p.stderr
+  assert "Traceback" not in p.stderr and p.stdout == ""
+  assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------ dpmega train: config entry points
+_SYNTHETIC_CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "synthetic_ctr.py")
+
+# field -> (kind, lo, hi, lo_open, hi_open): the allowed values (see dpmega/config.py).
+_TRAIN_FIELDS = {
+    "seed": ("int", 0, 2**31 - 1),
+    "num_steps": ("int", 1, 10**9),
+    "microbatch_size": ("int", 1, 2**20),
+    "max_microbatches": ("int", 1, 2**16),
+    "log_every": ("int", 0, 10**9),
+    "eval_every": ("int", 0, 10**9),
+    "checkpoint_every": ("int", 0, 10**9),
+    "keep_checkpoints": ("int", 2, 10**6),
+    "optimizer.warmup_steps": ("int", 0, 1),  # at most num_steps, 1 in these tests
+    "clip_norm": ("float", 0, math.inf, True, True),
+    "delta": ("float", 0, 1, True, True),
+    "optimizer.learning_rate": ("float", 0, math.inf, True, True),
+    "optimizer.final_lr_fraction": ("float", 0, 1, False, False),
+    "optimizer.momentum": ("float", 0, 1, False, True),
+    "optimizer.b1": ("float", 0, 1, False, True),
+    "optimizer.b2": ("float", 0, 1, False, True),
+    "optimizer.eps": ("float", 0, math.inf, False, True),
+    "tensorboard": ("bool",),
+    "optimizer.nesterov": ("bool",),
+    "accountant": ("choice", "rdp", "pld"),
+    "sampling": ("choice", "poisson", "without_replacement"),
+    "clipping": ("clipping",),  # the registered modes, looked up when checking
+    "optimizer.name": ("choice", "sgd", "momentum", "adam", "adamw", "lamb"),
+    "optimizer.schedule": ("choice", "constant", "cosine", "linear", "exponential"),
+}
+
+
+def _literal(text: str):
+  import ast  # pylint: disable=import-outside-toplevel
+  if text.strip().lower() in ("none", "null"):
+    return None
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
+    return text
+
+
+def _valid_train_value(field: str, text: str) -> bool:
+  kind, *spec = _TRAIN_FIELDS[field]
+  v = _literal(text)
+  if kind == "clipping":
+    import dpmega.train  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import  (registers modes)
+    from dpmega.clipping import clipping_modes  # pylint: disable=import-outside-toplevel
+    kind, spec = "choice", list(clipping_modes())
+  if kind == "bool":
+    return isinstance(v, bool)
+  if kind == "choice":
+    return (text.strip() if not isinstance(v, str) else v) in spec
+  if kind == "int":
+    lo, hi = spec
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+  if not isinstance(v, (int, float)):
+    return False
+  try:
+    v = float(v)  # ConfigDict turns ints (and bools) into floats for a float field
+  except OverflowError:
+    return False
+  lo, hi, lo_open, hi_open = spec
+  return not math.isnan(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+
+
+_override_text = st.one_of(
+    st.sampled_from(_JUNK + ["True", "False", "[1, 2]", "(1,)", "{'a': 1}", "'x'", "-1", "0", "1.5", "2**70"]),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.integers(min_value=-10**30, max_value=10**30).map(str),
+    st.text(max_size=8),
+)
+
+
+@pytest.fixture(scope="module")
+def train_cli():
+  pytest.importorskip("dpmega.cli_train")
+  pytest.importorskip("dpmega.train")
+  if not os.path.isfile(_SYNTHETIC_CONFIG):
+    pytest.skip("configs/synthetic_ctr.py is not in this build")
+
+
+@_FUZZ
+@given(data=st.data())
+def test_train_rejects_any_bad_config_override(data, train_cli, tmp_path_factory, capsys):
+  out_dir = tmp_path_factory.mktemp("train")
+  field = data.draw(st.sampled_from(sorted(_TRAIN_FIELDS)), label="field")
+  text = data.draw(_override_text.filter(lambda t, f=field: "\x00" not in t and not _valid_train_value(f, t)),
+                   label="value")
+  # num_steps=1 first: should a value slip through as valid, the run stays short.
+  argv = ["train", "--config", _SYNTHETIC_CONFIG, "--workdir", str(out_dir / "run"),
+          "--noise_multiplier", "1", "--set", "num_steps=1", f"{field}={text}"]
+  code, out, err = _run(argv, capsys)
+  assert code == 2, (argv, code, err[-2000:])
+  assert "Traceback" not in err and field.rsplit(".", 1)[-1] in err, (argv, err)
+  assert os.listdir(out_dir) == [], (argv, os.listdir(out_dir))
+
+
+@_FUZZ
+@given(flag=st.sampled_from(["--noise_multiplier", "--target_epsilon", "--delta", "--resume_step"]),
+       text=st.sampled_from(["nan", "inf", "-inf", "-1", "0", "1e400", "abc", "", "1e-400", "2"]))
+def test_train_rejects_bad_budget_flags(flag, text, train_cli, tmp_path_factory, capsys):
+  out_dir = tmp_path_factory.mktemp("train_flags")
+  valid = {"--noise_multiplier": ("2",), "--target_epsilon": ("2",), "--delta": (), "--resume_step": ()}
+  if text in valid[flag]:
+    return
+  argv = ["train", "--config", _SYNTHETIC_CONFIG, "--workdir", str(out_dir / "run"), "--noise_multiplier", "1"]
+  argv = _replace(argv, flag, text)
+  if flag == "--delta" and text == "1e-400":
+    pass  # 1e-400 parses as 0.0: out of (0, 1)
+  code, out, err = _run(argv, capsys)
+  assert code == 2, (argv, code, err[-2000:])
+  assert "Traceback" not in err, err
+  assert os.listdir(out_dir) == [] or flag == "--resume_step", os.listdir(out_dir)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "existing Python file"),                        # no such file
+    ("", "get_config"),                                    # empty file
+    ("def get_config(:\n", "SyntaxError"),
+    ("x = 1\x00\n", "null bytes"),
+    ("def get_config():\n  raise RuntimeError('boom')\n", "boom"),
+    ("import no_such_module_for_dpmega\n", "no_such_module_for_dpmega"),
+    ("def get_config():\n  return 3\n", "ConfigDict"),
+    ("from dpmega import config as c\ndef get_config():\n  return c.base_config()\n", "task.name"),
+    ("DIRECTORY", "existing Python file"),
+])
+def test_train_rejects_broken_config_files(content, message, train_cli, tmp_path, capsys):
+  path = tmp_path / "config.py"
+  if content == "DIRECTORY":
+    path = tmp_path / "configdir"
+    path.mkdir()
+  elif content is not None:
+    path.write_bytes(content.encode())
+  workdir = tmp_path / "run"
+  code, out, err = _run(["train", "--config", str(path), "--workdir", str(workdir), "--noise_multiplier", "1"],
+                        capsys)
+  assert code == 2 and "Traceback" not in err and message in err, err
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("item, message", [
+    ("num_steps", "field=value"), ("=3", "field=value"), ("no_such_field=1", "no_such_field"),
+    ("optimizer.no_such=1", "no_such"), ("task.nope.deeper=1", "nope"), ("num_steps=", "num_steps"),
+])
+def test_train_rejects_malformed_overrides(item, message, train_cli, tmp_path, capsys):
+  workdir = tmp_path / "run"
+  code, out, err = _run(["train", "--config", _SYNTHETIC_CONFIG, "--workdir", str(workdir),
+                         "--noise_multiplier", "1", "--set", item], capsys)
+  assert code == 2 and "Traceback" not in err and message in err, err
+  assert not workdir.exists()
+
+
+# ------------------------------------------------------------------ faults
+# A tiny private run of the built-in synthetic CTR task (a few seconds of compute).
+_SMALL_TRAIN_CONFIG = '''
+from dpmega import config as config_lib
+from dpmega import tasks_builtin
+
+
+def get_config():
+  c = config_lib.base_config()
+  c.task = tasks_builtin.default_task_config()
+  c.task.num_train = 2000
+  c.task.num_eval = 500
+  c.task.vocab_size = 32
+  c.task.hidden = (8,)
+  c.num_steps = 12
+  c.batch_schedule = "constant:200"
+  c.microbatch_size = 32
+  c.max_microbatches = 8
+  c.noise_multiplier = 1.0
+  c.checkpoint_every = 4
+  c.log_every = 1
+  c.optimizer.learning_rate = 0.01
+  c.tensorboard = False
+  return c
+'''
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture()
+def small_train_config(train_cli, tmp_path):
+  path = tmp_path / "small_config.py"
+  path.write_text(_SMALL_TRAIN_CONFIG)
+  return str(path)
+
+
+# Runs a Python command with RLIMIT_FSIZE set: a write past the limit fails with EFBIG
+# (SIGXFSZ ignored) -- a disk that fills up, file by file. A launcher sets the limit and
+# exec()s, so the test process never forks with JAX's threads running.
+_LIMITED_LAUNCHER = (
+    "import os, resource, signal, sys; "
+    "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+    "limit = int(sys.argv[1]); resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)); "
+    "os.execv(sys.executable, [sys.executable] + sys.argv[2:])")
+
+
+def _python(args, *, file_size_limit=None, timeout=300):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  args = list(args)
+  if file_size_limit is not None:
+    args = ["-c", _LIMITED_LAUNCHER, str(file_size_limit), *args]
+  return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=_ROOT,
+                        timeout=timeout)
+
+
+_SAVE_SCRIPT = '''
+import sys, numpy as np
+from dpmega.checkpoint import Checkpointer
+directory, size = sys.argv[1], int(sys.argv[2])
+with Checkpointer(directory) as ckpt:
+  ckpt.save(1, {"w": np.arange(100, dtype=np.float32)}, {"at": 1})
+  print("saved 1", flush=True)
+  big = np.random.default_rng(0).normal(size=size).astype(np.float32)  # incompressible
+  try:
+    ckpt.save(2, {"w": big}, {"at": 2})
+    print("saved 2", flush=True)
+  except Exception as e:
+    print("save 2 failed:", type(e).__name__, flush=True)
+    sys.exit(3)
+'''
+
+
+def _restore_w(directory, step=None, size=100):
+  from dpmega.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  with Checkpointer(str(directory)) as ckpt:
+    steps = ckpt.steps()
+    tree, meta = ckpt.restore({"w": np.zeros((size,), np.float32)}, step=step)
+  return steps, tree["w"], meta
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="SIGKILL timing and rlimits as on Linux")
+def test_sigkill_during_checkpoint_write_leaves_previous_checkpoint_usable(tmp_path):
+  import signal  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  directory = tmp_path / "ckpt"
+  script = tmp_path / "save.py"
+  script.write_text(_SAVE_SCRIPT)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.Popen([sys.executable, str(script), str(directory), str(16_000_000)], cwd=_ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  # Kill as soon as the write of checkpoint 2 is under way (Orbax's temporary folder exists).
+  deadline = time.time() + 240
+  killed_mid_write = False
+  while time.time() < deadline and proc.poll() is None:
+    if any(name.startswith("2.") and "tmp" in name for name in os.listdir(directory) if directory.exists()) \
+        if directory.exists() else False:
+      proc.send_signal(signal.SIGKILL)
+      killed_mid_write = True
+      break
+    time.sleep(0.001)
+  proc.wait()
+  out = proc.stdout.read()
+  assert killed_mid_write and proc.returncode == -signal.SIGKILL, (proc.returncode, out)
+  assert "saved 2" not in out
+  steps, w, meta = _restore_w(directory)
+  assert steps == [1] and meta["at"] == 1
+  np.testing.assert_array_equal(w, np.arange(100, dtype=np.float32))
+  # The run can go on: checkpoint 2 is written over the debris of the killed write.
+  from dpmega.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  with Checkpointer(str(directory)) as ckpt:
+    ckpt.save(2, {"w": np.ones(100, np.float32)}, {"at": 2})
+  assert _restore_w(directory)[0] == [1, 2]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE as on Linux")
+def test_disk_full_during_checkpoint_write_loses_no_earlier_checkpoint(tmp_path):
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  directory = tmp_path / "ckpt"
+  script = tmp_path / "save.py"
+  script.write_text(_SAVE_SCRIPT)
+  # Checkpoint 2 needs ~4 MB in one file; no file may exceed 200 kB.
+  p = _python([str(script), str(directory), str(1_000_000)], file_size_limit=200_000)
+  assert p.returncode == 3 and "saved 1" in p.stdout and "save 2 failed" in p.stdout, p.stdout + p.stderr[-2000:]
+  steps, w, meta = _restore_w(directory)
+  assert steps == [1] and meta["at"] == 1
+  np.testing.assert_array_equal(w, np.arange(100, dtype=np.float32))
+  # Space is back: the same save now succeeds and both checkpoints read back.
+  p = _python([str(script), str(tmp_path / "again"), str(1_000_000)])
+  assert p.returncode == 0, p.stderr[-2000:]
+
+
+def _metrics_lines(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl"), "rb") as f:
+    return f.read().split(b"\n")
+
+
+# metrics.jsonl grows ~430 bytes a step and passes 20 kB around step 46 of 60; each
+# checkpoint file stays under 20 kB, so the checkpoints at steps 10..40 are written.
+_DISK_FULL_RUN = ["--set", "num_steps=60", "checkpoint_every=10"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE as on Linux")
+def test_disk_full_while_writing_metrics_keeps_every_record_already_written(small_train_config, tmp_path):
+  import json  # pylint: disable=import-outside-toplevel
+
+  workdir = str(tmp_path / "run")
+  p = _python(["-m", "dpmega", "train", "--config", small_train_config, "--workdir", workdir, *_DISK_FULL_RUN],
+              file_size_limit=20_000)
+  assert p.returncode != 0, p.stdout[-2000:]
+  *complete, _ = _metrics_lines(workdir)
+  records = [json.loads(line) for line in complete]
+  n = len(records)
+  assert [r["step"] for r in records] == list(range(1, n + 1)) and 40 <= n < 60, n
+  for r in records:  # every step logged completely also printed its progress line
+    assert f"step {r['step']}/60 " in p.stdout
+  from dpmega.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  with Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+    steps = ckpt.steps()
+  assert steps == [20, 30, 40], steps
+  _, meta = _restore_train_checkpoint(small_train_config, workdir)  # the newest one reads back whole
+  assert meta["step"] == 40
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE as on Linux")
+def test_disk_full_while_writing_metrics_is_a_clear_error_and_the_run_resumes(small_train_config, tmp_path):
+  workdir = str(tmp_path / "run")
+  p = _python(["-m", "dpmega", "train", "--config", small_train_config, "--workdir", workdir, *_DISK_FULL_RUN],
+              file_size_limit=20_000)
+  assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+  assert _metrics_lines(workdir)[-1] == b""  # no partial record
+  resumed = _python(["-m", "dpmega", "train", "--config", small_train_config, "--workdir", workdir,
+                     "--resume", *_DISK_FULL_RUN])
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+
+def _restore_train_checkpoint(config_path, workdir, step=None, overrides=()):
+  from dpmega import config as config_lib  # pylint: disable=import-outside-toplevel
+  from dpmega import train as train_lib  # pylint: disable=import-outside-toplevel
+  from dpmega.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  from dpmega.tasks import build_task  # pylint: disable=import-outside-toplevel
+
+  config = config_lib.apply_overrides(config_lib.load_config(config_path), list(overrides))
+  config.workdir = workdir
+  trainer = train_lib.Trainer(config_lib.validate(config), build_task(config))
+  with Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+    template = trainer._checkpoint_tree(trainer.initial_state())  # pylint: disable=protected-access
+    return ckpt.restore(template, step=step)
+
+
+def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(small_train_config, tmp_path):
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  workdir = str(tmp_path / "run")
+  # SGD with a learning rate of 1e30: the first update sends the parameters to ~1e30, the loss to NaN.
+  p = _python(["-m", "dpmega", "train", "--config", small_train_config, "--workdir", workdir, "--set",
+               "num_steps=4", "checkpoint_every=1", "optimizer.name=sgd", "optimizer.learning_rate=1e30"])
+  assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+  assert "finite" in p.stderr.lower() and "step 1" in p.stderr, p.stderr[-3000:]  # names the last good one
+  from dpmega.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  with Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+    assert ckpt.steps() == [1]
+  tree, _ = _restore_train_checkpoint(small_train_config, workdir, overrides=["optimizer.name=sgd"])
+  import jax  # pylint: disable=import-outside-toplevel
+  assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(tree["params"]))
+
+
+def test_same_seed_and_config_give_bit_identical_params_across_processes(small_train_config, tmp_path):
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  from dpmega import config as config_lib  # pylint: disable=import-outside-toplevel
+  from dpmega import train as train_lib  # pylint: disable=import-outside-toplevel
+  from dpmega.tasks import build_task  # pylint: disable=import-outside-toplevel
+
+  def run_in_subprocess(name):
+    workdir = str(tmp_path / name)
+    p = _python(["-m", "dpmega", "train", "--config", small_train_config, "--workdir", workdir,
+                 "--set", "num_steps=6", "checkpoint_every=0"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    tree, meta = _restore_train_checkpoint(small_train_config, workdir)
+    return tree["params"], meta
+
+  a, meta_a = run_in_subprocess("a")
+  b, meta_b = run_in_subprocess("b")
+  leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  assert len(leaves_a) == len(leaves_b) > 0
+  for x, y in zip(leaves_a, leaves_b):
+    assert x.dtype == y.dtype and x.shape == y.shape
+    assert np.array_equal(x, y) and x.tobytes() == y.tobytes()  # bit-identical, not merely close
+  assert meta_a["ledger"] == meta_b["ledger"]
+  # ... and not because nothing happened: the run moved the parameters.
+  config = config_lib.load_config(small_train_config)
+  initial = train_lib.Trainer(config_lib.validate(config), build_task(config)).initial_state().params
+  assert any(not np.array_equal(np.asarray(x), y) for x, y in zip(jax.tree_util.tree_leaves(initial), leaves_a))

@@ -34,6 +34,12 @@ def add_parser(subparsers) -> None:
                  help="continue from this checkpoint step (newer checkpoints are set aside)")
   p.add_argument("--overwrite", action="store_true",
                  help="start afresh, deleting checkpoints of an earlier run in the workdir")
+  p.add_argument("--distributed", action="store_true",
+                 help="multi-host: call jax.distributed.initialize() first (auto-detected on TPU pods, SLURM, "
+                 "Open MPI; else give the three flags below) and train on a mesh of every process's devices")
+  p.add_argument("--coordinator_address", default=None, help="host:port of process 0 (implies --distributed)")
+  p.add_argument("--num_processes", type=int, default=None, help="number of processes (with --distributed)")
+  p.add_argument("--process_id", type=int, default=None, help="this process, 0..num_processes-1")
   p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="FIELD=VALUE",
                  help="override config fields, e.g. --set num_steps=100 optimizer.learning_rate=0.01")
   p.set_defaults(func=run)
@@ -62,6 +68,11 @@ def run(args: argparse.Namespace) -> int:
   # minimum over the remaining orders), so keep the progress output readable.
   logging.getLogger("absl").setLevel(logging.ERROR)
   config = build_config(args)
+  if args.distributed or args.coordinator_address is not None:
+    from dpmega import sharding  # noqa: PLC0415
+
+    sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    config.mesh.enabled = True
   try:
     result = train_lib.train(config, resume=args.resume, resume_step=args.resume_step, overwrite=args.overwrite)
   except train_lib.TrainingError as e:

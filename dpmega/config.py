@@ -91,6 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
       "eps": 1e-8,
       "weight_decay": 0.0,
   })
+  # Device mesh (dpmega.sharding). Off: one device. data = 0: every device not used by fsdp;
+  # microbatch_size is then per device.
+  c.mesh = ml_collections.ConfigDict({"enabled": False, "data": 0, "fsdp": 1, "min_shard_size": 2**18})
   c.log_every = 1
   c.eval_every = 0
   c.checkpoint_every = 0
@@ -222,6 +225,7 @@ class TrainConfig:
     log_every, eval_every, checkpoint_every: intervals in steps (0: only at the end).
     keep_checkpoints: how many checkpoints to keep (>= 2 so a good one survives a bad one).
     tensorboard: also write TensorBoard summaries when a writer is installed.
+    mesh: a :class:`dpmega.sharding.MeshConfig`, or None for one device.
   """
 
   task_name: str
@@ -244,6 +248,7 @@ class TrainConfig:
   checkpoint_every: int = 0
   keep_checkpoints: int = 3
   tensorboard: bool = True
+  mesh: Any = None
 
 
 def _int(c, name: str, lo: int, hi: float = math.inf) -> int:
@@ -346,6 +351,12 @@ def validate(config: ml_collections.ConfigDict) -> TrainConfig:
   if optimizer.weight_decay and optimizer.name == Optimizer.ADAM:
     raise UsageError("optimizer.weight_decay must be 0 for adam (use adamw for decoupled weight decay), "
                      f"got {optimizer.weight_decay}.")
+  mesh = None
+  if _bool(c.mesh, "mesh.enabled"):
+    from dpmega import sharding  # noqa: PLC0415 - keeps `import dpmega.config` light
+    mesh = sharding.MeshConfig(data=_int(c.mesh, "mesh.data", 0, 2**20) or None,
+                               fsdp=_int(c.mesh, "mesh.fsdp", 1, 2**20),
+                               min_shard_size=_int(c.mesh, "mesh.min_shard_size", 0, 2**62))
   return TrainConfig(
       task_name=task_name,
       seed=seed,
@@ -367,6 +378,7 @@ def validate(config: ml_collections.ConfigDict) -> TrainConfig:
       checkpoint_every=_int(c, "checkpoint_every", 0, 10**9),
       keep_checkpoints=_int(c, "keep_checkpoints", 2, 10**6),
       tensorboard=_bool(c, "tensorboard"),
+      mesh=mesh,
   )
 
 

@@ -55,6 +55,7 @@ from dpmega import accounting
 from dpmega import checkpoint as checkpoint_lib
 from dpmega import config as config_lib
 from dpmega import sampling
+from dpmega import sharding
 from dpmega.clipping import ClipStats
 from dpmega.clipping import clipped_grad_sum
 from dpmega.errors import UsageError
@@ -262,6 +263,18 @@ class _MetricsWriter:
       self._tb.close()
 
 
+class _NullWriter:
+  """What processes other than 0 log to: nothing (process 0 writes the run's files)."""
+
+  path = None
+
+  def write(self, record: dict[str, Any]) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
 class Trainer:
   """Runs one configured private training job (see the module docstring).
 
@@ -289,6 +302,45 @@ class Trainer:
         clipping=cfg.clipping, on_trace=self._count_trace)
     self.apply_update = make_update_fn(self.optimizer, clip_norm=cfg.clip_norm)
     self.sampler = sampling.make_sampler(cfg.sampling, self.dataset_size, seed=cfg.seed)
+    self.mesh = None
+    if cfg.mesh is not None:
+      self._init_mesh()
+    elif jax.process_count() > 1:
+      raise UsageError(f"{jax.process_count()} processes need a mesh: set mesh.enabled=True.")
+
+  def _init_mesh(self) -> None:
+    """Puts the step on a device mesh: batch over every device, params FSDP-sharded if asked."""
+    cfg = self.cfg
+    try:
+      self.mesh = sharding.make_mesh(cfg.mesh)
+    except ValueError as e:
+      raise UsageError(f"mesh: {e}") from None
+    shapes = jax.eval_shape(self.task.init_params, jax.random.fold_in(self.root_key, _INIT_STREAM))
+    rule = dict(mesh=self.mesh, min_size=cfg.mesh.min_shard_size)
+    self.param_shardings = sharding.param_shardings(shapes, **rule)
+    self.opt_shardings = sharding.param_shardings(jax.eval_shape(self.optimizer.init, shapes), **rule)
+    sharded = sharding.make_accumulate_fn(
+        self.task.loss_fn, self.mesh, self.param_shardings, clip_norm=cfg.clip_norm,
+        microbatch_size=cfg.microbatch_size, has_aux=self.task.has_aux, clipping=cfg.clipping, donate=False)
+
+    def accumulate(params, acc: Accumulator, batch, mask) -> Accumulator:
+      return Accumulator(*sharded(params, acc.grad_sum, acc.stats, batch, mask)[:2])
+
+    self.accumulate = accumulate
+    if jax.process_index() != 0:
+      self.out = lambda s: None
+
+  def _shard_state(self, state: TrainState) -> TrainState:
+    if self.mesh is None:
+      return state
+    host = sharding.to_host(state)
+    return TrainState(sharding.shard(host.step, sharding.replicated(self.mesh)),
+                      sharding.shard(host.params, self.param_shardings),
+                      sharding.shard(host.opt_state, self.opt_shardings))
+
+  def _evaluate(self, params) -> dict[str, float]:
+    # On a mesh, the task sees host arrays: params may be sharded across processes.
+    return self.task.evaluate(params if self.mesh is None else sharding.to_host(params))
 
   def _count_trace(self) -> None:
     self.num_traces += 1
@@ -296,7 +348,7 @@ class Trainer:
   # ------------------------------------------------------------------ setup
   def initial_state(self) -> TrainState:
     params = self.task.init_params(jax.random.fold_in(self.root_key, _INIT_STREAM))
-    return TrainState(jnp.zeros((), jnp.int32), params, self.optimizer.init(params))
+    return self._shard_state(TrainState(jnp.zeros((), jnp.int32), params, self.optimizer.init(params)))
 
   def identity(self, noise_multiplier: float) -> dict[str, Any]:
     """The run-defining fields a checkpoint must share with the run resuming from it."""
@@ -357,7 +409,7 @@ class Trainer:
   def _save(self, ckpt: checkpoint_lib.Checkpointer, state: TrainState, ledger: accounting.Ledger,
             sigma: float, epsilon: float) -> None:
     step = int(state.step)
-    ckpt.save(step, self._checkpoint_tree(state), {
+    ckpt.save(step, sharding.to_host(self._checkpoint_tree(state)), {
         "ledger": ledger.to_dict(), "sampler": self.sampler.state.to_dict(), "identity": self.identity(sigma),
         "epsilon": epsilon,
     })
@@ -385,7 +437,7 @@ class Trainer:
     if self.sampler.position != step:
       raise checkpoint_lib.CheckpointError(f"{where} has sampler position {self.sampler.position} != step {step}.")
     state = TrainState(jnp.asarray(tree["step"], jnp.int32), tree["params"], tree["opt_state"])
-    return state, ledger
+    return self._shard_state(state), ledger
 
   # ------------------------------------------------------------------ steps
   def train_step(self, state: TrainState, sigma: float) -> tuple[TrainState, dict[str, Any]]:
@@ -396,16 +448,24 @@ class Trainer:
       raise RuntimeError(f"sampler position {self.sampler.position} != step {t}.")
     expected = int(self.batch_sizes[t])
     indices = self.sampler.sample(expected)
-    acc = Accumulator(jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), state.params),
-                      ClipStats.zeros())
+    chunk_args = dict(microbatch_size=cfg.microbatch_size, max_microbatches=cfg.max_microbatches)
+    if self.mesh is None:
+      grad_sum = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), state.params)
+      chunks = sampling.iterate_chunks(self.task.train_source, indices, **chunk_args)
+    else:
+      # Every process drew the same global sample; each reads only its share.
+      grad_sum = sharding.zeros_like_sharded(state.params, self.param_shardings)
+      chunks = sharding.iterate_process_chunks(self.task.train_source, indices, self.mesh, **chunk_args)
+    acc = Accumulator(grad_sum, ClipStats.zeros())
     prepare_key = jax.random.fold_in(jax.random.fold_in(self.root_key, _PREPARE_STREAM), t)
-    for i, chunk in enumerate(sampling.iterate_chunks(self.task.train_source, indices,
-                                                      microbatch_size=cfg.microbatch_size,
-                                                      max_microbatches=cfg.max_microbatches)):
-      batch = chunk.batch
+    for i, chunk in enumerate(chunks):
+      batch, mask = chunk.batch, chunk.mask
       if self.task.prepare_batch is not None:
-        batch = self.task.prepare_batch(batch, jax.random.fold_in(prepare_key, i))
-      previous, acc = acc, self.accumulate(state.params, acc, batch, chunk.mask)
+        batch = self.task.prepare_batch(batch, jax.random.fold_in(prepare_key, i * jax.process_count() +
+                                                                  jax.process_index()))
+      if self.mesh is not None:
+        batch, mask = sharding.global_batch_from_process_local((batch, mask), self.mesh)
+      previous, acc = acc, self.accumulate(state.params, acc, batch, mask)
       # At most one chunk in flight while the host reads the next: memory stays
       # bounded by the chunk size whatever the logical batch size.
       jax.block_until_ready(previous)
@@ -448,6 +508,7 @@ class Trainer:
 
   def _run(self, ckpt: checkpoint_lib.Checkpointer, *, resume: bool, resume_step: int | None) -> TrainResult:
     cfg = self.cfg
+    main = jax.process_index() == 0  # with several processes, process 0 writes the files
     existing = ckpt.steps()
     if existing and not resume:
       raise UsageError(f"workdir {cfg.workdir!r} already holds checkpoints {existing}: pass --resume to "
@@ -463,14 +524,17 @@ class Trainer:
         self.out(f"ignoring an unfinished checkpoint save (interrupted): {path}")
       state, ledger = self._restore(ckpt, state, sigma, resume_step)
       restored_at = int(state.step)
-      moved = ckpt.set_aside_after(restored_at)
+      moved = ckpt.set_aside_after(restored_at) if main else []
+      sharding.sync_processes("dpmega_set_aside")  # then every process sees the same checkpoints
+      ckpt.steps()
       self.out(f"resumed from the checkpoint at step {restored_at} (epsilon so far "
                f"{accounting.compute_epsilon(ledger, cfg.delta, cfg.accountant):.4g})" +
                (f"; newer checkpoints set aside in {os.path.dirname(moved[0])}" if moved else ""))
-    if self.config_dict is not None:
+    if self.config_dict is not None and main:
       with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
         f.write(self.config_dict.to_json(indent=2))
-    writer = _MetricsWriter(cfg.workdir, resume_step=restored_at, tensorboard=cfg.tensorboard)
+    writer = (_MetricsWriter(cfg.workdir, resume_step=restored_at, tensorboard=cfg.tensorboard) if main
+              else _NullWriter())
     # Every prefix of the schedule costs at most the whole schedule (epsilon is
     # monotone in steps), so per-step budget checks are needed only when the
     # whole schedule does not fit.
@@ -506,7 +570,7 @@ class Trainer:
         record = {"step": step, **metrics, "sigma": sigma, "epsilon": epsilon, "delta": cfg.delta,
                   "seconds": seconds, "examples_per_s": metrics["sampled"] / max(seconds, 1e-9)}
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
-          record.update({f"eval_{k}": v for k, v in self.task.evaluate(state.params).items()})
+          record.update({f"eval_{k}": v for k, v in self._evaluate(state.params).items()})
         history.append(record)
         self._check_finite(metrics, step, last_saved)
         self._guarded(writer.write, record, what=writer.path, last_saved=last_saved)
@@ -521,7 +585,7 @@ class Trainer:
         self._guarded(self._save, ckpt, state, ledger, sigma, epsilon, what=f"the checkpoint of step {final_step}",
                       last_saved=last_saved)
         last_saved = final_step
-      eval_metrics = self.task.evaluate(state.params)
+      eval_metrics = self._evaluate(state.params)
       self._guarded(writer.write, {"step": final_step, "final": True, "epsilon": epsilon, "delta": cfg.delta,
                                    **{f"eval_{k}": v for k, v in eval_metrics.items()}},
                     what=writer.path, last_saved=last_saved)
@@ -533,12 +597,13 @@ class Trainer:
         "accountant": cfg.accountant, "noise_multiplier": sigma, "clip_norm": cfg.clip_norm,
         "stop_reason": stop_reason, "eval": eval_metrics, "ledger": ledger.to_dict(),
     }
-    with open(os.path.join(cfg.workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
+    if main:
+      with open(os.path.join(cfg.workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
     self.out(f"done: {final_step} steps, " + accounting.describe(epsilon, cfg.delta, cfg.sampling, cfg.accountant))
     self.out("eval: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
     return TrainResult(final_step, epsilon, cfg.delta, sigma, stop_reason, eval_metrics,
-                       jax.device_get(state.params), ledger, history)
+                       sharding.to_host(state.params), ledger, history)
 
   @staticmethod
   def _guarded(fn, *args, what: str, last_saved: int | None):

@@ -249,9 +249,54 @@ def multihost(out_dir, process_id, num_processes, port):
   jax.distributed.shutdown()
 
 
+# ----------------------------------------------------------------------------- the Trainer on a mesh
+
+TRAINER_OVERRIDES = [
+    "num_steps=3", "batch_schedule=constant:96", "microbatch_size=4", "max_microbatches=4", "eval_every=0",
+    "checkpoint_every=2", "tensorboard=False", "log_every=0", "task.num_train=2048", "task.num_eval=512",
+]
+
+
+def trainer_config(workdir, mesh=None):
+  """The built-in synthetic CTR config, shrunk; ``mesh=(data, fsdp)`` turns the mesh on."""
+  from dpmega import config as config_lib
+  from dpmega import tasks_builtin
+  c = config_lib.base_config()
+  c.task = tasks_builtin.default_task_config()
+  c.noise_multiplier = 1.0
+  config_lib.apply_overrides(c, TRAINER_OVERRIDES + [f"workdir={workdir}"])
+  if mesh is not None:
+    c.mesh.enabled, c.mesh.data, c.mesh.fsdp, c.mesh.min_shard_size = True, mesh[0], mesh[1], 0
+  return c
+
+
+def flat_params(params):
+  import jax
+  return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def trainer8(out_dir):
+  from dpmega import train as train_lib
+  quiet = lambda s: None
+  arrays, info = {}, {}
+  runs = {"one": None, "d2f4": (2, 4)}
+  for name, mesh in runs.items():
+    r = train_lib.train(trainer_config(os.path.join(out_dir, name), mesh), out=quiet)
+    info[name] = {"steps": r.steps, "epsilon": r.epsilon, "eval": r.eval_metrics,
+                  "sampled": [h["sampled"] for h in r.history]}
+    arrays.update({f"{name}/{k}": v for k, v in flat_params(r.params).items()})
+  # Resume the FSDP run from its step-2 checkpoint: it must redo step 3 exactly.
+  r = train_lib.train(trainer_config(os.path.join(out_dir, "d2f4"), runs["d2f4"]), resume_step=2, out=quiet)
+  info["d2f4_resumed"] = {"steps": r.steps, "epsilon": r.epsilon}
+  arrays.update({f"d2f4_resumed/{k}": v for k, v in flat_params(r.params).items()})
+  np.savez(os.path.join(out_dir, "trainer8.npz"), **arrays)
+  with open(os.path.join(out_dir, "trainer8.json"), "w") as f:
+    json.dump(info, f)
+
+
 def main(argv):
   parser = argparse.ArgumentParser()
-  parser.add_argument("mode", choices=["devices8", "multihost"])
+  parser.add_argument("mode", choices=["devices8", "multihost", "trainer8"])
   parser.add_argument("out_dir")
   parser.add_argument("--process_id", type=int, default=0)
   parser.add_argument("--num_processes", type=int, default=2)
@@ -259,6 +304,8 @@ def main(argv):
   args = parser.parse_args(argv)
   if args.mode == "devices8":
     devices8(args.out_dir)
+  elif args.mode == "trainer8":
+    trainer8(args.out_dir)
   else:
     multihost(args.out_dir, args.process_id, args.num_processes, args.port)
   return 0

@@ -21,6 +21,7 @@ import pytest
 from dpmega import sharding
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import mesh_worker  # noqa: E402
 
@@ -34,21 +35,16 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def multihost(tmp_path_factory):
-  out = tmp_path_factory.mktemp("multihost")
-  port = _free_port()
+def run_processes(commands, out, *, timeout_s=TIMEOUT_S):
+  """Runs one command per process (2 CPU devices each), bounded in time; kills them in any case."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
   procs, logs = [], []
   try:
-    for i in range(NUM_PROCESSES):
+    for i, command in enumerate(commands):
       log = open(out / f"process{i}.log", "w+")
       logs.append(log)
-      procs.append(subprocess.Popen(
-          [sys.executable, os.path.join(HERE, "mesh_worker.py"), "multihost", str(out), "--process_id", str(i),
-           "--num_processes", str(NUM_PROCESSES), "--port", str(port)],
-          env=env, stdout=log, stderr=subprocess.STDOUT))
-    deadline = time.monotonic() + TIMEOUT_S
+      procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
+    deadline = time.monotonic() + timeout_s
     for p in procs:
       p.wait(timeout=max(deadline - time.monotonic(), 1))
   finally:
@@ -62,6 +58,15 @@ def multihost(tmp_path_factory):
     text.append(f"--- process {i} (rc={procs[i].returncode}) ---\n" + log.read()[-3000:])
     log.close()
   assert all(p.returncode == 0 for p in procs), "\n".join(text)
+
+
+@pytest.fixture(scope="module")
+def multihost(tmp_path_factory):
+  out = tmp_path_factory.mktemp("multihost")
+  port = _free_port()
+  run_processes([[sys.executable, os.path.join(HERE, "mesh_worker.py"), "multihost", str(out), "--process_id",
+                  str(i), "--num_processes", str(NUM_PROCESSES), "--port", str(port)]
+                 for i in range(NUM_PROCESSES)], out)
   with open(out / "multihost.json") as f:
     info = json.load(f)
   return info, dict(np.load(out / "multihost.npz"))
@@ -101,3 +106,45 @@ def test_checkpoint_saved_and_restored_from_every_process(multihost):
   info, _ = multihost
   assert info["checkpoint_roundtrip_equal"] is True
   assert info["restored_specs"] == info["param_specs"]
+
+
+# ----------------------------------------------------------------------------- dpmega train, 2 processes
+
+
+def test_dpmega_train_on_two_processes_matches_one_process(tmp_path):
+  from dpmega import checkpoint as checkpoint_lib
+  from dpmega import cli
+  from dpmega import cli_train
+  from dpmega import config as config_lib
+  from dpmega import train as train_lib
+  from dpmega.tasks import build_task
+
+  workdir = tmp_path / "run"
+  port = _free_port()
+  overrides = mesh_worker.TRAINER_OVERRIDES + ["mesh.min_shard_size=0", "mesh.fsdp=2"]
+  flags = ["train", "--config", os.path.join(ROOT, "configs", "synthetic_ctr.py"), "--noise_multiplier", "1.0",
+           "--set", *overrides]
+  distributed = ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", str(NUM_PROCESSES)]
+  run_processes([[sys.executable, "-m", "dpmega", *flags, "--workdir", str(workdir), *distributed,
+                  "--process_id", str(i)] for i in range(NUM_PROCESSES)], tmp_path)
+  with open(workdir / "summary.json") as f:
+    summary = json.load(f)
+  # One process, one device, no mesh: the same run.
+  config = cli_train.build_config(cli.build_parser().parse_args(flags + ["--workdir", str(tmp_path / "ref")]))
+  config.mesh.enabled = False
+  ref = train_lib.train(config, out=lambda s: None)
+  assert summary["steps"] == ref.steps == 3
+  assert summary["epsilon"] == ref.epsilon
+  for k, v in ref.eval_metrics.items():
+    assert summary["eval"][k] == pytest.approx(v, rel=1e-5), k
+  # The checkpoints written by both processes hold the same parameters as the one-process run.
+  trainer = train_lib.Trainer(config_lib.validate(config), build_task(config))
+  template = trainer._checkpoint_tree(trainer.initial_state())
+  with checkpoint_lib.Checkpointer(str(workdir / "checkpoints")) as ckpt:
+    assert ckpt.steps() == [2, 3]
+    tree, meta = ckpt.restore(template, step=3)
+  got, want = mesh_worker.flat_params(tree["params"]), mesh_worker.flat_params(ref.params)
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  assert meta["ledger"] == ref.ledger.to_dict()

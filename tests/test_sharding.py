@@ -309,3 +309,46 @@ def test_to_host_returns_numpy_copies():
   out = sharding.to_host(tree)
   assert isinstance(out["a"], np.ndarray)
   np.testing.assert_array_equal(out["a"], np.arange(4.0))
+
+
+# ----------------------------------------------------------------------------- the Trainer on 8 devices
+
+
+@pytest.fixture(scope="module")
+def trainer8(tmp_path_factory):
+  out = tmp_path_factory.mktemp("trainer8")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.run([sys.executable, os.path.join(HERE, "mesh_worker.py"), "trainer8", str(out)],
+                        env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  with open(out / "trainer8.json") as f:
+    info = json.load(f)
+  return info, dict(np.load(out / "trainer8.npz"))
+
+
+def test_trainer_on_a_mesh_matches_one_device(trainer8):
+  info, arrays = trainer8
+  names = [k.split("/", 1)[1] for k in arrays if k.startswith("one/")]
+  assert names
+  for mesh in ("d2f4",):
+    assert info[mesh]["steps"] == info["one"]["steps"] == 3
+    assert info[mesh]["sampled"] == info["one"]["sampled"]  # the same Poisson batches
+    assert info[mesh]["epsilon"] == info["one"]["epsilon"]
+    for name in names:
+      np.testing.assert_allclose(arrays[f"{mesh}/{name}"], arrays[f"one/{name}"], rtol=1e-5, atol=1e-6,
+                                 err_msg=f"{mesh}{name}")
+
+
+def test_trainer_resumes_a_sharded_run_exactly(trainer8):
+  info, arrays = trainer8
+  assert info["d2f4_resumed"] == {"steps": 3, "epsilon": info["d2f4"]["epsilon"]}
+  for k in arrays:
+    if k.startswith("d2f4/"):
+      np.testing.assert_array_equal(arrays["d2f4_resumed/" + k[5:]], arrays[k])
+
+
+def test_trainer_rejects_a_mesh_larger_than_the_devices(tmp_path):
+  from dpmega import train as train_lib
+  from dpmega.errors import UsageError
+  with pytest.raises(UsageError, match="mesh: fsdp must be an int in \\[1, 1\\]"):
+    train_lib.train(mesh_worker.trainer_config(str(tmp_path), mesh=(0, 2)), out=lambda s: None)

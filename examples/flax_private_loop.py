@@ -68,60 +68,29 @@ def accuracy(logits_fn, data):
   return float(np.mean(np.argmax(np.asarray(logits_fn(data["x"])), -1) == data["y"]))
 
 
-def train_linen(data, *, steps, batch_size, private, clip_norm=1.0, noise_multiplier=1.0, lr=0.5, seed=0):
+def linen_model(data, seed):
+  """Linen: params are a dict; the model is applied with `model.apply`."""
   model = LinenMLP()
   params = model.init(jax.random.key(seed), data["x"][:1])["params"]
+  return params, lambda p, x: model.apply({"params": p}, x)
+
+
+def nnx_model(data, seed):
+  """NNX: `nnx.split` gives the trainable state; `nnx.merge` rebuilds the model inside the loss."""
+  graphdef, params = nnx.split(NNXMLP(data["x"].shape[1], nnx.Rngs(seed)), nnx.Param)
+  return params, lambda p, x: nnx.merge(graphdef, p)(x)
+
+
+def train(make_model, data, *, steps, batch_size, private, clip_norm=1.0, noise_multiplier=1.0, lr=0.5,
+          seed=0):
+  """The same Optax loop, non-private or private; the private lines are marked `# DP`."""
+  params, logits = make_model(data, seed)
   opt = optax.sgd(lr, momentum=0.9)
   opt_state = opt.init(params)
   n = len(data["y"])
 
   if not private:
     def loss_fn(p, batch):  # mean over the batch
-      logits = model.apply({"params": p}, batch["x"])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
-
-    grad_fn = jax.jit(jax.value_and_grad(loss_fn))
-  else:
-    def loss_fn(p, example):  # DP: per-example loss
-      logits = model.apply({"params": p}, example["x"])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, example["y"])
-
-    grad_fn = dpmega.private_value_and_grad(  # DP: the private gradient
-        loss_fn, clip_norm=clip_norm, noise_multiplier=noise_multiplier, expected_batch_size=batch_size,
-        microbatch_size=batch_size // 2)
-
-  @jax.jit
-  def apply(p, s, g):
-    updates, s = opt.update(g, s, p)
-    return optax.apply_updates(p, updates), s
-
-  rng = np.random.default_rng(seed)
-  losses = []
-  for step in range(steps):
-    if private:
-      batch, mask = poisson_batch(rng, data, batch_size / n, pad_to=2 * batch_size)
-      loss, grads, _ = grad_fn(params, batch, jax.random.key(step), mask=mask)  # DP: key for the noise
-    else:
-      idx = rng.choice(n, batch_size, replace=False)
-      loss, grads = grad_fn(params, {k: v[idx] for k, v in data.items()})
-    params, opt_state = apply(params, opt_state, grads)
-    losses.append(float(loss))
-  acc = accuracy(lambda x: model.apply({"params": params}, x), data)
-  return losses, acc
-
-
-def train_nnx(data, *, steps, batch_size, private, clip_norm=1.0, noise_multiplier=1.0, lr=0.5, seed=0):
-  model = NNXMLP(data["x"].shape[1], nnx.Rngs(seed))
-  graphdef, params = nnx.split(model, nnx.Param)
-  opt = optax.sgd(lr, momentum=0.9)
-  opt_state = opt.init(params)
-  n = len(data["y"])
-
-  def logits(p, x):
-    return nnx.merge(graphdef, p)(x)
-
-  if not private:
-    def loss_fn(p, batch):
       return optax.softmax_cross_entropy_with_integer_labels(logits(p, batch["x"]), batch["y"]).mean()
 
     grad_fn = jax.jit(jax.value_and_grad(loss_fn))
@@ -149,8 +118,7 @@ def train_nnx(data, *, steps, batch_size, private, clip_norm=1.0, noise_multipli
       loss, grads = grad_fn(params, {k: v[idx] for k, v in data.items()})
     params, opt_state = apply(params, opt_state, grads)
     losses.append(float(loss))
-  acc = accuracy(lambda x: logits(params, x), data)
-  return losses, acc
+  return losses, accuracy(lambda x: logits(params, x), data)
 
 
 def epsilon(*, n, batch_size, steps, noise_multiplier, delta):
@@ -168,9 +136,9 @@ def main(argv=None):
   args = parser.parse_args(argv)
   data = make_data()
   results = {}
-  for api, train in (("linen", train_linen), ("nnx", train_nnx)):
+  for api, make_model in (("linen", linen_model), ("nnx", nnx_model)):
     for private in (False, True):
-      losses, acc = train(data, steps=args.steps, batch_size=args.batch_size, private=private,
+      losses, acc = train(make_model, data, steps=args.steps, batch_size=args.batch_size, private=private,
                           noise_multiplier=args.noise_multiplier)
       name = f"{api}/{'private' if private else 'non-private'}"
       results[name] = {"first_loss": losses[0], "last_loss": float(np.mean(losses[-10:])), "accuracy": acc}

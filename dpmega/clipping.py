@@ -223,7 +223,8 @@ def clipping_modes() -> tuple[str, ...]:
   return tuple(sorted(_MICROBATCH_IMPLS))
 
 
-def _batch_size(batch: PyTree) -> int:
+def leading_size(batch: PyTree) -> int:
+  """The common leading (example) axis of every leaf of ``batch``; ValueError if they differ."""
   leaves = jax.tree_util.tree_leaves(batch)
   if not leaves:
     raise ValueError("batch has no array leaves.")
@@ -234,18 +235,24 @@ def _batch_size(batch: PyTree) -> int:
   return sizes.pop()
 
 
+def validate_microbatch_size(microbatch_size: int | None) -> None:
+  """Raises ``ValueError`` unless ``microbatch_size`` is None or a positive int."""
+  if microbatch_size is not None and (
+      isinstance(microbatch_size, bool) or not isinstance(microbatch_size, int) or microbatch_size <= 0):
+    raise ValueError(f"microbatch_size must be a positive int or None, got {microbatch_size=!r}.")
+
+
 def check_batch(batch: PyTree, mask: jax.Array | None, microbatch_size: int | None) -> int:
   """Validates batch, mask and micro-batch size; returns the batch size.
 
   Raises:
     ValueError: naming ``batch``, ``mask`` or ``microbatch_size``.
   """
-  b = _batch_size(batch)
+  b = leading_size(batch)
   if mask is not None and tuple(jnp.shape(mask)) != (b,):
     raise ValueError(f"mask must have shape ({b},) to match the batch, got mask.shape={tuple(jnp.shape(mask))}.")
+  validate_microbatch_size(microbatch_size)
   if microbatch_size is not None:
-    if isinstance(microbatch_size, bool) or not isinstance(microbatch_size, int) or microbatch_size <= 0:
-      raise ValueError(f"microbatch_size must be a positive int or None, got {microbatch_size=!r}.")
     if b % microbatch_size:
       raise ValueError(
           f"microbatch_size must divide the batch size {b}, got {microbatch_size=} "

@@ -91,9 +91,7 @@ def private_value_and_grad(
   if math.isinf(float(clip_norm)) and noise_multiplier != 0:
     raise ValueError(f"clip_norm must be finite when noise_multiplier > 0, got {clip_norm=}.")
   noise_lib.validate_expected_batch_size(expected_batch_size)
-  if microbatch_size is not None and (
-      isinstance(microbatch_size, bool) or not isinstance(microbatch_size, int) or microbatch_size <= 0):
-    raise ValueError(f"microbatch_size must be a positive int or None, got {microbatch_size=!r}.")
+  clipping_lib.validate_microbatch_size(microbatch_size)
   if clipping not in clipping_lib.clipping_modes():
     raise ValueError(f"clipping must be one of {clipping_lib.clipping_modes()}, got {clipping=!r}.")
   single = isinstance(argnums, int)

@@ -234,16 +234,6 @@ def _reduce_stats(stats: clipping_lib.ClipStats, axes: tuple[str, ...]) -> clipp
   return summed._replace(norm_max=jax.lax.pmax(stats.norm_max, axes))
 
 
-def _batch_rows(batch: PyTree) -> int:
-  leaves = jax.tree_util.tree_leaves(batch)
-  if not leaves:
-    raise ValueError("batch has no array leaves.")
-  rows = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
-  if None in rows or len(rows) != 1:
-    raise ValueError(f"every leaf of batch must share the leading (example) axis, got sizes {sorted(map(str, rows))}.")
-  return rows.pop()
-
-
 def make_accumulate_fn(
     loss_fn: Callable[..., Any],
     mesh: Mesh,
@@ -321,7 +311,7 @@ def make_accumulate_fn(
   per_step_rows = mesh.size * (microbatch_size or 1)
 
   def accumulate(params, grad_sum, stats, batch, mask):
-    rows = _batch_rows(batch)
+    rows = clipping_lib.leading_size(batch)
     if rows == 0 or rows % per_step_rows:
       raise ValueError(
           f"batch rows must be a positive multiple of mesh.size * microbatch_size = {per_step_rows} "

@@ -14,33 +14,12 @@ from dpmega import cli
 from dpmega import config as config_lib
 from dpmega import train as train_lib
 from dpmega.tasks import build_task
+from tests import train_configs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CTR_CONFIG = os.path.join(ROOT, "configs", "synthetic_ctr.py")
 
-SMALL_CONFIG = '''
-from dpmega import config as config_lib
-from dpmega import tasks_builtin
-
-
-def get_config():
-  c = config_lib.base_config()
-  c.task = tasks_builtin.default_task_config()
-  c.task.num_train = 4000
-  c.task.num_eval = 1000
-  c.task.vocab_size = 32
-  c.task.hidden = (8,)
-  c.num_steps = 24
-  c.batch_schedule = "constant:200"
-  c.microbatch_size = 32
-  c.max_microbatches = 8
-  c.noise_multiplier = 1.0
-  c.checkpoint_every = 4
-  c.log_every = 1
-  c.optimizer.learning_rate = 0.01
-  c.tensorboard = False
-  return c
-'''
+SMALL_CONFIG = train_configs.small_train_config(num_train=4000, num_eval=1000, num_steps=24)
 
 
 @pytest.fixture()

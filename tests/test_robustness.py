@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dpmega import cli
+from tests import train_configs
 
 _FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -406,29 +407,7 @@ def test_train_rejects_malformed_overrides(item, message, train_cli, tmp_path, c
 
 # ------------------------------------------------------------------ faults
 # A tiny private run of the built-in synthetic CTR task (a few seconds of compute).
-_SMALL_TRAIN_CONFIG = '''
-from dpmega import config as config_lib
-from dpmega import tasks_builtin
-
-
-def get_config():
-  c = config_lib.base_config()
-  c.task = tasks_builtin.default_task_config()
-  c.task.num_train = 2000
-  c.task.num_eval = 500
-  c.task.vocab_size = 32
-  c.task.hidden = (8,)
-  c.num_steps = 12
-  c.batch_schedule = "constant:200"
-  c.microbatch_size = 32
-  c.max_microbatches = 8
-  c.noise_multiplier = 1.0
-  c.checkpoint_every = 4
-  c.log_every = 1
-  c.optimizer.learning_rate = 0.01
-  c.tensorboard = False
-  return c
-'''
+_SMALL_TRAIN_CONFIG = train_configs.small_train_config(num_train=2000, num_eval=500, num_steps=12)
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,10 +10,16 @@ parameters took which path.
 Targets (issue 10, on the 2-core CPU): MLP <= 1.3x, tiny BERT MLM <= 2x,
 DeepFM with a 10^6-row table <= 1.5x.
 
+With ``--optimizer``, also a whole training step on each side (gradient +
+``optax.adam`` update, params and state donated), the ratio taken against the
+non-private training step. ``--batch`` overrides the workload's batch size
+(repeat it for a sweep): the Gaussian draw is a fixed cost per step, so the
+ratio falls as the batch grows.
+
 Usage:
   python bench/step_overhead.py                 # all workloads
   python bench/step_overhead.py --only mlp --reps 20
-  python bench/step_overhead.py --vmap_timeout 60  # skip vmap runs whose first call exceeds it
+  python bench/step_overhead.py --only deepfm --modes auto --optimizer --batch 1024 --batch 16384
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 import dpmega
 from dpmega import ghost
@@ -94,16 +101,16 @@ def _xent(logits, label):
   return -jax.nn.log_softmax(logits)[label]
 
 
-def workload(name, key):
-  """(per-example loss, params, batch) for a named workload."""
+def workload(name, key, b=None):
+  """(per-example loss, params, batch) for a named workload; ``b`` overrides its batch size."""
   k1, k2, k3 = jax.random.split(key, 3)
   if name == "mlp":
-    m = MLP()
-    batch = {"x": jax.random.normal(k1, (256, 784)), "y": jax.random.randint(k2, (256,), 0, 10)}
+    m, b = MLP(), b or 256
+    batch = {"x": jax.random.normal(k1, (b, 784)), "y": jax.random.randint(k2, (b,), 0, 10)}
     loss = lambda p, ex: _xent(m.apply(p, ex["x"]), ex["y"])
     return loss, m.init(k3, batch["x"][0]), batch
   if name == "bert":
-    m, b, npred = TinyBert(), 32, 20
+    m, b, npred = TinyBert(), b or 32, 20
     ids = jax.random.randint(k1, (b, m.seq), 0, m.vocab)
     batch = {"ids": ids, "attn": jnp.ones((b, m.seq), jnp.int32),
              "pos": jax.random.randint(k2, (b, npred), 0, m.seq),
@@ -114,7 +121,7 @@ def workload(name, key):
       return jnp.mean(jax.vmap(_xent)(logits, ex["labels"]))
     return loss, m.init(k3, ids[0], batch["attn"][0], batch["pos"][0]), batch
   if name == "deepfm":
-    m, b = DeepFM(), 1024
+    m, b = DeepFM(), b or 1024
     # Zipf-like ids: most lookups hit a few hot rows, as in CTR data.
     u = jax.random.uniform(k1, (b, m.fields))
     ids = jnp.minimum((m.rows ** u).astype(jnp.int32) - 1, m.rows - 1)
@@ -128,8 +135,9 @@ def workload(name, key):
     # dpmega.models.bert as trained by dpmega (configs/bert_tiny_mlm.py for
     # tiny; BERT-small, Turc et al. 2019, at BERT's vocabulary and length 128).
     from dpmega.models import bert as bert_lib  # pylint: disable=import-outside-toplevel
-    size, vocab, seq, npred, b = (("tiny", 512, 32, 5, 256) if name == "bert_tiny" else
-                                  ("small", 30522, 128, 20, 8))
+    size, vocab, seq, npred, b0 = (("tiny", 512, 32, 5, 256) if name == "bert_tiny" else
+                                   ("small", 30522, 128, 20, 8))
+    b = b or b0
     m = bert_lib.BertMLM(bert_lib.BertConfig.preset(size, vocab_size=vocab, max_len=seq))
     ids = jax.random.randint(k1, (b, seq), 5, vocab)
     batch = {"input_ids": ids, "mlm_positions": jax.random.randint(k2, (b, npred), 1, seq),
@@ -147,8 +155,17 @@ def _temp_mb(jitted, args):
     return float("nan")
 
 
-def run(name, reps, modes, microbatch):
-  loss, params, batch = workload(name, jax.random.key(0))
+def _train_step(grad_fn, opt):
+  """(params, opt_state, batch, key) -> (params, opt_state): one jitted step, params and state donated."""
+  def step(p, s, x, k):
+    g = grad_fn(p, x, k)[1]
+    u, s = opt.update(g, s, p)
+    return optax.apply_updates(p, u), s
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def run(name, reps, modes, microbatch, batch_size=None, optimizer=False):
+  loss, params, batch = workload(name, jax.random.key(0), batch_size)
   b = jax.tree_util.tree_leaves(batch)[0].shape[0]
   nparams = sum(x.size for x in jax.tree_util.tree_leaves(params))
   plan = ghost.plan_layers(loss, params, jax.tree_util.tree_map(lambda x: x[0], batch))
@@ -171,7 +188,24 @@ def run(name, reps, modes, microbatch):
   noise_only = jax.jit(lambda p, x, k: dpmega.privatize(p, k, noise_multiplier=1.0, clip_norm=1.0,
                                                          expected_batch_size=b))
   cands["noise only (privatize)"] = noise_only
+  opt = optax.adam(1e-3)
+  train = {}
+  if optimizer:
+    dp = dpmega.private_value_and_grad(loss, clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=b)
+    train = {"non-private + adam": _train_step(lambda p, x, k: nonpriv(p, x, k), opt),
+             "dp auto + adam": _train_step(dp, opt)}
   mems, fast, slow = {}, {}, {}
+  for label, fn in train.items():
+    # Each call donates its params and state; hand it fresh copies (copying is outside the timing).
+    state = {"p": jax.tree_util.tree_map(jnp.copy, params)}
+    state["s"] = opt.init(state["p"])
+
+    def call(p, x, k, fn=fn, state=state):
+      state["p"], state["s"] = fn(state["p"], state["s"], x, k)
+      return state["p"]
+    mems[label] = _temp_mb(fn, (state["p"], state["s"], batch, args[2]))
+    jax.block_until_ready(call(*args))
+    fast[label] = call
   for label, fn in cands.items():
     mems[label] = _temp_mb(fn, args)
     if "vmap" in label and mems[label] > 4096:
@@ -186,9 +220,9 @@ def run(name, reps, modes, microbatch):
       t = time.perf_counter()
       jax.block_until_ready(fn(*args))
       times[label].append(time.perf_counter() - t)
-  base = statistics.median(times["non-private"])
   out = {}
   for label in times:
+    base = statistics.median(times["non-private + adam" if "adam" in label else "non-private"])
     t = statistics.median(times[label])
     out[label] = (t, mems[label])
     print(f"   {label:26s} {t * 1e3:9.1f} ms {t / base:7.2f}x   temp {mems[label]:8.1f} MiB  (n={len(times[label])})")
@@ -200,12 +234,15 @@ def main():
   parser.add_argument("--only", choices=["mlp", "bert", "deepfm", "bert_tiny", "bert_small"], action="append")
   parser.add_argument("--reps", type=int, default=10)
   parser.add_argument("--modes", default="auto,ghost,vmap")
+  parser.add_argument("--batch", type=int, action="append", help="batch size(s) instead of the workload's")
+  parser.add_argument("--optimizer", action="store_true", help="also time whole steps with an adam update")
   args = parser.parse_args()
   print(f"jax {jax.__version__}, devices {jax.devices()}")
   # DeepFM under vmap needs b x 10^6 x 17 floats at once; also run it micro-batched.
   micro = {"mlp": None, "bert": None, "deepfm": 8, "bert_tiny": None, "bert_small": None}
   for name in args.only or ["mlp", "bert", "deepfm"]:
-    run(name, args.reps, args.modes.split(","), micro[name] if "vmap" in args.modes else None)
+    for b in args.batch or [None]:
+      run(name, args.reps, args.modes.split(","), micro[name] if "vmap" in args.modes else None, b, args.optimizer)
 
 if __name__ == "__main__":
   main()

@@ -529,19 +529,20 @@ def clipped_sum_ghost(
 
   weights, stats = clipping_lib.combine(norms, mask, clip_norm, losses)
   keep = weights > 0
-  out_leaves = [jnp.zeros(np.shape(x), jnp.float32) for x in leaves]
+  out_leaves = [jnp.zeros(np.shape(x), jnp.float32) for x in leaves]  # unused leaves stay 0
   for leaf, (xd, yd, ids, valid, rows) in factors.items():
     us, canon = ghost[leaf]
     shape = tuple(leaves[leaf].shape)
     order = sorted(canon) + [d for d in range(len(shape)) if d not in canon]
     k = int(np.prod([shape[d] for d in sorted(canon)], dtype=np.int64))
-    total = jnp.zeros((k, int(np.prod(shape, dtype=np.int64)) // max(k, 1)), jnp.float32)
+    total = None  # no zeros-and-add pass over a whole (embedding) table
     if xd is not None:
       xw = jnp.where(keep[:, None, None], xd, 0.0)
       yw = jnp.where(keep[:, None, None], yd * weights[:, None, None], 0.0)
-      total = total + jnp.einsum("bnk,bnm->km", xw, yw, precision=_HIGHEST)
+      total = jnp.einsum("bnk,bnm->km", xw, yw, precision=_HIGHEST)
     if ids is not None:
-      total = total + embeddings_lib.scatter_add_rows(ids, rows, k, valid=valid, weights=weights)
+      scattered = embeddings_lib.scatter_add_rows(ids, rows, k, valid=valid, weights=weights)
+      total = scattered if total is None else total + scattered
     out_leaves[leaf] = _from_canonical(total, shape, canon) if order != list(range(len(shape))) else total.reshape(shape)
   if fb:
     sums = clipping_lib.weighted_sum(fb_grads, weights)

@@ -539,7 +539,9 @@ def clipped_sum_ghost(
     if xd is not None:
       xw = jnp.where(keep[:, None, None], xd, 0.0)
       yw = jnp.where(keep[:, None, None], yd * weights[:, None, None], 0.0)
-      total = jnp.einsum("bnk,bnm->km", xw, yw, precision=_HIGHEST)
+      # One [b*n, K]^T [b*n, M] matmul: the layout of the non-private weight gradient.
+      total = jnp.einsum("nk,nm->km", xw.reshape(-1, xw.shape[-1]), yw.reshape(-1, yw.shape[-1]),
+                         precision=_HIGHEST)
     if ids is not None:
       scattered = embeddings_lib.scatter_add_rows(ids, rows, k, valid=valid, weights=weights)
       total = scattered if total is None else total + scattered

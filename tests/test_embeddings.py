@@ -36,7 +36,7 @@ def _random_lookups(seed, b=6, n=7, d=3, v=5):
   return jnp.asarray(ids), jnp.asarray(rows), jnp.asarray(valid), v
 
 
-# Short rows of lookups (CTR fields) and long ones (tokens), few and many duplicates.
+# n <= 64 finds duplicates by rank, n > 64 by sorting; few and many duplicates.
 @pytest.mark.parametrize("seed, n, v", [(0, 7, 5), (1, 7, 5), (2, 7, 5), (3, 64, 40), (4, 65, 40), (5, 200, 90)])
 def test_row_norms_sum_duplicates_before_the_norm(seed, n, v):
   ids, rows, valid, v = _random_lookups(seed, n=n, v=v)

@@ -71,7 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_schedule = "constant:4096"
   c.microbatch_size = 256
   c.max_microbatches = 8
-  c.clipping = "vmap"
+  c.clipping = "auto"  # exact: ghost norms where a layer allows, sparse rows for lookups, vmap elsewhere
   c.clip_norm = 1.0
   c.noise_multiplier = config_dict.placeholder(float)
   c.target_epsilon = config_dict.placeholder(float)

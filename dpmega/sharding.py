@@ -242,7 +242,7 @@ def make_accumulate_fn(
     clip_norm: float,
     microbatch_size: int | None = None,
     has_aux: bool = False,
-    clipping: str = "vmap",
+    clipping: str = "auto",
     donate: bool = True,
 ) -> Callable[..., Any]:
   """A jitted ``accumulate(params, grad_sum, stats, batch, mask)`` for one chunk on ``mesh``.

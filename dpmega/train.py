@@ -139,7 +139,7 @@ def make_optimizer(cfg: config_lib.OptimizerConfig, num_steps: int) -> optax.Gra
 
 
 def make_accumulate_fn(loss_fn: Callable[..., Any], *, clip_norm: float, microbatch_size: int,
-                       has_aux: bool = False, clipping: str = "vmap",
+                       has_aux: bool = False, clipping: str = "auto",
                        on_trace: Callable[[], None] | None = None):
   """Jitted ``(params, acc, batch, mask) -> acc``: adds a chunk's clipped, masked gradient sum.
 

@@ -284,3 +284,20 @@ def test_builtin_synthetic_ctr_task_learns_privately(tmp_path):
   assert set(result.eval_metrics) >= {"auc", "log_loss", "accuracy"}
   assert result.eval_metrics["auc"] > 0.6  # chance is 0.5
   assert tasks_builtin.NAME == "synthetic_ctr"
+
+
+def test_trainer_defaults_to_exact_fast_clipping_that_never_expands_a_table():
+  """The base config and the trainer's accumulate step default to "auto": no b x V x d temp."""
+  assert config_lib.base_config().clipping == "auto"
+  b, v, d = 32, 100_000, 16
+
+  def loss(p, ex):
+    return jnp.sum(jnp.tanh(p["table"][ex["ids"]]) @ p["w"])
+
+  params = {"table": jnp.zeros((v, d)), "w": jnp.ones((d,))}
+  acc = train_lib.Accumulator(jax.tree_util.tree_map(jnp.zeros_like, params), train_lib.ClipStats.zeros())
+  fn = train_lib.make_accumulate_fn(loss, clip_norm=1.0, microbatch_size=b)
+  mem = fn.lower(params, acc, {"ids": jnp.zeros((b, 4), jnp.int32)}, jnp.ones((b,))).compile().memory_analysis()
+  if mem is None:
+    pytest.skip("this backend reports no memory analysis")
+  assert mem.temp_size_in_bytes < 0.05 * b * v * d * 4, mem.temp_size_in_bytes

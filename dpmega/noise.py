@@ -6,7 +6,7 @@ index), so that the draw depends only on the key and the pytree structure --
 not on micro-batching or on how arrays are sharded over devices (JAX's
 ``threefry`` generator is partitionable by default in the versions we pin).
 The draws are ``jax.random.normal``'s numbers, computed by
-:func:`dpmega.threefry.normal` in one fused loop (3x faster on CPU).
+:func:`dpmega.threefry.normal` in one fused loop (up to 3x faster on CPU).
 
 Guarantee: if ``grad_sum`` has L2 sensitivity ``clip_norm`` (add/remove one
 example), ``add_gaussian_noise`` is the Gaussian mechanism with noise

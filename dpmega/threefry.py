@@ -2,11 +2,11 @@
 
 JAX lowers its threefry hash on CPU as a rolled ``fori_loop`` over five
 blocks of rounds, so every round reads and writes whole arrays: a float32
-normal costs ~10 ns per coordinate on our 2-core CPU, and DP-SGD draws one on
-every parameter each step. Written unrolled (as JAX itself lowers it on GPU
-and TPU), XLA fuses the counter, the 20 rounds, the uniform and ``erf_inv``
-into one elementwise loop: ~3.2 ns per coordinate, 3.2x faster, with the same
-numbers.
+normal costs ~9 ns per coordinate on our 2-core CPU for a 10^6-row table, and
+DP-SGD draws one on every parameter each step. Written unrolled (as JAX itself
+lowers it on GPU and TPU), XLA fuses the counter, the 20 rounds, the uniform
+and ``erf_inv`` into one elementwise loop: ~3 ns per coordinate (1.7-3.1x
+faster, ``bench/noise_draw.py``), with the same numbers.
 
 Guarantee: for a key whose implementation is ``threefry2x32``, under
 ``jax_threefry_partitionable`` (the default), ``normal(key, shape)`` equals

@@ -152,6 +152,18 @@ def _label(impl: str, default: str) -> str:
   return IMPLS[impl][0] + (" — default" if impl == f"dpmega:{default}" else "")
 
 
+def _load_line(meta: dict) -> str:
+  """Says whether other jobs shared the machine: a 1-minute load average above the core count."""
+  busiest = max(float(meta[k].split(",")[0]) for k in ("load_before", "load_after"))
+  if busiest <= (os.cpu_count() or 1):
+    return (f"Quiet machine: 1-minute load average {meta['load_before']} before, "
+            f"{meta['load_after']} after (no other jobs).")
+  return ("**This ran on a shared machine while other jobs ran (load average "
+          f"{meta['load_before']} before, {meta['load_after']} after): absolute numbers are noisy, "
+          "ratios within one library less so; the repeats column shows the spread.** Rerun on a "
+          "quiet machine before quoting.")
+
+
 def markdown(summary: dict, eps: dict | None, meta: dict, impls: list[str]) -> str:
   lines = [BEGIN, "## Peers: dpmega vs jax_privacy vs Opacus (`bench/peers/run.py`)", ""]
   lines += [
@@ -165,10 +177,7 @@ def markdown(summary: dict, eps: dict | None, meta: dict, impls: list[str]) -> s
       "",
       "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",
       "",
-      "**This ran on a shared 2-core machine while other jobs ran (load average "
-      f"{meta['load_before']} before, {meta['load_after']} after): absolute numbers are noisy, "
-      "ratios within one library less so; the repeats column shows the spread.** Rerun on a "
-      "quiet machine before quoting.",
+      _load_line(meta),
       ""]
   for w, by_impl in summary.items():
     wl = config.WORKLOADS[w]

@@ -234,9 +234,16 @@ class _MetricsWriter:
     if tensorboard:
       try:
         from tensorboardX import SummaryWriter  # noqa: PLC0415 - optional
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
       except ImportError:
-        pass
+        SummaryWriter = None  # pylint: disable=invalid-name
+      if SummaryWriter is not None:
+        # On resume, TensorBoard hides what the interrupted process logged after its
+        # checkpoint (those steps are redone and logged again), as metrics.jsonl does.
+        # Event files are named by the second they start in: a suffix keeps a quick
+        # restart from truncating the interrupted process's file.
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                 purge_step=None if resume_step is None else resume_step + 1,
+                                 filename_suffix=f".{time.time_ns()}.{os.getpid()}")
 
   def write(self, record: dict[str, Any]) -> None:
     """Appends one record, whole or not at all (a failed write is truncated away, then raised)."""
@@ -257,6 +264,7 @@ class _MetricsWriter:
       for k, v in record.items():
         if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
           self._tb.add_scalar(k, v, record["step"])
+      self._tb.flush()  # a killed process must not lose steps that its checkpoint covers
 
   def close(self) -> None:
     if self._tb is not None:

@@ -1,8 +1,10 @@
 """The mega-batch loop: noise once per logical step, expected-batch normalization, ledger, budget, resume."""
 
+import glob
 import json
 import math
 import os
+import struct
 
 import jax
 import jax.numpy as jnp
@@ -301,3 +303,35 @@ def test_trainer_defaults_to_exact_fast_clipping_that_never_expands_a_table():
   if mem is None:
     pytest.skip("this backend reports no memory analysis")
   assert mem.temp_size_in_bytes < 0.05 * b * v * d * 4, mem.temp_size_in_bytes
+
+
+def _tensorboard_events(workdir):
+  """({tag: {step: value}}, purge steps) from the run's event files, read as TFRecords of Event protos."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  scalars, purges = {}, []
+  for path in sorted(glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))):
+    with open(path, "rb") as f:
+      data = f.read()
+    pos = 0
+    while pos + 12 <= len(data):
+      (n,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+      pos += 12 + n + 4
+      if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+        purges.append(event.step)
+      for v in event.summary.value:
+        scalars.setdefault(v.tag, {})[event.step] = v.simple_value  # later files win, as in TensorBoard
+  return scalars, purges
+
+
+def test_tensorboard_gets_every_logged_step_and_a_resume_purges_the_redone_ones(tmp_path):
+  config = _config(tmp_path, "num_steps=8", "checkpoint_every=2", "log_every=1", "tensorboard=True", name="tb")
+  with pytest.raises(_Interrupt):
+    train_lib.train(config, out=_interrupt_at(5))  # dies after step 5; last checkpoint at step 4
+  train_lib.train(config, resume=True, out=lambda s: None)
+  scalars, purges = _tensorboard_events(config.workdir)
+  assert purges == [5]  # TensorBoard hides the first process's step 5, which the resumed run redid
+  history = [r for r in _history(config.workdir) if not r.get("final")]
+  assert [r["step"] for r in history] == list(range(1, 9))
+  for tag in ("loss", "epsilon", "examples_per_s"):
+    assert scalars[tag] == pytest.approx({r["step"]: r[tag] for r in history}, rel=1e-6), tag

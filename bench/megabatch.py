@@ -32,22 +32,14 @@ import sys
 import tempfile
 import time
 
+import procmem  # bench/procmem.py (this script's folder is on sys.path)
+
 
 def _vm_kib(field: str) -> int:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith(field + ":"):
-        return int(line.split()[1])
-  raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-    return True
-  except OSError:
-    return False
+  kib = procmem.status_kib(field)
+  if kib is None:
+    raise RuntimeError(f"{field} not in /proc/self/status")
+  return kib
 
 
 def child(args: argparse.Namespace) -> None:
@@ -89,7 +81,7 @@ def child(args: argparse.Namespace) -> None:
                                          max_microbatches=cfg.max_microbatches))
     jax.block_until_ready(trainer.accumulate(params, zero, chunk.batch, chunk.mask))
   process_before = _vm_kib("VmHWM")
-  reset = _reset_peak_rss()
+  reset = procmem.reset_peak_rss()
   rss_start = _vm_kib("VmRSS")
   times, sampled = [], []
   for _ in range(cfg.num_steps):

@@ -192,7 +192,7 @@ def run(name, reps, modes, microbatch, batch_size=None, optimizer=False):
   train = {}
   if optimizer:
     dp = dpmega.private_value_and_grad(loss, clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=b)
-    train = {"non-private + adam": _train_step(lambda p, x, k: nonpriv(p, x, k), opt),
+    train = {"non-private + adam": _train_step(nonpriv, opt),
              "dp auto + adam": _train_step(dp, opt)}
   mems, fast, slow = {}, {}, {}
   for label, fn in train.items():

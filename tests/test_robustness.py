@@ -142,6 +142,15 @@ _ACCOUNTING_FLAGS = {
 }
 
 
+def _draw_accounting_flag_and_check(data, flags, base, capsys, out_dir):
+  """Replaces one flag of ``base`` by a drawn bad value and checks the CLI rejects it, naming the flag."""
+  flag = data.draw(st.sampled_from(sorted(flags)), label="flag")
+  value = data.draw(flags[flag], label="value")
+  if flag == "--batch_schedule":  # the schedule replaces --batch_size
+    base.remove("--batch_size"), base.remove("256")
+  _check_rejected(_replace(base, flag, value), flag, capsys, out_dir)
+
+
 @pytest.fixture(scope="module")
 def accounting_cli():
   return pytest.importorskip("dpmega.cli_accounting")
@@ -152,12 +161,8 @@ def accounting_cli():
 def test_epsilon_rejects_any_bad_flag_value(data, accounting_cli, tmp_path_factory, capsys):
   out_dir = tmp_path_factory.mktemp("epsilon")
   flags = {**_ACCOUNTING_FLAGS, "--noise_multiplier": bad_values(0, math.inf)}
-  flag = data.draw(st.sampled_from(sorted(flags)), label="flag")
-  value = data.draw(flags[flag], label="value")
   base = ["epsilon", *_ACCOUNTING_BASE, "--noise_multiplier", "1.1", "--plot", str(out_dir / "e.png")]
-  if flag == "--batch_schedule":
-    base.remove("--batch_size"), base.remove("256")
-  _check_rejected(_replace(base, flag, value), flag, capsys, out_dir)
+  _draw_accounting_flag_and_check(data, flags, base, capsys, out_dir)
 
 
 @_FUZZ
@@ -166,12 +171,8 @@ def test_calibrate_rejects_any_bad_flag_value(data, accounting_cli, tmp_path_fac
   out_dir = tmp_path_factory.mktemp("calibrate")
   flags = {**_ACCOUNTING_FLAGS, "--target_epsilon": bad_values(0, math.inf, lo_open=True)}
   flags["--accountant"] = st.text(max_size=10).filter(lambda s: s not in ("rdp", "pld"))
-  flag = data.draw(st.sampled_from(sorted(flags)), label="flag")
-  value = data.draw(flags[flag], label="value")
   base = ["calibrate", *_ACCOUNTING_BASE, "--target_epsilon", "3", "--plot", str(out_dir / "c.png")]
-  if flag == "--batch_schedule":
-    base.remove("--batch_size"), base.remove("256")
-  _check_rejected(_replace(base, flag, value), flag, capsys, out_dir)
+  _draw_accounting_flag_and_check(data, flags, base, capsys, out_dir)
 
 
 @pytest.mark.parametrize("argv, flag", [

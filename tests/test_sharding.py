@@ -31,16 +31,21 @@ WORKER_TIMEOUT_S = 400
 # ----------------------------------------------------------------------------- 8 simulated devices
 
 
-@pytest.fixture(scope="module")
-def devices8(tmp_path_factory):
-  out = tmp_path_factory.mktemp("devices8")
+def _run_worker_on_8_devices(tmp_path_factory, mode):
+  """Runs ``mesh_worker.py MODE`` on 8 simulated CPU devices; returns its (json info, npz arrays)."""
+  out = tmp_path_factory.mktemp(mode)
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  proc = subprocess.run([sys.executable, os.path.join(HERE, "mesh_worker.py"), "devices8", str(out)],
+  proc = subprocess.run([sys.executable, os.path.join(HERE, "mesh_worker.py"), mode, str(out)],
                         env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  with open(out / "devices8.json") as f:
+  with open(out / f"{mode}.json") as f:
     info = json.load(f)
-  return info, dict(np.load(out / "devices8.npz"))
+  return info, dict(np.load(out / f"{mode}.npz"))
+
+
+@pytest.fixture(scope="module")
+def devices8(tmp_path_factory):
+  return _run_worker_on_8_devices(tmp_path_factory, "devices8")
 
 
 def test_same_params_after_several_steps_on_1_and_8_devices(devices8):
@@ -316,14 +321,7 @@ def test_to_host_returns_numpy_copies():
 
 @pytest.fixture(scope="module")
 def trainer8(tmp_path_factory):
-  out = tmp_path_factory.mktemp("trainer8")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  proc = subprocess.run([sys.executable, os.path.join(HERE, "mesh_worker.py"), "trainer8", str(out)],
-                        env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  with open(out / "trainer8.json") as f:
-    info = json.load(f)
-  return info, dict(np.load(out / "trainer8.npz"))
+  return _run_worker_on_8_devices(tmp_path_factory, "trainer8")
 
 
 def test_trainer_on_a_mesh_matches_one_device(trainer8):

@@ -22,32 +22,21 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/, for procmem
 
 import config  # pylint: disable=g-import-not-at-top,wrong-import-position
+import procmem  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 MARKER = "@@RESULT@@ "
 
 
 def _status_mb(field: str) -> float:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith(field + ":"):
-        return int(line.split()[1]) / 1024
-  return float("nan")
+  kib = procmem.status_kib(field)
+  return float("nan") if kib is None else kib / 1024
 
 
 def _rss_mb() -> float:
   return _status_mb("VmRSS")
-
-
-def _reset_peak_rss() -> bool:
-  """Resets VmHWM (Linux >= 4.0) so the peak of the timed steps excludes compilation."""
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-    return True
-  except OSError:
-    return False
 
 
 def measure(impl: str, workload: str, warmup: int, min_time: float, min_steps: int,
@@ -72,7 +61,7 @@ def measure(impl: str, workload: str, warmup: int, min_time: float, min_steps: i
   rss_warm = _rss_mb()
   # Resetting VmHWM also resets ru_maxrss: keep the peak so far.
   peak_warm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  reset = _reset_peak_rss()
+  reset = procmem.reset_peak_rss()  # the peak of the timed steps excludes compilation
   times = []
   start = time.perf_counter()
   while True:

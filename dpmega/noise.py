@@ -23,6 +23,7 @@ nothing about the realized batch size.
 
 from __future__ import annotations
 
+import enum
 import math
 from typing import Any
 
@@ -30,8 +31,28 @@ import jax
 import jax.numpy as jnp
 
 from dpmega import threefry
+from dpmega import truncation
 
 PyTree = Any
+
+
+class NoiseSampler(enum.Enum):
+  """Which Gaussian sampler draws the noise (its support decides ``δ_tail``: :mod:`dpmega.truncation`)."""
+
+  WIDE_TAIL = "wide_tail"  # default: symmetric support beyond 9 standard deviations
+  JAX_BOUNDED = "jax_bounded"  # jax.random.normal bit for bit: support [-5.42, 5.22], a delta floor
+
+
+# PROVISIONAL (H4 replaces WIDE_TAIL with the exact support of the new sampler).
+_SUPPORTS = {
+    NoiseSampler.WIDE_TAIL: truncation.Support(-9.0, 9.0),
+    NoiseSampler.JAX_BOUNDED: truncation.Support(-5.41998291015625, 5.2201128005981445),
+}
+
+
+def sampler_support(sampler: NoiseSampler | str = NoiseSampler.WIDE_TAIL) -> truncation.Support:
+  """The exact range of values (standard deviations) that ``sampler`` can return."""
+  return _SUPPORTS[NoiseSampler(sampler)]
 
 
 def _concrete(value) -> float | None:

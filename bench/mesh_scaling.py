@@ -48,8 +48,10 @@ def main(argv=None) -> int:
   import numpy as np
 
   from dpmega import clipping
+  from dpmega import noise
   from dpmega import sharding
 
+  secret = noise.secret_bytes()
   d_in, d_out = 256, 10
   rng = np.random.default_rng(0)
   params = {
@@ -87,7 +89,7 @@ def main(argv=None) -> int:
 
     def step(t):
       g, stats = acc(p, sharding.zeros_like_sharded(params, sh), clipping.ClipStats.zeros(), b, m)
-      out = priv(g, sharding.step_key(0, t), 1.0, float(args.rows))
+      out = priv(g, noise.step_key(secret, t), 1.0, float(args.rows))
       jax.block_until_ready((out, stats))
 
     step(0)

@@ -63,7 +63,7 @@ def get_config():
   config.task.eval_batch_size = 1024
   config.task.planning_dataset_size = PLANNING_DATASET_SIZE
   config.workdir = "runs/bert_large_megabatch"
-  config.seed = 0
+  config.init_seed = 0  # public, parameter init only: noise and sampling use a fresh secret per run
   config.num_steps = NUM_STEPS
   config.batch_schedule = BATCH_SCHEDULE
   config.microbatch_size = 256  # per jitted vmap; memory is set by this, not by the 2M batch

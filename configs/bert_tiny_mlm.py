@@ -30,7 +30,7 @@ def get_config():
   config.task.seq_len = 32
   config.task.vocab_size = 512
   config.workdir = "runs/bert_tiny_mlm"
-  config.seed = 0
+  config.init_seed = 0  # public, parameter init only: noise and sampling use a fresh secret per run
   config.num_steps = 120
   config.batch_schedule = "geometric:256->1024"  # ramps over the whole run
   config.microbatch_size = 128

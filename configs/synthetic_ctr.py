@@ -17,7 +17,7 @@ def get_config():
   config = config_lib.base_config()
   config.task = tasks_builtin.default_task_config()
   config.workdir = "runs/synthetic_ctr"
-  config.seed = 0
+  config.init_seed = 0  # public, parameter init only: noise and sampling use a fresh secret per run
   config.num_steps = 40
   # Ramps over the whole run; rounding to multiples of 2048 keeps 8 distinct sampling
   # probabilities, so calibrating sigma takes seconds rather than tens of seconds.

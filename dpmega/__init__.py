@@ -12,6 +12,9 @@ from dpmega.clipping import per_example_grads
 from dpmega.ghost import plan_layers
 from dpmega.noise import add_gaussian_noise
 from dpmega.noise import privatize
+from dpmega.noise import secret_bytes
+from dpmega.noise import secret_key
+from dpmega.noise import step_key
 from dpmega.private_grad import private_value_and_grad
 
 __version__ = "0.1.0"

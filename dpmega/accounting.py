@@ -4,23 +4,44 @@ What ran is kept in a :class:`Ledger`: runs of identical steps
 ``(steps, batch_size, dataset_size, noise_multiplier, scheme)``. Each step is
 one ``dp_accounting`` event, and nothing here re-derives RDP or PLD math:
 
-=========================  ===============================================  ==============  =========
-scheme                     event of one step                                neighbours      accountants
-=========================  ===============================================  ==============  =========
-``POISSON``                ``PoissonSampledDpEvent(q, GaussianDpEvent(σ))``  add/remove-one  RDP, PLD
+=========================  ===================================================  ==============  ==========
+scheme                     event of one step                                    neighbours      accountants
+=========================  ===================================================  ==============  ==========
+``POISSON``                ``PoissonSampledDpEvent(q, GaussianDpEvent(σ))``      add/remove-one  RDP, PLD
                            with ``q = batch_size / dataset_size``
-``WITHOUT_REPLACEMENT``    ``SampledWithoutReplacementDpEvent(N, B,         replace-one     RDP only
-                           GaussianDpEvent(σ))``
-=========================  ===============================================  ==============  =========
+``WITHOUT_REPLACEMENT``    ``SampledWithoutReplacementDpEvent(N, B,             replace-one     RDP
+                           GaussianDpEvent(σ / 2))``
+``WITHOUT_REPLACEMENT``,   ``GaussianDpEvent(σ / 2)`` (no sampling: the batch   replace-one     RDP, PLD
+``B = N``                  is the whole dataset every step)
+=========================  ===================================================  ==============  ==========
+
+Sensitivity: dp-accounting's noise multiplier is the noise std over the L2
+sensitivity *under the neighbouring relation*. Removing one example moves the
+clipped sum by at most ``C``; replacing one moves it by up to ``2C`` (its
+clipped gradient ``g`` becomes ``-g``). The noise std is ``σC`` in both cases,
+so a without-replacement step is accounted with noise multiplier ``σ / 2``
+(:attr:`SamplingScheme.sensitivity`, the one place this factor lives; the
+truncation term ``δ_tail`` uses it too). dp-accounting's PLD reads a
+``REPLACE_ONE`` Gaussian differently (as ``±sensitivity`` around zero, already
+doubled), so the ``B = N`` row is composed in a PLD accountant whose relation is
+add/remove-one, where ``GaussianDpEvent(σ / 2)`` means exactly "shift 2C, std
+σC" (checked against the closed form of Balle & Wang 2018 in the tests).
 
 Guarantee: ``compute_epsilon(ledger, delta, accountant)`` is the ε that
-``dp_accounting``'s ``RdpAccountant`` / ``PLDAccountant`` (with the neighbouring
-relation of the scheme) reports after composing every step of the ledger. Steps
-with the same ``(q, σ)`` are composed once with ``count=`` (composition is
-commutative); for RDP the per-event RDP curve is cached and the ledger keeps a
-running total, so a query after ``record`` only adds what is new. A scheme an
-accountant cannot account for (PLD with sampling without replacement) raises
+``dp_accounting``'s ``RdpAccountant`` / ``PLDAccountant`` reports after
+composing every step of the ledger as in the table. Steps with the same
+``(q, σ)`` are composed once with ``count=`` (composition is commutative); for
+RDP the per-event RDP curve is cached and the ledger keeps a running total, so a
+query after ``record`` only adds what is new. A scheme an accountant cannot
+account for (PLD with sampling without replacement of ``B < N``) raises
 :class:`UnsupportedAccountingError`; nothing is approximated silently.
+
+The noise sampler's bounded support (invariant 8): with ``tail=`` a
+:class:`dpmega.truncation.TailModel`, the ε reported for ``delta`` is the
+accountant's ε at ``delta - δ_tail`` (:func:`dpmega.truncation.accountant_delta`,
+with the run's ``(q, σ, T)`` and the scheme's sensitivity), so that the stated
+``(ε, delta)`` covers the sampler that runs, not only the ideal Gaussian;
+:func:`compute_delta` returns the accountant's δ plus ``δ_tail``.
 
 Edge cases:
 
@@ -28,7 +49,9 @@ Edge cases:
 * ``noise_multiplier == 0`` gives ε = inf (both accountants);
 * a ledger mixes no schemes: the neighbouring relations differ, so ``record``
   with another scheme is a ``ValueError``;
-* ``q = 1`` (the whole dataset every step) is allowed.
+* ``q = 1`` (the whole dataset every step) is allowed;
+* with a tail model whose ``δ_tail`` alone reaches ``delta``, ε = inf (no finite
+  ε holds at that δ); :func:`tail_delta_of` gives the floor to print.
 
 References:
   Abadi et al. 2016, "Deep Learning with Differential Privacy".
@@ -36,10 +59,15 @@ References:
   Gaussian Mechanism".
   Anil et al. 2021, "Large-Scale Differentially Private BERT",
   https://arxiv.org/abs/2108.01624 (increasing batch-size schedules).
+  Wang, Balle, Kasiviswanathan 2019, "Subsampled Rényi Differential Privacy and
+  Analytical Moments Accountant" (sampling without replacement, replace-one).
+  Balle & Wang 2018, "Improving the Gaussian Mechanism for Differential
+  Privacy", https://arxiv.org/abs/1805.06530 (the exact ε of one Gaussian).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import enum
@@ -56,6 +84,7 @@ import numpy as np
 from scipy import optimize
 
 from dpmega import schedules as schedules_lib
+from dpmega import truncation
 from dpmega.errors import UsageError
 
 __all__ = [
@@ -75,6 +104,8 @@ __all__ = [
     "calibrate_noise_multiplier",
     "max_steps",
     "fits_budget",
+    "tail_delta_of",
+    "tail_delta_for_schedule",
     "describe",
 ]
 
@@ -106,6 +137,17 @@ class SamplingScheme(enum.Enum):
   def relation_label(self) -> str:
     """``"add/remove-one"`` (Poisson) or ``"replace-one"`` (without replacement)."""
     return relation_label(self)
+
+  @property
+  def sensitivity(self) -> float:
+    """L2 sensitivity of the clipped sum under this scheme's relation, in units of C.
+
+    1 for add/remove-one (one clipped gradient appears or not), 2 for
+    replace-one (a clipped gradient ``g`` may become ``-g``). The accountant's
+    noise multiplier is ``σ / sensitivity`` and ``δ_tail`` shifts the noise by
+    ``sensitivity / σ`` standard deviations: both read it from here.
+    """
+    return 1.0 if self is SamplingScheme.POISSON else 2.0
 
 
 class AccountantType(enum.Enum):
@@ -236,11 +278,23 @@ def _event_key(scheme: SamplingScheme, batch_size: int, dataset_size: int, sigma
 
 def _key_event(key: tuple) -> dp_accounting.DpEvent:
   scheme, *params = key
+  # dp-accounting's noise multiplier is std / sensitivity under the relation (module docstring).
+  gaussian = dp_accounting.GaussianDpEvent(params[-1] / scheme.sensitivity)
   if scheme is SamplingScheme.POISSON:
-    q, sigma = params
-    return dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+    return dp_accounting.PoissonSampledDpEvent(params[0], gaussian)
+  n, b, _ = params
+  if b == n:  # the whole dataset every step: no sampling, one Gaussian (also what PLD accepts)
+    return gaussian
+  return dp_accounting.SampledWithoutReplacementDpEvent(n, b, gaussian)
+
+
+def _key_q_sigma(key: tuple) -> tuple[float, float]:
+  """``(q, σ)`` of an event key: the probability that one example is in the batch, and σ."""
+  scheme, *params = key
+  if scheme is SamplingScheme.POISSON:
+    return params[0], params[1]
   n, b, sigma = params
-  return dp_accounting.SampledWithoutReplacementDpEvent(n, b, dp_accounting.GaussianDpEvent(sigma))
+  return b / n, sigma
 
 
 def step_event(*, batch_size: int, dataset_size: int, noise_multiplier: float,
@@ -399,17 +453,15 @@ class _ExcludedOrders(logging.Filter):
 _warned_excluded_orders = False
 
 
-@functools.lru_cache(maxsize=1 << 15)
-def _rdp_of_event(key: tuple) -> np.ndarray:
-  """RDP curve of one step, from dp-accounting's own ``RdpAccountant``."""
+@contextlib.contextmanager
+def _summarised_absl_warnings(what: Any):
+  """Runs dp-accounting RDP code with its per-order warnings replaced by one line per process."""
   global _warned_excluded_orders
-  accountant = rdp_privacy_accountant.RdpAccountant(
-      orders=RDP_ORDERS, neighboring_relation=key[0].neighboring_relation)
   absl_logger = logging.getLogger("absl")
   collect = _ExcludedOrders()
   absl_logger.addFilter(collect)
   try:
-    curve = accountant.compose(_key_event(key)).rdp
+    yield
   finally:
     absl_logger.removeFilter(collect)
   if collect.count and not _warned_excluded_orders:
@@ -417,7 +469,17 @@ def _rdp_of_event(key: tuple) -> np.ndarray:
     _log.warning(
         "dp-accounting could not evaluate %d low fractional RDP orders for %s; they are "
         "excluded from the minimisation (epsilon stays a valid upper bound). Shown once.",
-        collect.count, _key_event(key))
+        collect.count, what)
+
+
+@functools.lru_cache(maxsize=1 << 15)
+def _rdp_of_event(key: tuple) -> np.ndarray:
+  """RDP curve of one step, from dp-accounting's own ``RdpAccountant``."""
+  accountant = rdp_privacy_accountant.RdpAccountant(
+      orders=RDP_ORDERS, neighboring_relation=key[0].neighboring_relation)
+  event = _key_event(key)
+  with _summarised_absl_warnings(event):
+    curve = accountant.compose(event).rdp
   curve.setflags(write=False)
   return curve
 
@@ -430,12 +492,19 @@ def _rdp_of_counts(counts: Mapping[tuple, int]) -> np.ndarray:
   return total
 
 
-def _check_supported(scheme: SamplingScheme | None, accountant: AccountantType) -> None:
-  if scheme is SamplingScheme.WITHOUT_REPLACEMENT and accountant is AccountantType.PLD:
+def _check_supported(scheme: SamplingScheme | None, accountant: AccountantType,
+                     keys: Iterable[tuple] = ((None,),)) -> None:
+  """PLD cannot account for sampling without replacement, except of the whole dataset.
+
+  ``keys``: the event keys to be accounted (the default stands for "some batch
+  smaller than the dataset", for checks made before the schedule is known).
+  """
+  if scheme is SamplingScheme.WITHOUT_REPLACEMENT and accountant is AccountantType.PLD and any(
+      k[0] is None or k[1] != k[2] for k in keys):
     raise UnsupportedAccountingError(
-        "accountant 'pld' cannot account for sampling scheme 'without_replacement': "
-        "dp-accounting 0.6 supports it only in the RDP accountant (replace-one neighbours); "
-        "use accountant 'rdp' or Poisson sampling.")
+        "accountant 'pld' cannot account for sampling scheme 'without_replacement' with a batch "
+        "smaller than the dataset: dp-accounting 0.6 supports it only in the RDP accountant "
+        "(replace-one neighbours); use accountant 'rdp' or Poisson sampling.")
 
 
 def _fresh_accountant(scheme: SamplingScheme, accountant: AccountantType,
@@ -443,8 +512,12 @@ def _fresh_accountant(scheme: SamplingScheme, accountant: AccountantType,
   if accountant is AccountantType.RDP:
     return rdp_privacy_accountant.RdpAccountant(
         orders=RDP_ORDERS, neighboring_relation=scheme.neighboring_relation)
+  # PLD sees without-replacement steps only as GaussianDpEvent(σ / 2) (B = N), whose noise
+  # multiplier already carries the replace-one sensitivity 2C. PLD's REPLACE_ONE would double
+  # it again (it models ±sensitivity around 0); its add/remove relation reads a Gaussian event
+  # as "shift of 1 noise-multiplier unit", exactly the mechanism that runs.
   return pld_privacy_accountant.PLDAccountant(
-      neighboring_relation=scheme.neighboring_relation,
+      neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
       value_discretization_interval=discretization)
 
 
@@ -467,6 +540,57 @@ def _epsilon_of_counts(counts: Mapping[tuple, int], delta: float, accountant: Ac
   return float(_pld_of_counts(tuple(counts.items()), discretization).get_epsilon(delta))
 
 
+def _tail_steps(counts: Mapping[tuple, int]) -> list[tuple[int, float, float]]:
+  """``(count, q, σ)`` groups for :mod:`dpmega.truncation`, one per distinct σ.
+
+  ``tail_delta`` is ``Σ count·q·η(σ)`` plus a term in ``Σ count``: merging the
+  steps of one σ into ``(Σ count, Σ count·q / Σ count, σ)`` keeps both sums, and
+  computes ``η`` once per σ instead of once per batch size (a ramp has thousands).
+  """
+  groups: dict[float, list[float]] = {}
+  for key, count in counts.items():
+    q, sigma = _key_q_sigma(key)
+    total = groups.setdefault(sigma, [0, 0.0])
+    total[0] += int(count)
+    total[1] += int(count) * q
+  return [(c, cq / c, sigma) for sigma, (c, cq) in groups.items() if c]
+
+
+def _check_tail(tail: Any) -> truncation.TailModel | None:
+  if tail is not None and not isinstance(tail, truncation.TailModel):
+    raise ValueError(f"tail must be a dpmega.truncation.TailModel or None, got {tail!r}.")
+  return tail
+
+
+def _scheme_of(counts: Mapping[tuple, int]) -> SamplingScheme | None:
+  return next(iter(counts))[0] if counts else None
+
+
+def _accountant_delta(delta: float, counts: Mapping[tuple, int],
+                      tail: truncation.TailModel | None) -> float | None:
+  """The δ the ideal-Gaussian accountant gets for a stated ``delta`` (None: δ_tail alone >= delta)."""
+  if tail is None or not counts:
+    return delta
+  try:
+    return truncation.accountant_delta(delta, _tail_steps(counts), sensitivity=_scheme_of(counts).sensitivity,
+                                       tail=tail)
+  except ValueError:
+    return None
+
+
+def _epsilon_at(counts: Mapping[tuple, int], delta: float, accountant: AccountantType, discretization: float,
+                tail: truncation.TailModel | None, rdp: np.ndarray | None = None) -> float:
+  """ε of ``counts`` at the stated ``delta``, the tail's share taken out first."""
+  if not counts:
+    return 0.0
+  if any(_key_q_sigma(k)[1] == 0 for k in counts):
+    return math.inf  # no noise: no δ helps, and the tail bound is 1 per step
+  acc_delta = _accountant_delta(delta, counts, tail)
+  if acc_delta is None:
+    return math.inf
+  return _epsilon_of_counts(counts, acc_delta, accountant, discretization, rdp)
+
+
 def ledger_event(ledger: Ledger) -> dp_accounting.DpEvent:
   """The whole ledger as one ``dp_accounting`` event (steps grouped by event)."""
   return dp_accounting.ComposedDpEvent([
@@ -475,44 +599,93 @@ def ledger_event(ledger: Ledger) -> dp_accounting.DpEvent:
 
 
 def compute_epsilon(ledger: Ledger, delta: float, accountant: AccountantType | str = "rdp", *,
-                    pld_discretization: float = DEFAULT_PLD_DISCRETIZATION) -> float:
+                    pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
+                    tail: truncation.TailModel | None = None) -> float:
   """ε(δ) spent by every step in ``ledger`` (0 when empty, inf when some σ is 0).
+
+  Guarantee: with ``tail``, every step's noise drawn by a sampler of that
+  support makes the ledger's steps (ε, ``delta``)-DP: ε is the accountant's ε at
+  ``delta - δ_tail`` (:func:`dpmega.truncation.accountant_delta`). Without it,
+  ε is for the ideal (unbounded) Gaussian.
 
   Args:
     ledger: the steps that ran.
-    delta: in (0, 1).
+    delta: in (0, 1), the total δ to state (δ_tail included when ``tail`` is given).
     accountant: ``"rdp"`` (fast; a running total is cached in the ledger) or
       ``"pld"`` (tighter; cost grows with the number of distinct (q, σ)).
     pld_discretization: PLD ``value_discretization_interval``; smaller is
       tighter and slower.
+    tail: the noise sampler's support and noised coordinates, or None.
+
+  Returns:
+    ε >= 0; inf when some σ is 0 or when ``δ_tail`` alone reaches ``delta``.
 
   Raises:
-    ValueError: delta outside (0, 1), unknown accountant.
-    UnsupportedAccountingError: PLD on a without-replacement ledger.
+    ValueError: delta outside (0, 1), unknown accountant, tail not a TailModel.
+    UnsupportedAccountingError: PLD on a without-replacement ledger with B < N.
   """
   delta = _check_delta(delta)
   accountant = _as_accountant(accountant)
   discretization = _check_discretization(pld_discretization)
-  _check_supported(ledger.scheme, accountant)
-  if not ledger.num_steps:
+  tail = _check_tail(tail)
+  counts = ledger.event_counts()
+  _check_supported(ledger.scheme, accountant, counts)
+  if not counts:
     return 0.0
   rdp = ledger._rdp() if accountant is AccountantType.RDP else None  # pylint: disable=protected-access
-  return _epsilon_of_counts(ledger.event_counts(), delta, accountant, discretization, rdp)
+  return _epsilon_at(counts, delta, accountant, discretization, tail, rdp)
 
 
 def compute_delta(ledger: Ledger, epsilon: float, accountant: AccountantType | str = "rdp", *,
-                  pld_discretization: float = DEFAULT_PLD_DISCRETIZATION) -> float:
-  """δ(ε) of every step in ``ledger`` (0 when empty). ``epsilon`` must be >= 0."""
+                  pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
+                  tail: truncation.TailModel | None = None) -> float:
+  """δ(ε) of every step in ``ledger`` (0 when empty). ``epsilon`` must be >= 0.
+
+  With ``tail``: the accountant's δ(ε) plus the sampler's ``δ_tail``
+  (:func:`dpmega.truncation.tail_delta`), capped at 1.
+  """
   epsilon = _check_epsilon(epsilon, "epsilon", allow_zero=True)
   accountant = _as_accountant(accountant)
   discretization = _check_discretization(pld_discretization)
-  _check_supported(ledger.scheme, accountant)
-  if not ledger.num_steps:
+  tail = _check_tail(tail)
+  counts = ledger.event_counts()
+  _check_supported(ledger.scheme, accountant, counts)
+  if not counts:
     return 0.0
   if accountant is AccountantType.RDP:
-    return float(rdp_privacy_accountant.compute_delta(RDP_ORDERS, ledger._rdp(), epsilon)[0])  # pylint: disable=protected-access
-  items = tuple(ledger.event_counts().items())
-  return float(_pld_of_counts(items, discretization).get_delta(epsilon))
+    rdp = ledger._rdp()  # pylint: disable=protected-access
+    ideal = float(rdp_privacy_accountant.compute_delta(RDP_ORDERS, rdp, epsilon)[0])
+  else:
+    ideal = float(_pld_of_counts(tuple(counts.items()), discretization).get_delta(epsilon))
+  if tail is None:
+    return ideal
+  extra = truncation.tail_delta(_tail_steps(counts), sensitivity=ledger.scheme.sensitivity, tail=tail,
+                                accountant_delta=ideal)
+  return min(1.0, ideal + extra)
+
+
+def _tail_share(counts: Mapping[tuple, int], tail: truncation.TailModel, delta: float | None) -> float:
+  if not counts:
+    return 0.0
+  if delta is None:
+    return truncation.tail_delta(_tail_steps(counts), sensitivity=_scheme_of(counts).sensitivity, tail=tail)
+  acc_delta = _accountant_delta(_check_delta(delta), counts, tail)
+  return math.inf if acc_delta is None else delta - acc_delta
+
+
+def tail_delta_of(ledger: Ledger, tail: truncation.TailModel, *, delta: float | None = None) -> float:
+  """``δ_tail`` of the steps in ``ledger`` under ``tail`` (0 when empty), for printing.
+
+  Args:
+    ledger: the steps that ran.
+    tail: the noise sampler's support and number of noised coordinates.
+    delta: None: the floor ``Σ_t q_t η_t`` that no δ given to the accountant
+      removes. A stated δ: the share of it the tail takes, ``delta`` minus the
+      δ given to the accountant (inf when nothing is left), which also covers
+      the ``1/Z`` scaling of the accountant's δ (negligible for the wide-tail
+      sampler).
+  """
+  return _tail_share(ledger.event_counts(), _check_tail(tail), delta)
 
 
 # ------------------------------------------------------------- schedules
@@ -581,12 +754,14 @@ def epsilon_for_schedule(*, noise_multiplier: float, delta: float, dataset_size:
                          scheme: SamplingScheme | str = "poisson",
                          accountant: AccountantType | str = "rdp",
                          pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
-                         q_grid: float | None = None) -> float:
+                         q_grid: float | None = None,
+                         tail: truncation.TailModel | None = None) -> float:
   """ε of a planned run: one batch size per step (or a schedule + ``num_steps``).
 
   ``q_grid`` (off by default) rounds every batch size up to a geometric grid of
   relative spacing ``q_grid`` first: an upper bound on ε, computed with fewer
   distinct events (useful for ramps with thousands of distinct batch sizes).
+  ``tail``: as in :func:`compute_epsilon` (ε at ``delta`` minus the sampler's ``δ_tail``).
   """
   sigma = _check_sigma(noise_multiplier)
   delta = _check_delta(delta)
@@ -594,9 +769,21 @@ def epsilon_for_schedule(*, noise_multiplier: float, delta: float, dataset_size:
   scheme = _as_scheme(scheme)
   accountant = _as_accountant(accountant)
   discretization = _check_discretization(pld_discretization)
-  _check_supported(scheme, accountant)
+  tail = _check_tail(tail)
   counts = _schedule_counts(dataset_size, batch_sizes, num_steps, sigma, scheme, q_grid)
-  return _epsilon_of_counts(counts, delta, accountant, discretization)
+  _check_supported(scheme, accountant, counts)
+  return _epsilon_at(counts, delta, accountant, discretization, tail)
+
+
+def tail_delta_for_schedule(*, noise_multiplier: float, dataset_size: int, batch_sizes: Any,
+                            tail: truncation.TailModel, num_steps: int | None = None,
+                            scheme: SamplingScheme | str = "poisson", delta: float | None = None) -> float:
+  """``δ_tail`` of a planned run (see :func:`tail_delta_of`; arguments as :func:`epsilon_for_schedule`)."""
+  sigma = _check_sigma(noise_multiplier)
+  dataset_size = _check_int("dataset_size", dataset_size, 1)
+  scheme = _as_scheme(scheme)
+  counts = _schedule_counts(dataset_size, batch_sizes, num_steps, sigma, scheme)
+  return _tail_share(counts, _check_tail(tail), delta)
 
 
 _SIGMA_MIN = 1e-2
@@ -609,7 +796,8 @@ def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, dataset_s
                                num_steps: int | None = None,
                                pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
                                q_grid: float | None = None,
-                               rtol: float | None = None) -> float:
+                               rtol: float | None = None,
+                               tail: truncation.TailModel | None = None) -> float:
   """Smallest σ whose whole-schedule ε(δ) is at most ``target_epsilon``.
 
   Guarantee: the returned σ is verified by recomputing ε of the full schedule
@@ -634,10 +822,13 @@ def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, dataset_s
       then meets the target for the rounded-up, hence also the exact, schedule).
     rtol: relative tolerance on σ; default 1e-4 for RDP, 1e-3 for PLD (its ε
       moves in steps of the discretization, and each evaluation is costly).
+    tail: the noise sampler's support and noised coordinates: the target is
+      then met at ``delta`` with the sampler's ``δ_tail`` (which depends on σ)
+      taken out of it first, as :func:`compute_epsilon` reports it.
 
   Raises:
     UsageError: the target is unreachable for σ up to 1e6; the message gives
-      the best achievable ε.
+      the best achievable ε (and ``δ_tail`` when the tail alone exceeds δ).
     ValueError: any argument out of range (named), before any accounting.
   """
   target = _check_epsilon(target_epsilon, "target_epsilon", allow_zero=False)
@@ -650,25 +841,28 @@ def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, dataset_s
     rtol = 1e-4 if accountant is AccountantType.RDP else 1e-3
   if isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not 0 < rtol < 0.1:
     raise ValueError(f"rtol must be in (0, 0.1), got {rtol!r}.")
-  _check_supported(scheme, accountant)
+  tail = _check_tail(tail)
   sizes, counts = _size_counts(batch_sizes, num_steps)
   for b in sizes:
     _check_sizes(int(b), dataset_size)
   sizes, counts = _bucket_up(sizes, counts, dataset_size, q_grid)
+  _check_supported(scheme, accountant, [_event_key(scheme, int(b), dataset_size, 1.0) for b in sizes])
   if not counts.sum():
     return 0.0
+
+  def counts_at(sigma: float) -> dict[tuple, int]:
+    return {_event_key(scheme, int(b), dataset_size, sigma): int(c) for b, c in zip(sizes, counts)}
 
   memo: dict[tuple[AccountantType, float], float] = {}
 
   def eps(sigma: float, kind: AccountantType = accountant) -> float:
     if (kind, sigma) not in memo:
-      counts_at = {_event_key(scheme, int(b), dataset_size, sigma): int(c)
-                   for b, c in zip(sizes, counts)}
-      memo[(kind, sigma)] = _epsilon_of_counts(counts_at, delta, kind, discretization)
+      memo[(kind, sigma)] = _epsilon_at(counts_at(sigma), delta, kind, discretization, tail)
     return memo[(kind, sigma)]
 
   def gap(log_sigma: float, kind: AccountantType = accountant) -> float:
-    return eps(math.exp(log_sigma), kind) - target
+    # Finite for Brent's method: ε is inf where δ_tail alone exceeds δ (a tail model, small σ).
+    return min(eps(math.exp(log_sigma), kind) - target, 1e9)
 
   def bracket(kind: AccountantType, guess: float) -> tuple[float, float]:
     """(lo, hi) in log σ with gap(lo) > 0 >= gap(hi), or raises."""
@@ -680,10 +874,16 @@ def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, dataset_s
         step *= 2
         if hi > math.log(_SIGMA_MAX):
           best = eps(_SIGMA_MAX, kind)
+          why = ""
+          if tail is not None and _accountant_delta(delta, counts_at(_SIGMA_MAX), tail) is None:
+            floor = truncation.tail_delta(_tail_steps(counts_at(_SIGMA_MAX)), sensitivity=scheme.sensitivity,
+                                          tail=tail)
+            why = (f" The noise sampler's bounded support alone costs delta_tail >= {floor:.3g} over "
+                   f"{tail.num_coordinates} noised coordinates: use the wide-tail sampler or a larger delta.")
           raise UsageError(
               f"target_epsilon={target_epsilon} is unreachable: even noise_multiplier="
               f"{_SIGMA_MAX:g} gives epsilon={best:.6g} ({kind.value}, delta={delta:g}); "
-              f"the best achievable here is about {best:.6g}.")
+              f"the best achievable here is about {best:.6g}.{why}")
       return lo, hi
     # PLD is usually a few % below RDP: a first step of 10% brackets it at once.
     lo, step = hi, math.log(1 / 0.9)
@@ -710,9 +910,11 @@ def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, dataset_s
     sigma = solve(AccountantType.PLD, sigma, rtol)
   # Verify from scratch: a fresh dp-accounting accountant, no cache involved.
   fresh = _fresh_accountant(scheme, accountant, discretization)
-  for b, c in zip(sizes, counts):
-    fresh.compose(_key_event(_event_key(scheme, int(b), dataset_size, sigma)), int(c))
-  final = fresh.get_epsilon(delta)
+  for key, c in counts_at(sigma).items():
+    with _summarised_absl_warnings(_key_event(key)):
+      fresh.compose(_key_event(key), c)
+  acc_delta = _accountant_delta(delta, counts_at(sigma), tail)
+  final = math.inf if acc_delta is None else fresh.get_epsilon(acc_delta)
   if not final <= target:
     raise RuntimeError(f"calibration failed verification: epsilon({sigma}) = {final} > {target}.")
   return sigma
@@ -722,12 +924,14 @@ def max_steps(*, target_epsilon: float, delta: float, dataset_size: int, batch_s
               noise_multiplier: float, scheme: SamplingScheme | str = "poisson",
               accountant: AccountantType | str = "rdp",
               pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
-              q_grid: float | None = None, limit: int = 10**9) -> int:
+              q_grid: float | None = None, limit: int = 10**9,
+              tail: truncation.TailModel | None = None) -> int:
   """Most steps of the schedule that keep ε(δ) <= ``target_epsilon``.
 
   ``batch_sizes`` is a schedule (object, spec, dict or int batch size). Returns
   0 when even one step exceeds the budget, ``limit`` when ``limit`` steps fit.
-  ε is non-decreasing in steps, so this is a doubling then bisection search.
+  ε is non-decreasing in steps (with a tail model too: ``δ_tail`` grows with
+  them), so this is a doubling then bisection search.
   """
   target = _check_epsilon(target_epsilon, "target_epsilon", allow_zero=False)
   limit = _check_int("limit", limit, 1)
@@ -736,7 +940,7 @@ def max_steps(*, target_epsilon: float, delta: float, dataset_size: int, batch_s
     return epsilon_for_schedule(
         noise_multiplier=noise_multiplier, delta=delta, dataset_size=dataset_size,
         batch_sizes=batch_sizes, num_steps=n, scheme=scheme, accountant=accountant,
-        pld_discretization=pld_discretization, q_grid=q_grid) <= target
+        pld_discretization=pld_discretization, q_grid=q_grid, tail=tail) <= target
 
   if not fits(1):
     return 0
@@ -759,19 +963,37 @@ def max_steps(*, target_epsilon: float, delta: float, dataset_size: int, batch_s
 def fits_budget(ledger: Ledger, *, next_batch_size: int, dataset_size: int,
                 noise_multiplier: float, scheme: SamplingScheme | str, target_epsilon: float,
                 delta: float, accountant: AccountantType | str = "rdp",
-                pld_discretization: float = DEFAULT_PLD_DISCRETIZATION) -> bool:
-  """Whether ε(δ) stays <= ``target_epsilon`` after one more step (ledger unchanged)."""
+                pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
+                tail: truncation.TailModel | None = None) -> bool:
+  """Whether ε(δ) stays <= ``target_epsilon`` after one more step (ledger unchanged; ``tail``: compute_epsilon)."""
   target = _check_epsilon(target_epsilon, "target_epsilon", allow_zero=False)
   trial = ledger.copy()
   trial.record(batch_size=next_batch_size, dataset_size=dataset_size,
                noise_multiplier=noise_multiplier, scheme=scheme, steps=1)
-  return compute_epsilon(trial, delta, accountant, pld_discretization=pld_discretization) <= target
+  return compute_epsilon(trial, delta, accountant, pld_discretization=pld_discretization, tail=tail) <= target
+
+
+# δ_tail below this fraction of δ is not worth a word in a one-line summary (always in JSON).
+TAIL_NEGLIGIBLE = 1e-3
 
 
 def describe(epsilon: float, delta: float, scheme: SamplingScheme | str,
-             accountant: AccountantType | str) -> str:
-  """One printable line: ε, δ, accountant, sampling scheme and neighbouring relation."""
+             accountant: AccountantType | str, delta_tail: float | None = None) -> str:
+  """One printable line: ε, δ, accountant, sampling scheme and neighbouring relation.
+
+  ``delta_tail``: the noise sampler's share of ``delta``, named when it is more
+  than :data:`TAIL_NEGLIGIBLE` of it.
+
+  Example:
+    >>> describe(1.5, 1e-5, "poisson", "rdp", delta_tail=2e-6).split("; ")[1]
+    'delta includes delta_tail = 2e-06 of the noise sampler)'
+    >>> "delta_tail" in describe(1.5, 1e-5, "poisson", "rdp", delta_tail=1e-9)  # negligible
+    False
+  """
   scheme = _as_scheme(scheme)
   accountant = _as_accountant(accountant)
-  return (f"epsilon = {epsilon:.4g} at delta = {delta:g} ({accountant.value.upper()}, "
-          f"{scheme.value.replace('_', ' ')} sampling, {relation_label(scheme)} neighbours)")
+  line = (f"epsilon = {epsilon:.4g} at delta = {delta:g} ({accountant.value.upper()}, "
+          f"{scheme.value.replace('_', ' ')} sampling, {relation_label(scheme)} neighbours")
+  if delta_tail is not None and delta_tail > TAIL_NEGLIGIBLE * delta:
+    line += f"; delta includes delta_tail = {delta_tail:.3g} of the noise sampler"
+  return line + ")"

@@ -22,7 +22,10 @@ Two audits:
   on the best threshold (see :func:`holdout_epsilon_lower_bound`), compared with
   the ε the accountant claims for that one step (:func:`claimed_epsilon`) and,
   without sampling, with the exact ε of the Gaussian mechanism
-  (:func:`gaussian_mechanism_epsilon`).
+  (:func:`gaussian_mechanism_epsilon`). With ``sampling="without_replacement"``
+  the neighbours are replace-one: the canary *replaces* an example whose
+  gradient points the other way (clipped to ``-C``), so the sum moves by ``2C``,
+  and the claim is the replace-one accountant's (sensitivity 2C).
 * :func:`one_run_training_audit` (one training run). ``m`` canaries, each
   included in the training set with probability 1/2, are trained on with DP-SGD
   (Poisson sampling, the library's private gradient, an optax optimizer); each
@@ -31,9 +34,10 @@ Two audits:
   (:func:`one_run_epsilon_lower_bound`; install ``dpmega[audit]``).
 
 Guarantee (mechanism audit): if the released gradient is (ε, δ)-DP for add/remove
-of one example, ``P[epsilon_lower_bound > ε] <= 1 - confidence`` over the
-randomness of the audit. Equivalently, a reported lower bound above the claimed
-ε is, at that confidence, a real violation and not bad luck.
+of one example (replace-one with ``sampling="without_replacement"``),
+``P[epsilon_lower_bound > ε] <= 1 - confidence`` over the randomness of the audit.
+Equivalently, a reported lower bound above the claimed ε is, at that confidence,
+a real violation and not bad luck.
 
 Edge cases:
 
@@ -44,6 +48,7 @@ no threshold separates scores   lower bound 0.0 (never negative)
 ``noise_multiplier == 0``       ``ValueError``: claimed ε is infinite, nothing to audit
 ``sampling_rate == None``       no subsampling: one Gaussian step, exact ε also reported
 ``noise_scale_for_testing < 1`` the mechanism is deliberately weaker than claimed
+replace-one with sampling_rate  ``ValueError``: the replace-one audit runs on the whole batch
 ``jax_privacy`` not installed   the one-run audit raises ``ImportError`` naming the extra
 ==============================  ===============================================
 
@@ -262,21 +267,29 @@ def holdout_epsilon_lower_bound(
 
 
 # --------------------------------------------------------------- what is claimed
-def gaussian_mechanism_epsilon(noise_multiplier: float, delta: float) -> float:
-  """Exact ε(δ) of one Gaussian mechanism with std ``noise_multiplier`` x sensitivity.
+def gaussian_mechanism_epsilon(noise_multiplier: float, delta: float, sensitivity: float = 1.0) -> float:
+  """Exact ε(δ) of one Gaussian mechanism: noise std ``noise_multiplier·C``, L2 sensitivity ``sensitivity·C``.
 
-  Balle & Wang (2018), Theorem 8: with ``μ = 1/σ``, the mechanism is (ε, δ)-DP
-  iff ``Φ(μ/2 - ε/μ) - e^ε Φ(-μ/2 - ε/μ) <= δ``; this returns the smallest such
-  ε >= 0 (solved with Brent's method). Add/remove and replace-one give the same
-  curve for a sum with L2 sensitivity C.
+  Balle & Wang (2018), Theorem 8: with ``μ = sensitivity/σ``, the mechanism is
+  (ε, δ)-DP iff ``Φ(μ/2 - ε/μ) - e^ε Φ(-μ/2 - ε/μ) <= δ``; this returns the
+  smallest such ε >= 0 (solved with Brent's method).
+
+  The sensitivity depends on the neighbouring relation: a clipped sum moves by
+  at most C when one example is added or removed (``sensitivity=1``) but by up
+  to 2C when one is replaced (``sensitivity=2``: ``g`` may become ``-g``), so the
+  two relations do NOT give the same curve at the same σ
+  (:attr:`dpmega.accounting.SamplingScheme.sensitivity`).
 
   Example:
     >>> round(gaussian_mechanism_epsilon(1.0, 1e-5), 3)
     4.377
+    >>> round(gaussian_mechanism_epsilon(2.0, 1e-5, sensitivity=2.0), 3)  # replace-one at σ = 2
+    4.377
   """
   sigma = _check_real("noise_multiplier", noise_multiplier, 0.0, math.inf, lo_open=True, hi_open=True)
   delta = _check_delta(delta)
-  mu = 1.0 / sigma
+  sensitivity = _check_real("sensitivity", sensitivity, 0.0, math.inf, lo_open=True, hi_open=True)
+  mu = sensitivity / sigma
   norm = scipy.stats.norm
 
   def delta_of(eps: float) -> float:
@@ -304,19 +317,21 @@ def _ledger_sizes(sampling_rate: float | None) -> tuple[int, int]:
 
 
 def claimed_epsilon(*, noise_multiplier: float, delta: float, sampling_rate: float | None = None,
-                    steps: int = 1, accountant: str = "pld") -> float:
-  """The ε the library's accountant claims for ``steps`` Poisson-sampled Gaussian steps.
+                    steps: int = 1, accountant: str = "pld", sampling: str = "poisson") -> float:
+  """The ε the library's accountant claims for ``steps`` sampled Gaussian steps.
 
   ``sampling_rate=None`` (or 1) is no subsampling: every example in every step.
   Computed by :func:`dpmega.accounting.compute_epsilon` on a
-  :class:`dpmega.accounting.Ledger` with the Poisson scheme (add/remove-one).
+  :class:`dpmega.accounting.Ledger` with the scheme ``sampling``: ``"poisson"``
+  (add/remove-one, sensitivity C) or ``"without_replacement"`` (replace-one,
+  sensitivity 2C; PLD only without subsampling).
   """
   from dpmega import accounting  # pylint: disable=import-outside-toplevel
 
   batch_size, dataset_size = _ledger_sizes(_check_sampling_rate(sampling_rate))
   ledger = accounting.Ledger()
   ledger.record(batch_size=batch_size, dataset_size=dataset_size, noise_multiplier=noise_multiplier,
-                scheme="poisson", steps=steps)
+                scheme=sampling, steps=steps)
   return float(accounting.compute_epsilon(ledger, delta, accountant=accountant))
 
 
@@ -340,6 +355,8 @@ class AuditResult:
     accountant: which accountant computed ``claimed_epsilon``.
     exact_epsilon: the exact ε of the Gaussian mechanism when known, else None.
     details: how the bound was obtained (threshold, counts, ...).
+    neighbours: ``"add/remove-one"`` or ``"replace-one"``: what the audit's two
+      inputs differ by, and the relation of ``claimed_epsilon``.
   """
 
   method: str
@@ -356,6 +373,7 @@ class AuditResult:
   accountant: str = "pld"
   exact_epsilon: float | None = None
   details: dict = dataclasses.field(default_factory=dict)
+  neighbours: str = "add/remove-one"
 
   @property
   def violation(self) -> bool:
@@ -376,7 +394,9 @@ def format_table(results: Iterable[AuditResult]) -> str:
   """A plain-text table, one row per audit."""
   rows = [_COLUMNS]
   for r in results:
-    method = r.method if r.noise_scale_for_testing == 1.0 else f"{r.method} (noise x{r.noise_scale_for_testing:g})"
+    method = r.method if r.neighbours == "add/remove-one" else f"{r.method} ({r.neighbours})"
+    if r.noise_scale_for_testing != 1.0:
+      method += f" (noise x{r.noise_scale_for_testing:g})"
     rows.append((
         method, f"{r.claimed_epsilon:.4g}", f"{r.epsilon_lower_bound:.4g}",
         "-" if r.exact_epsilon is None else f"{r.exact_epsilon:.4g}", f"{r.confidence:g}",
@@ -414,15 +434,17 @@ def write_json(results: Sequence[AuditResult], path: str | os.PathLike) -> None:
 
 # --------------------------------------------------------------- mechanism audit
 def _mechanism_runs(*, clip_norm: float, sigma: float, sampling_rate: float | None, trials: int,
-                    num_background: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """Scores of ``trials`` runs without and with the canary."""
+                    num_background: int, dim: int, seed: int,
+                    replace_one: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """Scores of ``trials`` runs without and with the canary (``replace_one``: instead of its opposite)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
   from dpmega.private_grad import private_value_and_grad  # pylint: disable=import-outside-toplevel
 
   q = 1.0 if sampling_rate is None else sampling_rate
-  expected_batch_size = q * (num_background + 1)  # a public constant, the same for both inputs
+  # A public constant, the same for both inputs (replace-one: both hold num_background + 1).
+  expected_batch_size = q * (num_background + 1)
 
   # Background examples: random gradients (some above C, so clipping is
   # exercised) in coordinates 1..dim-1. The canary: a gradient 1e3 x C along
@@ -433,7 +455,9 @@ def _mechanism_runs(*, clip_norm: float, sigma: float, sampling_rate: float | No
   background[:, 1:] = rng.normal(size=(num_background, dim - 1)) * clip_norm
   canary = np.zeros((1, dim), np.float32)
   canary[0, 0] = 1e3 * clip_norm
-  batches = {"out": {"x": jnp.asarray(background)},
+  # Replace-one: the canary replaces its opposite, the largest move one replacement can make (2C).
+  out = np.concatenate([background, -canary]) if replace_one else background
+  batches = {"out": {"x": jnp.asarray(out)},
              "in": {"x": jnp.asarray(np.concatenate([background, canary]))}}
 
   def loss(w, example):  # the gradient of example e is e["x"]
@@ -479,6 +503,7 @@ def mechanism_audit(
     seed: int = 0,
     accountant: str = "pld",
     noise_scale_for_testing: float = 1.0,
+    sampling: str = "poisson",
 ) -> AuditResult:
   """White-box audit of one private aggregation step (see the module docstring).
 
@@ -506,6 +531,10 @@ def mechanism_audit(
       to the library (the claimed ε still uses ``noise_multiplier``), to check
       that the audit detects a mechanism noisier on paper than in fact. Leave
       it at 1.0 for a real audit.
+    sampling: ``"poisson"`` (add/remove-one: the canary is added) or
+      ``"without_replacement"`` (replace-one: the canary replaces an example
+      whose gradient is its opposite; the whole batch, no ``sampling_rate``);
+      the claim is the accountant's for that scheme.
 
   Returns:
     An :class:`AuditResult` (``violation`` is True if the bound exceeds the claim).
@@ -524,13 +553,20 @@ def mechanism_audit(
   seed = _check_int("seed", seed, 0, 2**31 - 1)
   scale = _check_real("noise_scale_for_testing", noise_scale_for_testing, 0.0, 1.0)
   _ledger_sizes(sampling_rate)
+  if sampling not in ("poisson", "without_replacement"):
+    raise ValueError(f"sampling must be 'poisson' or 'without_replacement', got {sampling=!r}.")
+  replace_one = sampling == "without_replacement"
+  if replace_one and sampling_rate not in (None, 1.0):
+    raise ValueError(f"sampling_rate must be None (or 1) for the replace-one audit, which runs on the whole "
+                     f"batch, got {sampling_rate=}.")
 
   claimed = claimed_epsilon(noise_multiplier=sigma, delta=delta, sampling_rate=sampling_rate,
-                            accountant=accountant)
-  exact = gaussian_mechanism_epsilon(sigma, delta) if sampling_rate in (None, 1.0) else None
+                            accountant=accountant, sampling=sampling)
+  sensitivity = 2.0 if replace_one else 1.0
+  exact = gaussian_mechanism_epsilon(sigma, delta, sensitivity) if sampling_rate in (None, 1.0) else None
   in_scores, out_scores = _mechanism_runs(
       clip_norm=clip_norm, sigma=sigma * scale, sampling_rate=sampling_rate, trials=trials,
-      num_background=num_background, dim=dim, seed=seed)
+      num_background=num_background, dim=dim, seed=seed, replace_one=replace_one)
   bound, details = holdout_epsilon_lower_bound(in_scores, out_scores, delta=delta,
                                                confidence=confidence, seed=seed)
   details.update(score="released gradient along the canary x expected_batch_size / C",
@@ -540,7 +576,8 @@ def mechanism_audit(
       method="mechanism", claimed_epsilon=claimed, epsilon_lower_bound=bound,
       confidence=confidence, delta=delta, num_trials=trials, noise_multiplier=sigma,
       clip_norm=clip_norm, sampling_rate=sampling_rate, steps=1,
-      noise_scale_for_testing=scale, accountant=accountant, exact_epsilon=exact, details=details)
+      noise_scale_for_testing=scale, accountant=accountant, exact_epsilon=exact, details=details,
+      neighbours="replace-one" if replace_one else "add/remove-one")
 
 
 # --------------------------------------------------------------- one-run audit
@@ -664,6 +701,7 @@ def one_run_training_audit(
 
   from dpmega.private_grad import private_value_and_grad  # pylint: disable=import-outside-toplevel
   from dpmega.sampling import PoissonSampler  # pylint: disable=import-outside-toplevel
+  from dpmega.noise import insecure_secret_from_seed  # pylint: disable=import-outside-toplevel
 
   sigma = _check_real("noise_multiplier", noise_multiplier, 0.0, 1e6, lo_open=True)
   m, n_bg = check_one_run_size(num_canaries, num_background)
@@ -714,7 +752,8 @@ def one_run_training_audit(
 
   w = jnp.zeros((dim,), jnp.float32)
   opt_state = optimizer.init(w)
-  sampler = PoissonSampler(n, seed=seed)
+  # An audit is an experiment, not a release: its sampling is reproducible from the public seed.
+  sampler = PoissonSampler(n, secret=insecure_secret_from_seed(seed))
   key = jax.random.key(seed)
   for t in range(steps):
     mask = np.zeros((n,), np.float32)

@@ -4,8 +4,12 @@ One checkpoint per saved step, in ``<workdir>/checkpoints/<step>/``, holding two
 Orbax items written together:
 
 * ``state``: a pytree of arrays -- params, optimizer state, step, PRNG key data;
-* ``meta``: JSON -- the privacy ledger, the sampler state, the noise multiplier
-  and the run's identity, plus a SHA-256 digest of everything above.
+* ``meta``: JSON -- the privacy ledger, the sampler state, the fingerprint of
+  everything that decides what a step computes (task and data config, the
+  dataset's content, clipping, micro-batching, sampling, schedule, noise), the
+  generation of the keys that computed it, plus a SHA-256 digest of everything
+  above. The trainer refuses to resume on another computation and re-keys any
+  recomputation (:mod:`dpmega.train`, :mod:`dpmega.journal`).
 
 Guarantees:
 

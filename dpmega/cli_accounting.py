@@ -10,6 +10,11 @@ No model, no JAX: only the schedule of a run. Examples::
 
 Every ε printed names δ, the accountant, the sampling scheme and its
 neighbouring relation. Bad input prints one line naming the flag and exits 2.
+
+The δ printed covers the noise sampler that runs (``--noise_sampler``): its
+bounded support costs ``δ_tail`` (:mod:`dpmega.truncation`), which grows with
+``--num_noised_coordinates`` and the steps; ε is computed at ``δ - δ_tail``.
+``δ_tail`` is printed when it is more than 1e-3 of δ, and always in ``--json``.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from typing import Any
 import numpy as np
 
 from dpmega import accounting
+from dpmega import noise
 from dpmega import schedules
+from dpmega import truncation
 from dpmega.errors import UsageError
 
 
@@ -114,8 +121,17 @@ def _add_common(p: argparse.ArgumentParser, *, both: bool) -> None:
                  help="dp-accounting accountant (default: rdp)")
   p.add_argument("--sampling", choices=[s.value for s in accounting.SamplingScheme],
                  default="poisson",
-                 help="poisson (add/remove-one neighbours) or without_replacement: fixed-size "
-                 "batches (replace-one neighbours, RDP only)")
+                 help="poisson (add/remove-one neighbours, sensitivity C) or without_replacement: "
+                 "fixed-size batches (replace-one neighbours, sensitivity 2C; RDP only, unless every "
+                 "batch is the whole dataset)")
+  p.add_argument("--noise_sampler", choices=[s.value for s in noise.NoiseSampler],
+                 default=noise.NoiseSampler.WIDE_TAIL.value,
+                 help="the Gaussian sampler the run uses; its bounded support costs delta_tail, taken "
+                 "out of --delta (default: %(default)s; jax_bounded is jax.random.normal, whose "
+                 "delta_tail is often larger than delta)")
+  p.add_argument("--num_noised_coordinates", type=_positive_int, default=10**9, metavar="D",
+                 help="how many model parameters get noise each step; delta_tail grows with it "
+                 "(default: 1e9)")
   p.add_argument("--pld_discretization", type=_discretization,
                  default=accounting.DEFAULT_PLD_DISCRETIZATION,
                  help="PLD value discretization interval (default: %(default)g)")
@@ -162,13 +178,9 @@ class _Plan:
       self.accountants = [accounting.AccountantType.RDP, accounting.AccountantType.PLD]
     else:
       self.accountants = [accounting.AccountantType(args.accountant)]
-    if self.scheme is accounting.SamplingScheme.WITHOUT_REPLACEMENT and (
-        accounting.AccountantType.PLD in self.accountants):
-      raise UsageError(
-          f"--accountant {args.accountant} cannot account for --sampling without_replacement: "
-          "dp-accounting 0.6 supports it only with RDP (replace-one neighbours); use "
-          "--accountant rdp.")
     self.pld_discretization = args.pld_discretization
+    self.sampler = noise.NoiseSampler(args.noise_sampler)
+    self.tail = truncation.TailModel(noise.sampler_support(self.sampler), args.num_noised_coordinates)
 
     if args.batch_size is not None:
       self.schedule = schedules.Constant(args.batch_size)
@@ -194,6 +206,13 @@ class _Plan:
       raise UsageError(
           f"{flag} reaches batch size {int(sizes.max())}, larger than --dataset_size "
           f"{self.dataset_size}: q = batch size / dataset size must be in (0, 1].")
+    if self.scheme is accounting.SamplingScheme.WITHOUT_REPLACEMENT and (
+        accounting.AccountantType.PLD in self.accountants) and (
+            sizes.size and sizes.min() < self.dataset_size):
+      raise UsageError(
+          f"--accountant {args.accountant} cannot account for --sampling without_replacement with "
+          "batches smaller than --dataset_size: dp-accounting 0.6 supports it only with RDP "
+          "(replace-one neighbours); use --accountant rdp.")
     self.points = _points(self.steps, args.points)
     self.q_grid = args.q_grid
     if self.q_grid is None and sizes.size > _MANY_DISTINCT:
@@ -206,7 +225,28 @@ class _Plan:
         noise_multiplier=sigma, delta=self.delta, dataset_size=self.dataset_size,
         batch_sizes=self.schedule, num_steps=num_steps, scheme=self.scheme,
         accountant=accountant, pld_discretization=self.pld_discretization,
-        q_grid=self.q_grid)
+        q_grid=self.q_grid, tail=self.tail)
+
+  def delta_tail(self, sigma: float, num_steps: int, floor: bool = False) -> float:
+    """The share of --delta the sampler's support takes (``floor``: the part no δ removes)."""
+    return accounting.tail_delta_for_schedule(
+        noise_multiplier=sigma, dataset_size=self.dataset_size, batch_sizes=self.schedule,
+        num_steps=num_steps, scheme=self.scheme, tail=self.tail, delta=None if floor else self.delta)
+
+  def check_tail(self, sigma: float) -> float:
+    """``δ_tail`` of the whole run, or a UsageError naming the flags when it leaves nothing of --delta."""
+    share = self.delta_tail(sigma, self.steps)
+    if math.isinf(share):
+      floor = self.delta_tail(sigma, self.steps, floor=True)
+      support = self.tail.support
+      raise UsageError(
+          f"--noise_sampler {self.sampler.value}: its bounded support [{support.lo:.4g}, {support.hi:.4g}] "
+          f"(standard deviations) over --num_noised_coordinates {_count(self.tail.num_coordinates)} and "
+          f"{self.steps} steps costs delta_tail >= {floor:.3g}"
+          + " and scales the accountant's delta by the mass it cuts off"
+          + f", which leaves nothing of --delta {self.delta:g}: use --noise_sampler wide_tail (the default), "
+          "fewer --num_noised_coordinates, or a larger --delta.")
+    return share
 
   def rows(self, sigma: float) -> list[dict[str, Any]]:
     rows = []
@@ -219,6 +259,7 @@ class _Plan:
           "batch_size": batch,
           "sampling_probability": batch / self.dataset_size,
           "epsilon": {a.value: self.epsilon(sigma, a, step) for a in self.accountants},
+          "delta_tail": self.delta_tail(sigma, step),
       })
     return rows
 
@@ -233,6 +274,9 @@ class _Plan:
         "accountants": [a.value for a in self.accountants],
         "pld_discretization": self.pld_discretization,
         "q_grid": self.q_grid,
+        "noise_sampler": self.sampler.value,
+        "noise_support": [self.tail.support.lo, self.tail.support.hi],
+        "num_noised_coordinates": self.tail.num_coordinates,
     }
 
 
@@ -262,7 +306,22 @@ def _context(plan: _Plan) -> str:
           f"({accounting.relation_label(plan.scheme)} neighbours), dataset_size = "
           f"{plan.dataset_size}, batch schedule {plan.schedule.to_spec()}, steps = {plan.steps}"
           + (f", batch sizes rounded up to a {plan.q_grid:g} grid (upper bound)"
-             if plan.q_grid else ""))
+             if plan.q_grid else "")
+          + f", noise sampler {plan.sampler.value} on {_count(plan.tail.num_coordinates)} coordinates")
+
+
+def _count(n: int) -> str:
+  """1000000000 -> "1e9": short, and still what the flag accepts."""
+  return f"{n:.3g}".replace("e+0", "e").replace("e+", "e")
+
+
+def _tail_line(plan: _Plan, delta_tail: float) -> str:
+  """A line on δ_tail when it is not negligible, else nothing."""
+  if not delta_tail > accounting.TAIL_NEGLIGIBLE * plan.delta:
+    return ""
+  return (f"\ndelta_tail = {delta_tail:.3g} of delta = {plan.delta:g} is the {plan.sampler.value} noise "
+          f"sampler's bounded support over {_count(plan.tail.num_coordinates)} noised coordinates (it grows with "
+          "--num_noised_coordinates and the steps); epsilon is computed at delta - delta_tail.")
 
 
 def _plot(path: str, plan: _Plan, sigma: float, title: str) -> None:
@@ -304,17 +363,18 @@ def _emit(args, payload: dict[str, Any], text: str) -> None:
 def run_epsilon(args: argparse.Namespace) -> int:
   plan = _Plan(args)
   sigma = args.noise_multiplier
+  delta_tail = plan.check_tail(sigma) if sigma > 0 else 0.0
   rows = plan.rows(sigma)
   final = rows[-1]["epsilon"] if rows else {a.value: 0.0 for a in plan.accountants}
   if args.plot:
     _plot(args.plot, plan, sigma, f"noise_multiplier={sigma:g}, "
           f"{accounting.relation_label(plan.scheme)} neighbours")
   payload = {"command": "epsilon", **plan.header(), "noise_multiplier": sigma,
-             "epsilon": final, "points": rows}
+             "epsilon": final, "delta_tail": delta_tail, "points": rows}
   summary = "; ".join(
-      accounting.describe(final[a.value], plan.delta, plan.scheme, a) for a in plan.accountants)
+      accounting.describe(final[a.value], plan.delta, plan.scheme, a, delta_tail) for a in plan.accountants)
   text = (f"dpmega epsilon: noise_multiplier = {sigma:g}, {_context(plan)}\n\n"
-          f"{_table(plan, rows)}\n\nfinal: {summary}")
+          f"{_table(plan, rows)}\n\nfinal: {summary}{_tail_line(plan, delta_tail)}")
   _emit(args, payload, text)
   return 0
 
@@ -324,20 +384,30 @@ def run_calibrate(args: argparse.Namespace) -> int:
   accountant = plan.accountants[0]
   if plan.steps == 0:
     raise UsageError("--steps must be >= 1 to calibrate a noise multiplier.")
-  sigma = accounting.calibrate_noise_multiplier(
-      target_epsilon=args.target_epsilon, delta=plan.delta, dataset_size=plan.dataset_size,
-      batch_sizes=plan.schedule, num_steps=plan.steps, scheme=plan.scheme,
-      accountant=accountant, pld_discretization=plan.pld_discretization, q_grid=plan.q_grid)
+  try:
+    sigma = accounting.calibrate_noise_multiplier(
+        target_epsilon=args.target_epsilon, delta=plan.delta, dataset_size=plan.dataset_size,
+        batch_sizes=plan.schedule, num_steps=plan.steps, scheme=plan.scheme,
+        accountant=accountant, pld_discretization=plan.pld_discretization, q_grid=plan.q_grid,
+        tail=plan.tail)
+  except UsageError as e:
+    if "delta_tail" not in str(e):
+      raise
+    plan.check_tail(1e6)  # names the flags when the sampler alone is the reason
+    raise
+  delta_tail = plan.check_tail(sigma)
   rows = plan.rows(sigma)
   achieved = rows[-1]["epsilon"][accountant.value]
   if args.plot:
     _plot(args.plot, plan, sigma, f"calibrated noise_multiplier={sigma:.4g} for "
           f"target epsilon {args.target_epsilon:g}")
   payload = {"command": "calibrate", **plan.header(), "target_epsilon": args.target_epsilon,
-             "noise_multiplier": sigma, "epsilon": {accountant.value: achieved}, "points": rows}
+             "noise_multiplier": sigma, "epsilon": {accountant.value: achieved}, "delta_tail": delta_tail,
+             "points": rows}
   text = (f"dpmega calibrate: target epsilon = {args.target_epsilon:g}, {_context(plan)}\n\n"
           f"noise_multiplier = {sigma:.6g}  ->  "
-          f"{accounting.describe(achieved, plan.delta, plan.scheme, accountant)}\n\n"
+          f"{accounting.describe(achieved, plan.delta, plan.scheme, accountant, delta_tail)}"
+          f"{_tail_line(plan, delta_tail)}\n\n"
           f"{_table(plan, rows)}")
   _emit(args, payload, text)
   return 0

@@ -5,12 +5,16 @@ Examples::
   dpmega audit --noise_multiplier 1.1 --clip_norm 1.0 --delta 1e-5 --trials 20000
   dpmega audit --noise_multiplier 1.1 --sampling_rate 0.01 --json audit.json
   dpmega audit --kind one-run --noise_multiplier 2 --steps 8 --canaries 1000
+  dpmega audit --noise_multiplier 2 --sampling without_replacement   # replace-one neighbours
 
 ``--kind mechanism`` (the default) runs the library's private aggregation step
 ``--trials`` times on neighbouring inputs (with and without a canary) and bounds
 ε from below (Clopper–Pearson, holdout threshold); ``--kind one-run`` trains a
 tiny model once with ``--canaries`` canaries (Steinke, Nasr, Jagielski 2023;
-needs the ``audit`` extra); ``--kind both`` does both. The table shows the
+needs the ``audit`` extra); ``--kind both`` does both. ``--sampling
+without_replacement`` audits replace-one neighbours: the canary replaces an
+example whose gradient is its opposite (the sum moves by 2C), against the
+replace-one claim (sensitivity 2C). The table shows the
 claimed ε (accountant), the audited lower bound, the confidence and the number
 of trials; ``--json FILE`` also writes them, atomically.
 
@@ -73,6 +77,10 @@ def add_parser(subparsers) -> None:
                  help="C, in (0, 1e12] (default 1)")
   p.add_argument("--sampling_rate", type=_float_in(0, 1, lo_open=True, hi_open=False), default=None,
                  help="mechanism audit: Poisson rate q in (0, 1]; omit for no subsampling")
+  p.add_argument("--sampling", choices=("poisson", "without_replacement"), default="poisson",
+                 help="mechanism audit: poisson (add/remove-one: the canary is added) or without_replacement "
+                 "(replace-one: the canary replaces its opposite; whole batch, no --sampling_rate) "
+                 "(default poisson)")
   p.add_argument("--trials", type=_int_in(20, 10**7), default=20_000,
                  help="mechanism audit: runs per neighbouring input, in [20, 1e7] (default 20000)")
   p.add_argument("--confidence", type=_float_in(0.5, 1, lo_open=False, hi_open=True), default=0.95,
@@ -116,6 +124,13 @@ def _validate(args: argparse.Namespace) -> None:
     args.json = _check_output_path(args.json)
   if args.sampling_rate is not None and args.kind == "one-run":
     raise UsageError("--sampling_rate applies to the mechanism audit; use --batch_size for --kind one-run.")
+  if args.sampling == "without_replacement":
+    if args.kind != "mechanism":
+      raise UsageError("--sampling without_replacement applies to --kind mechanism only (the one-run audit "
+                       "includes or leaves out canaries: add/remove-one).")
+    if args.sampling_rate not in (None, 1.0):
+      raise UsageError(f"--sampling_rate must be omitted with --sampling without_replacement (the replace-one "
+                       f"audit runs on the whole batch), got {args.sampling_rate:g}.")
   if args.kind in ("one-run", "both"):
     from dpmega import audit  # pylint: disable=import-outside-toplevel  (numpy and scipy only)
     try:
@@ -141,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     results.append(audit.mechanism_audit(
         noise_multiplier=args.noise_multiplier, clip_norm=args.clip_norm, delta=args.delta,
         trials=args.trials, confidence=args.confidence, sampling_rate=args.sampling_rate,
-        seed=args.seed, accountant=args.accountant))
+        seed=args.seed, accountant=args.accountant, sampling=args.sampling))
   if args.kind in ("one-run", "both"):
     results.append(audit.one_run_training_audit(
         noise_multiplier=args.noise_multiplier, num_canaries=args.canaries,

@@ -4,6 +4,10 @@
   dpmega train --config configs/synthetic_ctr.py --noise_multiplier 1.1 --set num_steps=100
   dpmega train --config configs/synthetic_ctr.py --workdir runs/x --resume
   dpmega train --config configs/synthetic_ctr.py --overwrite     # start afresh in the same workdir
+  dpmega train --config configs/synthetic_ctr.py --insecure_reproducible_seed 0   # debugging: NOT private
+
+Every run draws a fresh secret for its noise and sampling from the OS CSPRNG and keeps it in its
+checkpoints only (--resume reuses it; --overwrite and a new workdir draw a new one).
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ def add_parser(subparsers) -> None:
   p.add_argument("--noise_multiplier", type=float, default=None, help="fixed noise multiplier sigma")
   p.add_argument("--delta", type=float, default=None, help="delta of (epsilon, delta)-DP (config: delta)")
   p.add_argument("--workdir", default=None, help="checkpoints, metrics.jsonl, summary.json (config: workdir)")
+  p.add_argument("--insecure_reproducible_seed", type=int, default=None, metavar="N",
+                 help="tests and debugging only: derive the noise and the sampling from this PUBLIC seed instead "
+                 "of a fresh secret from the OS CSPRNG; anyone who knows N can regenerate and remove the noise, "
+                 "so the run is NOT a private release (config: insecure_reproducible_seed)")
   p.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint")
   p.add_argument("--resume_step", type=int, default=None,
                  help="continue from this checkpoint step (newer checkpoints are set aside)")
@@ -56,6 +64,8 @@ def build_config(args: argparse.Namespace):
     config.delta = args.delta
   if args.workdir is not None:
     config.workdir = args.workdir
+  if args.insecure_reproducible_seed is not None:
+    config.insecure_reproducible_seed = args.insecure_reproducible_seed
   return config
 
 

@@ -50,6 +50,13 @@ class Optimizer(enum.Enum):
   LAMB = "lamb"
 
 
+class MetricsMode(enum.Enum):
+  """What the per-step logs may carry (docs/privacy.md, "What is released")."""
+
+  RAW = "raw"  # raw statistics of the private batch: for the operator, never for release
+  PRIVATE = "private"  # only privatized quantities: noisy gradient norm, update norm, noisy clip fraction, epsilon
+
+
 class LrSchedule(enum.Enum):
   """Learning-rate decay after the (optional) linear warmup, from optax."""
 
@@ -63,7 +70,12 @@ def base_config() -> ml_collections.ConfigDict:
   """Every trainer field with its default; config files start from this."""
   c = ml_collections.ConfigDict()
   c.task = ml_collections.ConfigDict({"name": ""})
-  c.seed = 0
+  # Public: parameter initialization only (data-independent, so it may be known). The noise and the
+  # sampling come from a secret drawn from the OS CSPRNG per run and kept in the checkpoints.
+  c.init_seed = 0
+  # Debugging / tests only: derive that secret from this PUBLIC int, making the noise reproducible by
+  # anyone who knows it -- the run is then NOT a private release (printed and recorded).
+  c.insecure_reproducible_seed = config_dict.placeholder(int)
   c.workdir = "runs/default"
   c.num_steps = 100
   # dpmega.schedules syntax: "constant:4096", "steps:1024@0,8192@50",
@@ -78,6 +90,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.delta = 1e-6
   c.accountant = "rdp"
   c.sampling = "poisson"
+  # The Gaussian sampler (dpmega.noise.NoiseSampler); its bounded support costs delta_tail, which is
+  # added to the reported delta. "jax_bounded" (jax.random.normal bit for bit) has a delta floor.
+  c.noise_sampler = "wide_tail"
+  # "raw": metrics.jsonl / TensorBoard / progress lines carry raw statistics of the private batch (loss,
+  # clipped fraction, realized batch size...): for the operator only, NOT releasable. "private": only
+  # privatized quantities (docs/privacy.md). clipped_count_noise (private mode): std of the Gaussian added
+  # to the count of clipped examples (sensitivity 1), accounted in the ledger; None logs no clip fraction.
+  c.metrics = "raw"
+  c.clipped_count_noise = config_dict.placeholder(float)
   c.optimizer = ml_collections.ConfigDict({
       "name": "adam",
       "learning_rate": 1e-3,
@@ -208,7 +229,12 @@ class TrainConfig:
 
   Attributes:
     task_name: registered task name (:func:`dpmega.tasks.task_names`).
-    seed: root of every random stream (parameters, sampling, noise).
+    init_seed: public seed of the parameter initialization only (data-independent).
+    insecure_reproducible_seed: None (default): the noise and the sampling
+      come from a fresh secret from the OS CSPRNG, kept in the checkpoints.
+      An int: that secret is derived from this public seed, so anyone who knows
+      it can regenerate and subtract the noise -- NOT a private release; for
+      reproducible tests and debugging only.
     workdir: where checkpoints, ``metrics.jsonl`` and ``summary.json`` go.
     num_steps: logical steps to run (the whole schedule that is accounted).
     batch_schedule: expected logical batch size per step.
@@ -222,6 +248,13 @@ class TrainConfig:
     accountant: "rdp" or "pld".
     sampling: Poisson or sampling without replacement (fixed size).
     optimizer: optimizer and learning-rate schedule.
+    noise_sampler: the Gaussian sampler (:class:`dpmega.noise.NoiseSampler` value); its support's
+      truncation term ``delta_tail`` is part of the reported delta.
+    metrics: :class:`MetricsMode`: "raw" (operator-only statistics of the private batch) or "private"
+      (only privatized quantities are logged).
+    clipped_count_noise: in private mode, the std ``sigma_b`` of the Gaussian added to the number of
+      clipped examples (sensitivity 1); the step is then accounted at ``(sigma^-2 + sigma_b^-2)^(-1/2)``.
+      None: no clip-fraction estimate.
     log_every, eval_every, checkpoint_every: intervals in steps (0: only at the end).
     keep_checkpoints: how many checkpoints to keep (>= 2 so a good one survives a bad one).
     tensorboard: also write TensorBoard summaries when a writer is installed.
@@ -229,7 +262,8 @@ class TrainConfig:
   """
 
   task_name: str
-  seed: int
+  init_seed: int
+  insecure_reproducible_seed: int | None
   workdir: str
   num_steps: int
   batch_schedule: schedules.Schedule
@@ -249,6 +283,9 @@ class TrainConfig:
   keep_checkpoints: int = 3
   tensorboard: bool = True
   mesh: Any = None
+  noise_sampler: str = "wide_tail"
+  metrics: MetricsMode = MetricsMode.RAW
+  clipped_count_noise: float | None = None
 
 
 def _int(c, name: str, lo: int, hi: float = math.inf) -> int:
@@ -309,7 +346,15 @@ def validate(config: ml_collections.ConfigDict) -> TrainConfig:
   if task_name not in tasks_lib.task_names():
     raise UsageError(f"task.name must be one of {list(tasks_lib.task_names())}, got {task_name!r}.")
   c = config
-  seed = _int(c, "seed", 0, 2**31 - 1)
+  if "seed" in c:
+    raise UsageError("seed is no longer a field: the noise and the sampling come from a secret drawn per run from "
+                     "the OS CSPRNG. Use init_seed for the (public) parameter initialization, and "
+                     "insecure_reproducible_seed only for a reproducible, non-private run; "
+                     f"got seed={c.seed!r}.")
+  init_seed = _int(c, "init_seed", 0, 2**31 - 1)
+  insecure_seed = c.insecure_reproducible_seed
+  if insecure_seed is not None:
+    insecure_seed = _int(c, "insecure_reproducible_seed", 0, 2**63 - 1)
   if not isinstance(c.workdir, str) or not c.workdir:
     raise UsageError(f"workdir must be a non-empty path, got {c.workdir!r}.")
   num_steps = _int(c, "num_steps", 1, 10**9)
@@ -351,6 +396,13 @@ def validate(config: ml_collections.ConfigDict) -> TrainConfig:
   if optimizer.weight_decay and optimizer.name == Optimizer.ADAM:
     raise UsageError("optimizer.weight_decay must be 0 for adam (use adamw for decoupled weight decay), "
                      f"got {optimizer.weight_decay}.")
+  from dpmega import noise as noise_lib  # noqa: PLC0415 - keeps `import dpmega.config` light
+  noise_sampler = _choice(c, "noise_sampler", noise_lib.NoiseSampler).value
+  metrics = _choice(c, "metrics", MetricsMode)
+  clipped_count_noise = _float(c, "clipped_count_noise", 0.0, math.inf, lo_open=True, hi_open=True, optional=True)
+  if clipped_count_noise is not None and metrics is not MetricsMode.PRIVATE:
+    raise UsageError("clipped_count_noise must be None unless metrics='private' (raw mode logs the exact "
+                     f"clipped fraction), got {clipped_count_noise!r} with metrics={metrics.value!r}.")
   mesh = None
   if _bool(c.mesh, "mesh.enabled"):
     from dpmega import sharding  # noqa: PLC0415 - keeps `import dpmega.config` light
@@ -359,7 +411,8 @@ def validate(config: ml_collections.ConfigDict) -> TrainConfig:
                                min_shard_size=_int(c.mesh, "mesh.min_shard_size", 0, 2**62))
   return TrainConfig(
       task_name=task_name,
-      seed=seed,
+      init_seed=init_seed,
+      insecure_reproducible_seed=insecure_seed,
       workdir=c.workdir,
       num_steps=num_steps,
       batch_schedule=schedule,
@@ -379,6 +432,9 @@ def validate(config: ml_collections.ConfigDict) -> TrainConfig:
       keep_checkpoints=_int(c, "keep_checkpoints", 2, 10**6),
       tensorboard=_bool(c, "tensorboard"),
       mesh=mesh,
+      noise_sampler=noise_sampler,
+      metrics=metrics,
+      clipped_count_noise=clipped_count_noise,
   )
 
 

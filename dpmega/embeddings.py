@@ -5,9 +5,12 @@ An example touches a few rows of a table, so its gradient with respect to a
 gradient with respect to the ``j``-th looked-up row (the embedding output).
 This module works on ``(ids, r)`` only:
 
+* :func:`dedup_rows`: each example's rows of duplicate ids summed into one
+  row per distinct id (``r_a + r_b``), the rows that are both measured and
+  scattered, so the norm that is clipped is the norm of what is added;
 * :func:`row_grad_sq_norms`: per-example squared L2 norm of the table
-  gradient, summing the rows of duplicate ids inside an example *before* the
-  norm (``||r_a + r_b||^2``, not ``||r_a||^2 + ||r_b||^2``);
+  gradient, duplicates summed *before* the norm (``||r_a + r_b||^2``, not
+  ``||r_a||^2 + ||r_b||^2``);
 * :func:`scatter_add_rows`: ``sum_i w_i sum_j onehot(ids_ij) (x) r_ij`` into a
   float32 ``[V, d]`` table gradient.
 
@@ -27,7 +30,8 @@ Edge cases:
 ==========================  ============================================
 input                        behaviour
 ==========================  ============================================
-duplicate ids in a row       rows summed before the norm
+duplicate ids in a row       rows summed before the norm and the scatter
+cancelling duplicates        clipped as summed (``fl(w (r_a + r_b))``)
 same id in two examples      independent (norms are per example)
 ``valid[i, j] == False``     row ignored (norm and scatter)
 ``weights[i] == 0``          example dropped even if its rows are NaN
@@ -39,6 +43,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from dpmega import clipping as clipping_lib
 
 # Up to this many lookups per example, duplicate ids are found by rank (pairwise compares), beyond by sorting.
 _RANK_MAX_LOOKUPS = 64
@@ -54,6 +60,60 @@ def _check_shapes(ids: jax.Array, rows: jax.Array, valid: jax.Array | None) -> N
     raise ValueError(f"valid must have the shape of ids {ids.shape}, got valid.shape={valid.shape}.")
 
 
+def dedup_rows(ids: jax.Array, rows: jax.Array, valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Sums each example's rows of equal ids into the first (valid) lookup of that id.
+
+  The clipped sum must scatter exactly the rows its norm was computed from:
+  scattering ``w * r_a`` and ``w * r_b`` separately rounds each product on its
+  own, and for ``r_a = v``, ``r_b = -v + d`` with ``|v| >> |d|`` that rounding
+  (``u |w v|``) is larger than the clipped ``w d`` itself. Summed first, the
+  example adds one row per distinct id, ``fl(w * (r_a + r_b))``, whose norm is
+  the norm that was clipped.
+
+  Args:
+    ids: ``[b, n]`` integer row ids.
+    rows: ``[b, n, d]`` row gradients.
+    valid: optional ``[b, n]`` bool; False rows are ignored.
+
+  Returns:
+    ``(summed [b, n, d] float32, first [b, n] bool)``: ``summed[i, j]`` is the
+    sum of example ``i``'s valid rows with id ``ids[i, j]`` where ``first[i, j]``
+    (``j`` is the first valid lookup of that id), else 0.
+  """
+  _check_shapes(ids, rows, valid)
+  b, n, d = rows.shape
+  valid = jnp.ones(ids.shape, bool) if valid is None else valid.astype(bool)
+  rows = jnp.where(valid[..., None], rows.astype(jnp.float32), 0.0)
+  if n == 0:
+    return rows, valid
+  if n <= _RANK_MAX_LOOKUPS:
+    # An id's rank among its example's ids (how many are smaller) is equal for equal ids and
+    # distinct for distinct ones, so it can key the duplicate sum: n^2 integer compares,
+    # 2.5x cheaper than XLA's comparator sort for the few dozen lookups of a CTR example.
+    rank = jnp.sum(ids[:, None, :] < ids[:, :, None], axis=2, dtype=jnp.int32)
+    summed = jax.vmap(lambda r, x: jax.ops.segment_sum(x, r, num_segments=n))(rank, rows)
+    same_before = (ids[:, :, None] == ids[:, None, :]) & valid[:, None, :] & jnp.tril(jnp.ones((n, n), bool), -1)
+    first = valid & ~jnp.any(same_before, axis=2)
+    out = jnp.take_along_axis(summed, rank[..., None], axis=1)
+    return jnp.where(first[..., None], out, 0.0), first
+
+  def one(ex_ids, ex_rows, ex_valid):
+    order = jnp.argsort(ex_ids, stable=True)  # equal ids keep their lookup order
+    sorted_ids = ex_ids[order]
+    new_segment = jnp.concatenate([jnp.zeros((1,), jnp.int32), (sorted_ids[1:] != sorted_ids[:-1]).astype(jnp.int32)])
+    segment = jnp.cumsum(new_segment)
+    summed = jax.ops.segment_sum(ex_rows[order], segment, num_segments=n, indices_are_sorted=True)
+    v = ex_valid[order].astype(jnp.int32)
+    before = jnp.cumsum(v) - v  # valid lookups before this one, over the sorted order
+    seg_start = jax.ops.segment_min(before, segment, num_segments=n, indices_are_sorted=True)
+    first_sorted = (v > 0) & (before == seg_start[segment])
+    out_sorted = jnp.where(first_sorted[:, None], summed[segment], 0.0)
+    return (jnp.zeros_like(ex_rows).at[order].set(out_sorted),
+            jnp.zeros(ex_valid.shape, bool).at[order].set(first_sorted))
+
+  return jax.vmap(one)(ids, rows, valid)
+
+
 def row_grad_sq_norms(ids: jax.Array, rows: jax.Array, valid: jax.Array | None = None) -> jax.Array:
   """Per-example squared norm of a table gradient given by looked-up row gradients.
 
@@ -64,32 +124,14 @@ def row_grad_sq_norms(ids: jax.Array, rows: jax.Array, valid: jax.Array | None =
 
   Returns:
     ``[b]`` float32: ``|| sum_j onehot(ids_ij) (x) rows_ij ||^2`` (duplicates summed
-    first). NaN/Inf in a valid row gives a non-finite norm.
+    first, by :func:`dedup_rows`). NaN/Inf in a valid row gives a non-finite norm.
   """
   _check_shapes(ids, rows, valid)
   b, n, d = rows.shape
-  rows = rows.astype(jnp.float32)
-  if valid is not None:
-    rows = jnp.where(valid[..., None], rows, 0.0)
   if n == 0 or d == 0:
     return jnp.zeros((b,), jnp.float32)
-  if n <= _RANK_MAX_LOOKUPS:
-    # An id's rank among its example's ids (how many are smaller) is equal for equal ids and
-    # distinct for distinct ones, so it can key the duplicate sum: n^2 integer compares,
-    # 2.5x cheaper than XLA's comparator sort for the few dozen lookups of a CTR example.
-    rank = jnp.sum(ids[:, None, :] < ids[:, :, None], axis=2, dtype=jnp.int32)
-    summed = jax.vmap(lambda r, x: jax.ops.segment_sum(x, r, num_segments=n))(rank, rows)
-    return jnp.sum(jnp.square(summed), axis=(1, 2))
-
-  def one(ex_ids, ex_rows):
-    order = jnp.argsort(ex_ids)
-    sorted_ids = ex_ids[order]
-    new_segment = jnp.concatenate([jnp.zeros((1,), jnp.int32), (sorted_ids[1:] != sorted_ids[:-1]).astype(jnp.int32)])
-    segment = jnp.cumsum(new_segment)
-    summed = jax.ops.segment_sum(ex_rows[order], segment, num_segments=n, indices_are_sorted=True)
-    return jnp.sum(jnp.square(summed))
-
-  return jax.vmap(one)(ids, rows)
+  summed, _ = dedup_rows(ids, rows, valid)
+  return jnp.square(clipping_lib.scaled_norms(summed))
 
 
 def scatter_add_rows(

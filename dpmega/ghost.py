@@ -28,10 +28,23 @@ following each parameter leaf (through dtype casts, transposes and nested
 ``jit``/``remat`` calls) to the primitives that consume it. This works for
 Linen, NNX and plain JAX functions alike.
 
-Guarantee: the result equals :func:`dpmega.clipping.clipped_sum_vmap` (same
-norms, same clipped sum, same stats) to float rounding, for any
-differentiable ``loss_fn``; an op the fast path does not recognise only makes
-it slower (``vmap`` for the parameters involved), never different.
+Guarantee: for every input, finite or not, each example's contribution to
+the returned float32 sum has L2 norm ``<= clip_norm * (1 + 1e-5)`` over all
+parameters. The Gram norm ``sum_{s,t} (x_s . x_t)(y_s . y_t)`` can lose all
+its digits to cancellation (rows ``v`` and ``-v + d``), and the book-keeping
+matmul rounds differently from it, so each leaf also gets a rigorous bound on
+what the book-keeping adds (Gram rounding bounded term by term, plus
+``gamma_{n+2} sum_s |x_s| |y_s|`` for the matmul; operands scaled by powers of
+two so nothing under- or overflows; positive sums as trees of bounded depth).
+The bound is used only where it exceeds the estimate by more than 5e-6
+relative; and within a budget of ``_MATERIALIZE_BUDGET`` floats per leaf, the
+examples with the loosest bound are materialized and contribute exactly the
+gradient their norm was taken from. Lookups scatter each example's
+duplicate-id rows summed (:func:`dpmega.embeddings.dedup_rows`), the rows
+their norm came from. On benign inputs the result equals
+:func:`dpmega.clipping.clipped_sum_vmap` (same norms, clipped sum and stats) to
+float rounding; an op the fast path does not recognise only makes it slower
+(``vmap`` for the parameters involved), never different.
 
 Edge cases (besides those of :mod:`dpmega.clipping`, which hold unchanged
 because the weights come from ``combine``; mirrored by ``tests/test_ghost.py``
@@ -44,10 +57,13 @@ weight used twice / tied (``Embed.attend``)      one norm over all uses, cross t
 weight in an unrecognised op too (``sin(W)``)    whole weight by ``vmap``
 weight inside ``custom_jvp`` / ``scan`` / cond   whole weight by ``vmap``
 ``stop_gradient`` on activations                 respected (it stays in the jaxpr)
-lookup id out of range, ``mode="fill"``          row gets no gradient (dropped)
-lookup id out of range, clip / promise mode      clamped, as XLA does
+lookup id out of range, fill / promise mode      row gets no gradient (dropped), as ``jax.grad``
+lookup id out of range, ``mode="clip"``          clamped, as ``jax.grad`` (unsigned ids exact)
+cancellation across positions or ids             clipped by the bound, or materialized
+activations ``1e-19`` / ``1e19``                 scaled: no under- or overflow in the norm
+integer params leaf                              ``ValueError`` before any compute (every mode)
 NaN in a masked or non-finite example            zeroed before the book-keeping sum
-bf16 parameters                                  norms and sums in float32
+bf16 parameters or compute                       norms and sums in float32, bound on the f32 sums
 ===============================================  ==================================
 
 .. warning::
@@ -85,6 +101,12 @@ PyTree = Any
 _INLINE = frozenset({"jit", "pjit", "closed_call", "core_call", "remat2", "checkpoint"})
 _CASTS = frozenset({"convert_element_type", "copy", "copy_p"})
 _HIGHEST = lax.Precision.HIGHEST
+# Relative room between the norm estimate and its rigorous bound before the bound is used: of the 1e-5 that
+# the guarantee allows, the rest covers the positive-sum rounding (<= 4.5e-6 up to 1e6 terms, halved in the
+# norm) and the few roundings after the norm (clip factor, product by it).
+_BOUND_SLACK = 5e-6
+# Floats of materialized per-example gradients per GRAM leaf and micro-batch, for the examples whose bound is loose.
+_MATERIALIZE_BUDGET = 1 << 16
 
 
 class NormMethod(enum.Enum):
@@ -324,13 +346,6 @@ def _dot_factors(use: _Use, a: jax.Array, g: jax.Array):
   return a_mat, g_mat
 
 
-def _gram(x, y):
-  """``[b]``: ``sum_{s,t} (x_s . x_t)(y_s . y_t)`` for ``x [b, n, K]``, ``y [b, n, N]``."""
-  xx = jnp.einsum("bsk,btk->bst", x, x, precision=_HIGHEST)
-  yy = jnp.einsum("bsk,btk->bst", y, y, precision=_HIGHEST)
-  return jnp.sum(xx * yy, axis=(1, 2))
-
-
 def _leaf_plan(uses: list[_Use], shape: tuple[int, ...]):
   """Canonical X-side dims for a leaf, or None if its uses do not share one outer-product split."""
   nd = len(shape)
@@ -366,6 +381,123 @@ def _from_canonical(mat: jax.Array, shape: tuple[int, ...], canon: frozenset[int
   order = sorted(canon) + [d for d in range(len(shape)) if d not in canon]
   full = mat.reshape([shape[d] for d in order])
   return jnp.transpose(full, np.argsort(order))
+
+
+def _clamp_ids(idx: jax.Array, hi: int) -> jax.Array:
+  """``clip(idx, 0, hi)`` in ``idx``'s own integer type, then int32 (a uint32 id >= 2^31 must not wrap to < 0)."""
+  if jnp.issubdtype(idx.dtype, jnp.unsignedinteger):
+    return jnp.minimum(idx, hi).astype(jnp.int32)
+  return jnp.clip(idx, 0, hi).astype(jnp.int32)
+
+
+def _gather_ids(idx: jax.Array, v_rows: int, mode) -> tuple[jax.Array, jax.Array]:
+  """``(ids int32, valid)`` of a row gather, with JAX's gradient semantics for out-of-range ids.
+
+  ``clip`` clamps in the forward pass and in the gradient; ``fill`` and
+  ``promise_in_bounds`` (plain ``E[ids]``) drop the row from the gradient
+  (XLA's scatter skips out-of-bounds updates), whatever the forward pass read.
+  Compared in ``idx``'s own type, so unsigned ids are exact.
+  """
+  if mode == lax.GatherScatterMode.CLIP:
+    return _clamp_ids(idx, v_rows - 1), jnp.ones(idx.shape, bool)
+  valid = idx < v_rows
+  if not jnp.issubdtype(idx.dtype, jnp.unsignedinteger):
+    valid = valid & (idx >= 0)
+  return jnp.where(valid, idx, 0).astype(jnp.int32), valid
+
+
+def _materialize_count(method: NormMethod, b: int, x, y, rows) -> int:
+  """How many examples of a dense leaf get their gradient materialized (static).
+
+  All of them under MATERIALIZE. Under GRAM, none when the bound cannot be
+  loose (one row, no lookups: no cancellation), else as many as fit in
+  ``_MATERIALIZE_BUDGET`` floats, at least one: the examples whose bound is
+  loosest, which on benign inputs covers every example of a small layer and a
+  crafted one in a large layer; the others keep the (never permissive) bound.
+  """
+  if method == NormMethod.MATERIALIZE:
+    return b
+  if (x.shape[1] == 1 and rows is None) or _MATERIALIZE_BUDGET <= 0:  # budget 0: the bound alone (tests)
+    return 0
+  per_example = int(x.shape[2]) * int(y.shape[2])
+  return int(min(b, max(1, _MATERIALIZE_BUDGET // max(per_example, 1))))
+
+
+def _materialize(x, y, ids, rows, k_rows: int) -> jax.Array:
+  """``[k, K, N]`` per-example gradients ``sum_s x_s y_s^T`` (+ the summed lookup rows of a tied table)."""
+  g = jnp.einsum("bnk,bnm->bkm", x, y, precision=_HIGHEST)
+  if rows is not None:
+    g = g + jax.vmap(lambda i, r: jnp.zeros((k_rows, r.shape[-1]), jnp.float32).at[i].add(r, mode="drop"))(ids, rows)
+  return g
+
+
+def _dense_norm_bounds(x, y, ids, rows) -> tuple[jax.Array, jax.Array]:
+  """``(estimate, bound)`` of the norm of one leaf's per-example gradient, ``[b]`` each.
+
+  The gradient is ``G = sum_s x_s y_s^T`` (+ ``sum_t onehot(ids_t) rows_t^T`` for a tied table). The estimate
+  is the Gram norm, as vmap would compute it. The bound is a rigorous upper bound on the
+  norm of what the book-keeping sum adds for the example, ``fl(sum_s x_s (w y_s)^T)`` divided by its weight
+  ``w``, whatever the cancellation: ``sqrt(max(n2, 0) + E) + gamma_{n+2} U`` where ``n2`` is the computed
+  squared norm, ``E`` bounds its rounding error term by term and ``U = sum_s |x_s| |y_s|`` (Higham, 3.5) bounds
+  the rounding of the book-keeping matmul (``n`` products summed per entry, one product by ``w``, one add of
+  the rows). Everything is computed on operands scaled by powers of two (exact) so that nothing under- or
+  overflows, and positive sums are trees of bounded depth (:func:`dpmega.clipping.sum_nonneg`).
+  """
+  b, n, kx = x.shape
+  ny_dim = y.shape[2]
+  ex = clipping_lib.exponent(x, (1, 2))
+  ey = clipping_lib.exponent(y, (1, 2))
+  e = ex + ey
+  if rows is not None:
+    # A common scale for the dense part and the rows of a tied table (the larger of the two is O(1)).
+    e = jnp.maximum(e, clipping_lib.exponent(rows, (1, 2)))
+  xs = clipping_lib.scale_pow2(x, ex)
+  ys = clipping_lib.scale_pow2(y, e - ex)
+  g_kx, g_ny = clipping_lib.gamma(kx), clipping_lib.gamma(ny_dim)
+  flat = lambda m: m.reshape(b, -1)
+  aa = jnp.einsum("bsk,btk->bst", xs, xs, precision=_HIGHEST)
+  bb = jnp.einsum("bsk,btk->bst", ys, ys, precision=_HIGHEST)
+  # Row norms from the Gram diagonals (each within gamma_K of the true squared norm), rounded up to bounds.
+  sx = jnp.diagonal(aa, axis1=1, axis2=2) * (1.0 + 2.0 * g_kx)
+  sy = jnp.diagonal(bb, axis1=1, axis2=2) * (1.0 + 2.0 * g_ny)
+  nx, ny = jnp.sqrt(sx), jnp.sqrt(sy)
+  u_dense = clipping_lib.sum_nonneg(nx * ny)  # [b]
+  terms = aa * bb
+  # One tree for the estimate and its three error sums (|aa - AA| <= g_kx nx nx, |bb - BB| <= g_ny ny ny).
+  sums = clipping_lib.sum_nonneg(jnp.stack([
+      flat(terms), flat(jnp.abs(terms)),
+      flat(nx[:, :, None] * nx[:, None, :] * jnp.abs(bb)), flat(jnp.abs(aa) * ny[:, :, None] * ny[:, None, :])],
+      axis=1))
+  est2, s3, s1, s2 = sums[:, 0], sums[:, 1], sums[:, 2], sums[:, 3]
+  err2 = (g_kx * s1 + g_ny * s2 + g_kx * g_ny * jnp.square(u_dense)
+          + (clipping_lib.tree_gamma(n * n) + clipping_lib.UNIT_ROUNDOFF) * s3)
+  u_total = u_dense
+  if rows is not None:
+    rs = clipping_lib.scale_pow2(rows, e)
+    sr = clipping_lib.sum_nonneg(jnp.square(rs))  # [b, n_rows]; duplicates already summed
+    nr = jnp.sqrt(sr)
+    # Cross terms between dense uses and lookups of a tied table: x_s . onehot(id_t) = x_s[id_t].
+    xi = jnp.take_along_axis(xs, ids[:, None, :], axis=2)  # [b, n, n_rows], exact
+    yi = jnp.einsum("bsm,btm->bst", ys, rs, precision=_HIGHEST)
+    cross = xi * yi
+    rows2 = clipping_lib.sum_nonneg(sr)
+    cross_sum = clipping_lib.sum_nonneg(flat(cross))
+    gram2, est2 = est2, est2 + rows2 + 2.0 * cross_sum
+    g_d = clipping_lib.tree_gamma(rows.shape[2]) + clipping_lib.UNIT_ROUNDOFF
+    err2 = err2 + (g_d * rows2
+                   + 2.0 * g_ny * clipping_lib.sum_nonneg(flat(jnp.abs(xi) * ny[:, :, None] * nr[:, None, :]))
+                   + 2.0 * (clipping_lib.tree_gamma(n * rows.shape[1]) + clipping_lib.UNIT_ROUNDOFF)
+                   * clipping_lib.sum_nonneg(flat(jnp.abs(cross)))
+                   # the two additions of the three parts
+                   + 2.0 * clipping_lib.UNIT_ROUNDOFF * (jnp.abs(gram2) + rows2 + 2.0 * jnp.abs(cross_sum)))
+    # The rows are scattered as summed (one product by w, one add to the dense part each).
+    u_total = u_dense + clipping_lib.sum_nonneg(nr)
+  est_s = jnp.sqrt(jnp.maximum(est2, 0.0))
+  # 1.001 on the error terms only: room for their own rounding (they are positive sums of a few roundings).
+  upper_s = (jnp.sqrt(jnp.maximum(est2, 0.0) + 1.001 * err2)
+             + 1.001 * (clipping_lib.gamma(n + 2) * u_dense
+                        + 2 * clipping_lib.UNIT_ROUNDOFF * (u_total - u_dense)))
+  return clipping_lib.unscale_pow2(est_s, e), clipping_lib.unscale_pow2(upper_s, e)
 
 
 def plan_layers(loss_fn: Callable[..., Any], params: PyTree, example: PyTree,
@@ -472,9 +604,9 @@ def clipped_sum_ghost(
   (fb_grads, g_perts), (losses, aux, captured) = jax.vmap(grad_fn, in_axes=(None, None, 0))(
       [leaves[j] for j in fb], perts0, ex_leaves)
 
-  # Per-leaf factors in canonical orientation: dense (X [b,n,K], Y [b,n,N]) and lookups (ids, valid, rows).
+  # Per-leaf factors in canonical orientation: dense (X [b,n,K], Y [b,n,N]) and lookups (ids, first, summed rows).
   factors = {}
-  sq = jnp.zeros((b,), jnp.float32)
+  est_norms, upper_norms = [], []  # [b] per leaf: the estimate, and a rigorous bound on what is added
   for leaf, (us, canon) in ghost.items():
     shape = tuple(leaves[leaf].shape)
     dense_x, dense_y, ids_l, valid_l, rows_l = [], [], [], [], []
@@ -483,19 +615,14 @@ def clipped_sum_ghost(
       act = captured[u.path]
       if u.kind == "slice":
         v_rows, k = shape[0], u.slice_rows
-        start = jnp.clip(act.reshape(b).astype(jnp.int32), 0, v_rows - k)
+        start = _clamp_ids(act.reshape(b), v_rows - k)  # dynamic_slice clamps its start, as does its transpose
         ids_l.append(start[:, None] + jnp.arange(k, dtype=jnp.int32)[None])
         valid_l.append(jnp.ones((b, k), bool))
         rows_l.append(g.reshape(b, k, -1))
       elif u.kind == "gather":
-        ids = act.reshape(b, -1).astype(jnp.int32)
-        rows = g.reshape(b, ids.shape[1], -1)
-        v_rows = shape[0]
-        if u.mode == lax.GatherScatterMode.FILL_OR_DROP:
-          valid = (ids >= 0) & (ids < v_rows)
-        else:
-          ids, valid = jnp.clip(ids, 0, v_rows - 1), jnp.ones(ids.shape, bool)
-        ids_l.append(jnp.where(valid, ids, 0))
+        rows = g.reshape(b, -1, shape[1])
+        ids, valid = _gather_ids(act.reshape(b, rows.shape[1]), shape[0], u.mode)
+        ids_l.append(ids)
         valid_l.append(valid)
         rows_l.append(jnp.where(valid[..., None], rows, 0.0))
       else:
@@ -505,45 +632,75 @@ def clipped_sum_ghost(
         dense_y.append(y)
     xd = jnp.concatenate(dense_x, axis=1) if dense_x else None
     yd = jnp.concatenate(dense_y, axis=1) if dense_y else None
-    ids = jnp.concatenate(ids_l, axis=1) if ids_l else None
-    valid = jnp.concatenate(valid_l, axis=1) if valid_l else None
-    rows = jnp.concatenate(rows_l, axis=1) if rows_l else None
-    factors[leaf] = (xd, yd, ids, valid, rows)
-    if ids is not None:
-      sq = sq + embeddings_lib.row_grad_sq_norms(ids, rows, valid)
-    if xd is not None:
-      if methods[leaf] == NormMethod.MATERIALIZE:
-        per_ex = jnp.einsum("bnk,bnm->bkm", xd, yd, precision=_HIGHEST)
-        sq = sq + jnp.sum(jnp.square(per_ex), axis=(1, 2))
-      else:
-        sq = sq + _gram(xd, yd)
-    if ids is not None and xd is not None:
-      # Cross terms between lookups and dense uses of one (tied) table:
-      # x_s . onehot(id_t) = x_s[id_t].
-      xi = jnp.take_along_axis(xd, ids[:, None, :], axis=2)  # [b, n_dense, n_ids]
-      yi = jnp.einsum("bsm,btm->bst", yd, rows, precision=_HIGHEST)
-      sq = sq + 2.0 * jnp.sum(xi * yi, axis=(1, 2))
+    ids = first = rows = None
+    if ids_l:
+      # Duplicate ids summed once, here: the norm and the scatter below use the same summed rows.
+      ids = jnp.concatenate(ids_l, axis=1)
+      rows, first = embeddings_lib.dedup_rows(ids, jnp.concatenate(rows_l, axis=1), jnp.concatenate(valid_l, axis=1))
+    sel = g_sel = None
+    if xd is None:
+      est = upper = clipping_lib.scaled_norms(rows)
+    else:
+      k_rows = int(np.prod([shape[d] for d in sorted(canon)], dtype=np.int64))
+      n_sel = _materialize_count(methods[leaf], b, xd, yd, rows)
+      if xd.shape[1] == 1 and rows is None:
+        # One row: G = x y^T, ||G|| = ||x|| ||y|| with no cancellation, and the book-keeping adds each entry as
+        # one product (relative error 2u): the estimate is its own bound.
+        est = upper = clipping_lib.scaled_norms(xd) * clipping_lib.scaled_norms(yd)
+      elif n_sel < b:
+        est, upper = _dense_norm_bounds(xd, yd, ids, rows)
+      if n_sel:
+        # These examples' gradients are materialized, and both their norm and their contribution are taken from
+        # the materialized numbers (as vmap does): exact wherever the bound above is loose (cancellation).
+        if n_sel == b:
+          sel = jnp.arange(b)
+        else:
+          loose = jnp.where(est > 0, upper / jnp.where(est > 0, est, 1.0), jnp.where(upper > 0, jnp.inf, 0.0))
+          loose = jnp.where((mask > 0) & ~jnp.isnan(loose), loose, -1.0)
+          sel = lax.top_k(loose, n_sel)[1]
+        g_sel = _materialize(xd[sel], yd[sel], None if ids is None else ids[sel], None if rows is None else rows[sel],
+                             k_rows)
+        m = clipping_lib.scaled_norms(g_sel)
+        est = m if n_sel == b else est.at[sel].set(m)
+        upper = m if n_sel == b else upper.at[sel].set(m)
+    factors[leaf] = (xd, yd, ids, first, rows, sel, g_sel)
+    est_norms.append(est)
+    upper_norms.append(upper)
   for g in fb_grads:
-    sq = sq + jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(b, -1), axis=1)
-  norms = jnp.sqrt(jnp.where(sq < 0, 0.0, sq))  # rounding of cross terms; NaN stays NaN
+    norm = clipping_lib.scaled_norms(g)
+    est_norms.append(norm)
+    upper_norms.append(norm)
+  est = clipping_lib.hypot(est_norms)
+  upper = clipping_lib.hypot(upper_norms)
+  # The estimate is what vmap would give; the bound is used only where it exceeds the estimate by more than
+  # the slack, so benign examples keep vmap's clip factors and a crafted one is clipped by its bound.
+  norms = jnp.maximum(est, upper / (1.0 + _BOUND_SLACK))
 
   weights, stats = clipping_lib.combine(norms, mask, clip_norm, losses)
   keep = weights > 0
   out_leaves = [jnp.zeros(np.shape(x), jnp.float32) for x in leaves]  # unused leaves stay 0
-  for leaf, (xd, yd, ids, valid, rows) in factors.items():
+  for leaf, (xd, yd, ids, first, rows, sel, g_sel) in factors.items():
     us, canon = ghost[leaf]
     shape = tuple(leaves[leaf].shape)
     order = sorted(canon) + [d for d in range(len(shape)) if d not in canon]
     k = int(np.prod([shape[d] for d in sorted(canon)], dtype=np.int64))
     total = None  # no zeros-and-add pass over a whole (embedding) table
-    if xd is not None:
-      xw = jnp.where(keep[:, None, None], xd, 0.0)
-      yw = jnp.where(keep[:, None, None], yd * weights[:, None, None], 0.0)
+    w_bk, keep_bk = weights, keep
+    if sel is not None:
+      w_sel = weights[sel]
+      g_w = jnp.where((w_sel > 0)[:, None, None], g_sel * w_sel[:, None, None], 0.0)
+      total = jnp.sum(g_w, axis=0)
+      # The materialized examples are not added again by the book-keeping below.
+      w_bk = weights.at[sel].set(0.0)
+      keep_bk = w_bk > 0
+    if xd is not None and (sel is None or sel.shape[0] < xd.shape[0]):
+      xw = jnp.where(keep_bk[:, None, None], xd, 0.0)
+      yw = jnp.where(keep_bk[:, None, None], yd * w_bk[:, None, None], 0.0)
       # One [b*n, K]^T [b*n, M] matmul: the layout of the non-private weight gradient.
-      total = jnp.einsum("nk,nm->km", xw.reshape(-1, xw.shape[-1]), yw.reshape(-1, yw.shape[-1]),
-                         precision=_HIGHEST)
-    if ids is not None:
-      scattered = embeddings_lib.scatter_add_rows(ids, rows, k, valid=valid, weights=weights)
+      bk = jnp.einsum("nk,nm->km", xw.reshape(-1, xw.shape[-1]), yw.reshape(-1, yw.shape[-1]), precision=_HIGHEST)
+      total = bk if total is None else total + bk
+    if ids is not None and (sel is None or sel.shape[0] < ids.shape[0]):
+      scattered = embeddings_lib.scatter_add_rows(ids, rows, k, valid=first, weights=w_bk)
       total = scattered if total is None else total + scattered
     out_leaves[leaf] = _from_canonical(total, shape, canon) if order != list(range(len(shape))) else total.reshape(shape)
   if fb:

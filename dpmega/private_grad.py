@@ -25,6 +25,7 @@ def private_value_and_grad(
     has_aux: bool = False,
     argnums: int | Sequence[int] = 0,
     clipping: str = "auto",
+    noise_sampler: noise_lib.NoiseSampler | str = noise_lib.NoiseSampler.WIDE_TAIL,
 ) -> Callable[..., Any]:
   """Makes a function returning the loss and a DP-SGD noisy mean gradient.
 
@@ -36,6 +37,9 @@ def private_value_and_grad(
   The returned function is ``f(*args, batch, key, mask=None)``: the
   arguments of ``loss_fn`` before the example, then the batch (every leaf with
   a leading batch axis), then a PRNG key used once for this step's noise.
+  The key must be secret: ``dpmega.step_key(secret, step)`` with ``secret =
+  dpmega.secret_bytes()``, never ``jax.random.key(step)`` or a public seed,
+  from which anyone could regenerate the noise and subtract it.
   Arguments not in ``argnums`` (frozen parameters, model state) are passed
   unchanged to every example.
 
@@ -66,6 +70,10 @@ def private_value_and_grad(
     clipping: how per-example norms are computed: ``"auto"`` (default, fast
       ghost norms where possible), ``"ghost"`` or ``"vmap"``; all exact (see
       :func:`dpmega.clipping.clipped_grad_sum`).
+    noise_sampler: the Gaussian sampler (:class:`dpmega.noise.NoiseSampler`):
+      ``"wide_tail"`` (default, support ±9.155 std) or ``"jax_bounded"``
+      (``jax.random.normal``'s numbers; its support puts a floor under δ). Pass
+      the same one to the accountant's ``δ_tail`` (:mod:`dpmega.truncation`).
 
   Returns:
     ``f(*args, batch, key, mask=None) -> (loss, grads, stats)`` where ``loss``
@@ -80,7 +88,8 @@ def private_value_and_grad(
     >>> grad_fn = dpmega.private_value_and_grad(
     ...     loss, clip_norm=1.0, noise_multiplier=1.1, expected_batch_size=8)
     >>> batch = {"x": jnp.ones((8, 3)), "y": jnp.zeros(8)}
-    >>> value, grads, stats = grad_fn(jnp.ones(3), batch, jax.random.key(0))
+    >>> secret = dpmega.secret_bytes()  # once per run, from the OS CSPRNG; never logged
+    >>> value, grads, stats = grad_fn(jnp.ones(3), batch, dpmega.step_key(secret, 0))
     >>> float(value), grads.shape, int(stats.num_clipped)
     (9.0, (3,), 8)
   """
@@ -92,6 +101,7 @@ def private_value_and_grad(
     raise ValueError(f"clip_norm must be finite when noise_multiplier > 0, got {clip_norm=}.")
   noise_lib.validate_expected_batch_size(expected_batch_size)
   clipping_lib.validate_microbatch_size(microbatch_size)
+  noise_sampler = noise_lib.as_sampler(noise_sampler)
   if clipping not in clipping_lib.clipping_modes():
     raise ValueError(f"clipping must be one of {clipping_lib.clipping_modes()}, got {clipping=!r}.")
   single = isinstance(argnums, int)
@@ -115,7 +125,7 @@ def private_value_and_grad(
         has_aux=has_aux, clipping=clipping)
     grads = noise_lib.privatize(
         grad_sum, key, noise_multiplier=noise_multiplier, clip_norm=clip_norm,
-        expected_batch_size=expected_batch_size)
+        expected_batch_size=expected_batch_size, sampler=noise_sampler)
     grads = grads[0] if single else grads
     loss = stats.mean_loss
     return ((loss, aux) if has_aux else loss), grads, stats
@@ -128,6 +138,8 @@ def private_value_and_grad(
     *args, batch, key = args_batch_key
     if max(argnums_t) >= len(args):
       raise ValueError(f"argnums={argnums!r} is out of range for {len(args)} argument(s) before the batch.")
+    # Before tracing: integer leaves are refused alike in every clipping mode, named from args[argnums].
+    clipping_lib.validate_params(args[argnums] if single else tuple(args[i] for i in argnums_t))
     b = clipping_lib.check_batch(batch, mask, microbatch_size)
     if mask is None:
       mask = jnp.ones((b,), jnp.float32)

@@ -9,10 +9,16 @@ Two samplers, each matching one sampling scheme of the accountant:
 * :class:`WithoutReplacementSampler` -- exactly ``B_t`` distinct examples,
   uniformly at random (accounted as sampling without replacement).
 
-Guarantee: the indices of step ``t`` are a pure function of ``(seed, t,
-B_t, N)``: a sampler's whole state is ``(scheme, N, seed, position)`` (see
-:class:`SamplerState`), so a restored sampler draws exactly the batches an
-uninterrupted one would have.
+Guarantees: the indices of step ``t`` are a pure function of ``(secret,
+generation, t, B_t, N)`` -- a sampler's whole state is its secret, generation
+and :class:`SamplerState` ``(scheme, N, position)`` -- so a restored sampler
+draws exactly the batches an uninterrupted one would have. Without the secret
+they are unpredictable: step ``t`` is seeded by ``HMAC-SHA256(secret,
+"sampler" | generation | t)`` (:func:`dpmega.noise.sampler_entropy`), a
+stream independent of the noise's; the default secret is fresh from the OS
+CSPRNG (:func:`dpmega.noise.secret_bytes`). Poisson membership that anyone
+could recompute would be public, and the accountant's amplification by
+sampling assumes it is not.
 
 The realized batch is cut into chunks of whole micro-batches for the jitted
 step (:func:`chunk_sizes`): full chunks of ``max_microbatches * m`` examples
@@ -40,11 +46,9 @@ from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
+from dpmega import noise
 from dpmega.accounting import SamplingScheme
 from dpmega.data.sources import RandomAccessSource
-
-# Separates the sampler's random stream from any other use of the run's seed.
-_SAMPLER_STREAM = 0x5A3F1E
 
 
 def _check_int(name: str, value: Any, lo: int, hi: float = math.inf) -> int:
@@ -55,8 +59,8 @@ def _check_int(name: str, value: Any, lo: int, hi: float = math.inf) -> int:
   return int(value)
 
 
-def _rng(seed: int, step: int) -> np.random.Generator:
-  return np.random.default_rng(np.random.SeedSequence([seed, _SAMPLER_STREAM, step]))
+def _rng(secret: bytes, generation: int, step: int) -> np.random.Generator:
+  return np.random.default_rng(np.random.SeedSequence(noise.sampler_entropy(secret, step, generation=generation)))
 
 
 def _uniform_subset(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
@@ -73,38 +77,53 @@ def _uniform_subset(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class SamplerState:
-  """Everything needed to continue a sampler exactly: checkpoint this.
+  """The sampler's public state: checkpoint this (with the secret, which it does not hold).
 
   Attributes:
     scheme: the sampling scheme (it must match the ledger's).
     dataset_size: N, the number of examples sampled from.
-    seed: the run's sampling seed (non-negative int).
     position: the number of batches drawn so far (= next step index).
   """
 
   scheme: SamplingScheme
   dataset_size: int
-  seed: int
   position: int
 
   def to_dict(self) -> dict[str, Any]:
-    return {"scheme": self.scheme.value, "dataset_size": self.dataset_size, "seed": self.seed,
-            "position": self.position}
+    return {"scheme": self.scheme.value, "dataset_size": self.dataset_size, "position": self.position}
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "SamplerState":
-    return cls(SamplingScheme(d["scheme"]), int(d["dataset_size"]), int(d["seed"]), int(d["position"]))
+    return cls(SamplingScheme(d["scheme"]), int(d["dataset_size"]), int(d["position"]))
 
 
 class _Sampler:
-  """Shared state handling; subclasses define ``scheme`` and ``indices_at``."""
+  """Shared state handling; subclasses define ``scheme`` and ``indices_at``.
+
+  Args:
+    dataset_size: N.
+    secret: the root secret (>= 16 bytes) the batches are a function of; None
+      (default) draws a fresh one from the OS CSPRNG. For a reproducible,
+      NON-private run pass ``dpmega.noise.insecure_secret_from_seed(seed)``.
+    generation: the trainer's recomputation counter (see
+      :func:`dpmega.noise.step_key`); a new generation draws new batches.
+    position: the next step to draw.
+  """
 
   scheme: SamplingScheme
 
-  def __init__(self, dataset_size: int, *, seed: int, position: int = 0):
+  def __init__(self, dataset_size: int, *, secret: bytes | None = None, generation: int = 0, position: int = 0):
     self.dataset_size = _check_int("dataset_size", dataset_size, 1)
-    self.seed = _check_int("seed", seed, 0, 2**63 - 1)
+    self._secret = noise.secret_bytes() if secret is None else noise.validate_secret(secret)
+    self.generation = _check_int("generation", generation, 0, 2**63 - 1)
     self.position = _check_int("position", position, 0)
+
+  def __repr__(self) -> str:  # never the secret
+    return f"{type(self).__name__}(dataset_size={self.dataset_size}, generation={self.generation}, " \
+           f"position={self.position})"
+
+  def _rng(self, step: int) -> np.random.Generator:
+    return _rng(self._secret, self.generation, _check_int("step", step, 0, 2**63 - 1))
 
   def _check_batch_size(self, batch_size: int) -> int:
     return _check_int("batch_size", batch_size, 1, self.dataset_size)
@@ -120,15 +139,19 @@ class _Sampler:
 
   @property
   def state(self) -> SamplerState:
-    return SamplerState(self.scheme, self.dataset_size, self.seed, self.position)
+    return SamplerState(self.scheme, self.dataset_size, self.position)
 
   def restore(self, state: SamplerState) -> None:
-    """Continues from ``state``; raises ``ValueError`` if it is another sampler's state."""
-    mine = (self.scheme, self.dataset_size, self.seed)
-    theirs = (state.scheme, state.dataset_size, state.seed)
+    """Continues from ``state``; raises ``ValueError`` if it is another sampler's state.
+
+    The state does not hold the secret: build this sampler with the run's
+    secret (kept in its checkpoint) to draw the run's batches.
+    """
+    mine = (self.scheme, self.dataset_size)
+    theirs = (state.scheme, state.dataset_size)
     if mine != theirs:
       raise ValueError(
-          f"sampler state is for (scheme, dataset_size, seed)={tuple(map(str, theirs))}, "
+          f"sampler state is for (scheme, dataset_size)={tuple(map(str, theirs))}, "
           f"but this run has {tuple(map(str, mine))}.")
     self.position = _check_int("position", state.position, 0)
 
@@ -137,7 +160,7 @@ class PoissonSampler(_Sampler):
   """Poisson sampling: each example independently with probability ``q = B / N``.
 
   Example:
-    >>> s = PoissonSampler(1000, seed=0)
+    >>> s = PoissonSampler(1000)  # a fresh secret from the OS CSPRNG
     >>> idx = s.sample(100)
     >>> 60 < len(idx) < 140, s.position, bool((idx[1:] > idx[:-1]).all())
     (True, 1, True)
@@ -148,8 +171,7 @@ class PoissonSampler(_Sampler):
   def indices_at(self, step: int, batch_size: int) -> np.ndarray:
     """Step ``step``'s batch for expected batch size ``batch_size`` (pure in its inputs)."""
     batch_size = self._check_batch_size(batch_size)
-    step = _check_int("step", step, 0)
-    rng = _rng(self.seed, step)
+    rng = self._rng(step)
     q = batch_size / self.dataset_size
     count = int(rng.binomial(self.dataset_size, q))
     return _uniform_subset(rng, self.dataset_size, count)
@@ -159,7 +181,7 @@ class WithoutReplacementSampler(_Sampler):
   """Exactly ``B`` distinct examples per step, uniformly at random.
 
   Example:
-    >>> len(WithoutReplacementSampler(1000, seed=0).sample(100))
+    >>> len(WithoutReplacementSampler(1000).sample(100))
     100
   """
 
@@ -167,24 +189,26 @@ class WithoutReplacementSampler(_Sampler):
 
   def indices_at(self, step: int, batch_size: int) -> np.ndarray:
     batch_size = self._check_batch_size(batch_size)
-    step = _check_int("step", step, 0)
-    return _uniform_subset(_rng(self.seed, step), self.dataset_size, batch_size)
+    return _uniform_subset(self._rng(step), self.dataset_size, batch_size)
 
 
-def make_sampler(scheme: SamplingScheme | str, dataset_size: int, *, seed: int,
-                 position: int = 0) -> PoissonSampler | WithoutReplacementSampler:
-  """The sampler for ``scheme`` ("poisson" or "without_replacement")."""
+def make_sampler(scheme: SamplingScheme | str, dataset_size: int, *, secret: bytes | None = None,
+                 generation: int = 0, position: int = 0) -> PoissonSampler | WithoutReplacementSampler:
+  """The sampler for ``scheme`` ("poisson" or "without_replacement"); ``secret`` None draws a fresh one."""
   try:
     scheme = SamplingScheme(scheme)
   except ValueError:
     raise ValueError(
         f"sampling scheme must be one of {[s.value for s in SamplingScheme]}, got {scheme!r}.") from None
   cls = PoissonSampler if scheme == SamplingScheme.POISSON else WithoutReplacementSampler
-  return cls(dataset_size, seed=seed, position=position)
+  return cls(dataset_size, secret=secret, generation=generation, position=position)
 
 
-def sampler_from_state(state: SamplerState) -> PoissonSampler | WithoutReplacementSampler:
-  return make_sampler(state.scheme, state.dataset_size, seed=state.seed, position=state.position)
+def sampler_from_state(state: SamplerState, *, secret: bytes,
+                       generation: int = 0) -> PoissonSampler | WithoutReplacementSampler:
+  """The sampler that continues ``state`` with the run's ``secret`` (from its checkpoint)."""
+  return make_sampler(state.scheme, state.dataset_size, secret=secret, generation=generation,
+                      position=state.position)
 
 
 def chunk_shapes(microbatch_size: int, max_microbatches: int) -> tuple[int, ...]:

@@ -9,14 +9,14 @@ clipping, XLA collectives (``psum``, ``psum_scatter``) for the reduction,
 
 The flow of one private step on a mesh::
 
-  every process: global Poisson sample (seed, step)  -> its contiguous share,
+  every process: global Poisson sample (secret, step) -> its contiguous share,
                  padded to the same chunk shapes as every other process
   every process: load its rows -> global_batch_from_process_local -> [rows, ...]
                  sharded over all mesh devices (data x fsdp)
   per chunk   :  accumulate(params, grad_sum, stats, batch, mask)
                    each device: clipped_grad_sum on ITS rows (scan over
                    micro-batches), then psum over data / psum_scatter over fsdp
-  once / step :  privatize(grad_sum, step_key(seed, step), sigma, B)
+  once / step :  privatize(grad_sum, noise.step_key(secret, step), sigma, B)
                    one Gaussian draw of the whole pytree, sharded like params
 
 Guarantees:
@@ -33,6 +33,10 @@ Guarantees:
 * :func:`process_chunks` gives each process a contiguous slice of the one
   global sample: the union over processes is exactly the global sample, no
   example twice, none dropped, so ``q`` is exactly that of the sampler.
+* Every process holds the same root secret, drawn on process 0 and sent by
+  :func:`broadcast_secret` over ``jax.distributed`` (never a file or argv),
+  so the processes agree on the sample and the noise key without either being
+  predictable from outside.
 
 Edge cases:
 
@@ -358,13 +362,6 @@ def make_privatize_fn(shardings: PyTree, *, clip_norm: float) -> Callable[..., P
   return privatize
 
 
-def step_key(seed: int, step: int) -> jax.Array:
-  """The noise key of logical step ``step``: the same on every process and device count."""
-  _check_int("seed", seed, 0, 2**32 - 1)
-  _check_int("step", step, 0, 2**31 - 1)
-  return jax.random.fold_in(jax.random.key(seed), step)
-
-
 def check_partitionable_rng() -> None:
   """Raises ``RuntimeError`` unless ``jax_threefry_partitionable`` is on.
 
@@ -420,7 +417,7 @@ def process_chunks(
   """This process's share of a global sample, cut into chunks of the same shapes on every process.
 
   Every process computes the same global sample (a pure function of the
-  shared seed and step, e.g. ``PoissonSampler(N, seed=s).indices_at(t, B)``),
+  shared secret and step, e.g. ``PoissonSampler(N, secret=s).indices_at(t, B)``),
   keeps the contiguous slice :func:`process_slice` gives it, and pads it to
   chunk sizes that depend only on ``len(global_indices)`` and
   ``process_count`` (:func:`dpmega.sampling.chunk_sizes` of the largest
@@ -467,7 +464,7 @@ def process_chunks(
 
 
 def process_poisson_chunks(
-    seed: int,
+    secret: bytes,
     step: int,
     batch_size: int,
     dataset_size: int,
@@ -481,8 +478,10 @@ def process_poisson_chunks(
 
   The global sample is :class:`dpmega.sampling.PoissonSampler`'s, the one the
   accountant is told about, so ``q`` is exact on any number of processes.
+  ``secret`` is the run's root secret, the same on every process
+  (:func:`broadcast_secret`).
   """
-  sampler = sampling.PoissonSampler(dataset_size, seed=seed)
+  sampler = sampling.PoissonSampler(dataset_size, secret=secret)
   return process_chunks(sampler.indices_at(step, batch_size), process_index=process_index,
                         process_count=process_count, rows_multiple=rows_multiple, max_multiples=max_multiples)
 
@@ -533,6 +532,23 @@ def sync_processes(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # noqa: PLC0415
     multihost_utils.sync_global_devices(name)
+
+
+def broadcast_secret(secret: bytes) -> bytes:
+  """Process 0's ``secret`` on every process, sent over ``jax.distributed`` (collective: call everywhere).
+
+  The secret travels as uint32 words through
+  ``multihost_utils.broadcast_one_to_all`` -- never through a file, argv or
+  the environment, where other users of the machines could read it. With one
+  process it is returned as is.
+  """
+  secret = noise_lib.validate_secret(secret)
+  if jax.process_count() == 1:
+    return secret
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  words = multihost_utils.broadcast_one_to_all(noise_lib.secret_to_words(secret))
+  return noise_lib.secret_from_words(np.asarray(words).astype(np.uint32))
 
 
 def global_batch_from_process_local(local_batch: PyTree, mesh: Mesh) -> PyTree:

@@ -7,9 +7,9 @@ One logical step ``t`` (expected batch size ``B_t`` from the schedule):
 2. the examples are read chunk by chunk (fixed shapes, padded and masked) and
    each chunk goes through the jitted clipped-sum accumulation -- the logical
    batch is never materialized on the device, only one chunk at a time;
-3. ONE Gaussian draw from ``fold_in(fold_in(key(seed), NOISE), t)`` is added to
-   the summed clipped gradients, which are divided by ``B_t`` (the expected batch
-   size, never the realized one) and fed to the optax optimizer;
+3. ONE Gaussian draw from ``step_key(secret, t)`` is added to the summed clipped
+   gradients, which are divided by ``B_t`` (the expected batch size, never the
+   realized one) and fed to the optax optimizer;
 4. the ledger records ``(B_t, N, sigma, scheme)``.
 
 Budget (``TrainConfig.noise_multiplier`` / ``target_epsilon``): with a target
@@ -23,15 +23,39 @@ schedule on restore.
 The jitted pieces are pure functions -- ``accumulate(params, acc, batch, mask)
 -> acc`` and ``apply_update(state, grad_sum, key, sigma, B) -> (state,
 metrics)`` -- so that a mesh (data-parallel over a ``data`` axis) can be put
-under them without changing the loop; noise keys depend only on ``(seed, t)``,
-so a resumed run reuses no key for another step and redoes a replayed step
-bit-for-bit.
+under them without changing the loop.
+
+Randomness (invariant 7): the noise, the sampling and the data preparation
+(e.g. BERT masking) of step ``t`` are keyed by HMAC-SHA256 of the run's root
+secret (:func:`dpmega.noise.step_key`, ``prepare_key``, ``sampler_entropy``;
+one domain each). The secret is 256 bits from the OS CSPRNG, drawn afresh by
+every new run (a new workdir, ``--overwrite``), broadcast from process 0 to
+every process over ``jax.distributed``, kept in the checkpoints (as sensitive
+as the model) and nowhere else: not in ``config.json``, ``metrics.jsonl``,
+``summary.json``, TensorBoard or the output, not even as a hash. A resume
+takes it from the checkpoint, so a replayed step is redone bit-for-bit and no
+key serves another step. Only the parameter initialization is public
+(``init_seed``: it does not depend on the data). ``insecure_reproducible_seed``
+derives the secret from a public int instead, for tests and debugging: the
+plan, ``config.json`` and ``summary.json`` then say that the run is NOT a
+private release.
+
+Resume (invariant 6, ``docs/privacy.md``): checkpoints carry a fingerprint of
+the computation (:meth:`Trainer.fingerprint`); a resume that changes it is
+refused, naming the fields. A crash resume from the newest checkpoint replays
+the same keys bit for bit; any other recomputation (``--resume_step``, a
+changed optimizer or environment) runs in a new ``generation`` with new keys
+and samples. Every step is written to ``<workdir>/spent.jsonl``
+(:mod:`dpmega.journal`) before its noisy update exists, and the ε reported and
+budget-checked is that of every distinct (generation, step) in it.
 
 .. warning::
-   The per-step log lines (training loss, realized batch size, examples/s) are
-   computed from the private batch WITHOUT noise: they are for the operator,
-   not for release. Only the parameters (and what is computed from them, such
-   as evaluation metrics on a separate split) carry the DP guarantee.
+   With ``metrics="raw"`` (the default) the per-step log lines (training loss,
+   realized batch size, clipped fraction, examples/s) are computed from the
+   private batch WITHOUT noise: they are for the operator, not for release.
+   ``metrics="private"`` logs only privatized quantities. The parameters (and
+   what is computed from them, such as evaluation metrics on a separate split)
+   carry the DP guarantee.
 """
 
 from __future__ import annotations
@@ -54,31 +78,41 @@ import optax
 from dpmega import accounting
 from dpmega import checkpoint as checkpoint_lib
 from dpmega import config as config_lib
+from dpmega import journal as journal_lib
+from dpmega import noise as noise_lib
+from dpmega import truncation
 from dpmega import sampling
 from dpmega import sharding
 from dpmega.clipping import ClipStats
 from dpmega.clipping import clipped_grad_sum
+from dpmega.data import sources as sources_lib
 from dpmega.errors import UsageError
+from dpmega.noise import add_gaussian_noise
 from dpmega.noise import privatize
 from dpmega.tasks import Task
 from dpmega.tasks import build_task
 
 PyTree = Any
 
-# Independent streams derived from the run's root key jax.random.key(seed).
-_INIT_STREAM = 0
-_NOISE_STREAM = 1
-_PREPARE_STREAM = 2
+SECRET_RANDOMNESS = ("secret: noise and sampling keyed by a 256-bit secret from the OS CSPRNG, "
+                     "kept in the checkpoints only")
 
 
-def noise_key(root_key: jax.Array, step: int) -> jax.Array:
-  """The key of step ``step``'s noise: a pure function of (seed, step), used once."""
-  return jax.random.fold_in(jax.random.fold_in(root_key, _NOISE_STREAM), step)
+def insecure_randomness(seed: int) -> str:
+  """What the plan, ``config.json`` and ``summary.json`` say about a run keyed by a public seed."""
+  return (f"INSECURE: insecure_reproducible_seed={seed}: noise reproducible by anyone who knows the seed: "
+          "NOT a private release")
 
 
-def key_fingerprint(key: jax.Array) -> str:
-  """A short, printable identity of a key (for logs and tests of key reuse)."""
-  return hashlib.sha256(np.asarray(jax.random.key_data(key)).tobytes()).hexdigest()[:16]
+def run_secret(cfg: config_lib.TrainConfig) -> bytes:
+  """The root secret of a new run: fresh from the OS CSPRNG on process 0, the same on every process.
+
+  With ``cfg.insecure_reproducible_seed`` set, derived from that public seed
+  instead (:func:`dpmega.noise.insecure_secret_from_seed`): NOT private.
+  """
+  if cfg.insecure_reproducible_seed is not None:
+    return noise_lib.insecure_secret_from_seed(cfg.insecure_reproducible_seed)
+  return sharding.broadcast_secret(noise_lib.secret_bytes())
 
 
 class TrainingError(RuntimeError):
@@ -158,21 +192,55 @@ def make_accumulate_fn(loss_fn: Callable[..., Any], *, clip_norm: float, microba
   return jax.jit(accumulate)
 
 
-def make_update_fn(optimizer: optax.GradientTransformation, *, clip_norm: float):
-  """Jitted ``(state, grad_sum, key, noise_multiplier, expected_batch_size) -> (state, metrics)``.
+def effective_noise_multiplier(noise_multiplier: float, clipped_count_noise: float | None) -> float:
+  """The noise multiplier the accountant is fed when a step also releases a noisy clipped count.
+
+  Guarantee: a step that releases ``(S + N(0, (σC)²), K + N(0, σ_b²))``, where
+  the clipped sum ``S`` has L2 sensitivity ``C`` and the clipped count ``K``
+  sensitivity 1 (add/remove-one), is the Gaussian mechanism with noise
+  multiplier ``σ_eff = (σ⁻² + σ_b⁻²)^(-1/2)``: scaled to unit noise, one
+  example moves the pair by at most ``sqrt(σ⁻² + σ_b⁻²)``. Under replace-one
+  the pair moves by at most ``sqrt(4σ⁻² + σ_b⁻²) <= 2/σ_eff``, which the
+  accountant's sensitivity 2 covers. Andrew et al. 2021 (adaptive clipping,
+  Theorem 1) account their noisy clipped count the same way.
+
+  Edge cases: ``clipped_count_noise`` None (no count released) returns
+  ``noise_multiplier`` unchanged; ``σ_eff < min(σ, σ_b)`` always.
+
+  Example:
+    >>> round(effective_noise_multiplier(1.0, 10.0), 6)
+    0.995037
+  """
+  if clipped_count_noise is None:
+    return float(noise_multiplier)
+  return float((noise_multiplier ** -2 + clipped_count_noise ** -2) ** -0.5)
+
+
+def make_update_fn(optimizer: optax.GradientTransformation, *, clip_norm: float,
+                   noise_sampler: str = "wide_tail", clipped_count_noise: float | None = None):
+  """Jitted ``(state, grad_sum, key, noise_multiplier, expected_batch_size, num_clipped) -> (state, metrics)``.
 
   Adds the step's single noise draw to the whole logical batch's clipped sum,
-  divides by the expected batch size, and applies the optimizer.
+  divides by the expected batch size, and applies the optimizer. With
+  ``clipped_count_noise`` (σ_b), the number of clipped examples is released
+  too, plus ``N(0, σ_b²)`` from its own stream of the step's key (the step is
+  then accounted at :func:`effective_noise_multiplier`). Every metric returned
+  is a function of these noisy releases and the parameters only.
   """
-
-  def apply_update(state: TrainState, grad_sum, key, noise_multiplier, expected_batch_size):
+  def apply_update(state: TrainState, grad_sum, key, noise_multiplier, expected_batch_size, num_clipped=0):
+    metrics = {}
+    if clipped_count_noise is not None:
+      key, count_key = jax.random.split(key)
+      count = jnp.asarray(num_clipped, jnp.float32)
+      metrics["noisy_clipped_count"] = add_gaussian_noise(count, count_key, noise_multiplier=clipped_count_noise,
+                                                          clip_norm=1.0, sampler=noise_sampler)
     noisy_mean = privatize(grad_sum, key, noise_multiplier=noise_multiplier, clip_norm=clip_norm,
-                           expected_batch_size=expected_batch_size)
+                           expected_batch_size=expected_batch_size, sampler=noise_sampler)
     updates, opt_state = optimizer.update(noisy_mean, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(params)]
-    metrics = {"noisy_grad_norm": optax.tree.norm(noisy_mean), "update_norm": optax.tree.norm(updates),
-               "params_finite": jnp.all(jnp.stack(finite)).astype(jnp.float32)}
+    metrics.update({"noisy_grad_norm": optax.tree.norm(noisy_mean), "update_norm": optax.tree.norm(updates),
+                    "params_finite": jnp.all(jnp.stack(finite)).astype(jnp.float32)})
     return TrainState(state.step + 1, params, opt_state), metrics
 
   return jax.jit(apply_update)
@@ -184,14 +252,19 @@ class TrainResult:
 
   Attributes:
     steps: logical steps completed (counting those before a resume).
-    epsilon: epsilon(delta) of every step that ran (from the ledger).
+    epsilon: epsilon(delta) the workdir has spent: every distinct (generation, step) in its journal,
+      including steps a rewind discarded. Never decreases over the workdir's history.
     delta: the delta.
     noise_multiplier: sigma used at every step.
     stop_reason: why the run ended before ``num_steps`` (budget), else None.
     eval_metrics: the task's evaluation at the end.
     params: the final parameters (host arrays).
-    ledger: the ledger of the steps that ran.
+    ledger: the ledger of the steps that led to the final model (its trajectory).
     history: the per-step records written to ``metrics.jsonl`` by this process.
+    trajectory_epsilon: epsilon(delta) of ``ledger`` alone (<= ``epsilon``).
+    spent: the workdir's ledger (what ``epsilon`` is computed from).
+    delta_tail: the part of ``delta`` that the noise sampler's bounded support costs over ``spent``.
+    generation: the generation the final steps ran in (0 unless a rewind or change started a new one).
   """
 
   steps: int
@@ -203,10 +276,24 @@ class TrainResult:
   params: PyTree
   ledger: accounting.Ledger
   history: list[dict[str, Any]]
+  trajectory_epsilon: float | None = None
+  spent: accounting.Ledger | None = None
+  delta_tail: float = 0.0
+  generation: int = 0
 
 
 def _fmt_int(n: int) -> str:
   return f"{int(n):,}"
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+  """``(dotted field, old, new)`` for every leaf where two JSON-like trees differ."""
+  if isinstance(old, dict) and isinstance(new, dict):
+    out = []
+    for k in sorted(set(old) | set(new)):
+      out += _differences(old.get(k), new.get(k), f"{prefix}{k}.")
+    return out
+  return [] if old == new else [(prefix.rstrip("."), old, new)]
 
 
 class _MetricsWriter:
@@ -302,14 +389,28 @@ class Trainer:
     self.dataset_size = len(task.train_source)
     config_lib.validate_against_dataset(cfg, self.dataset_size)
     self.batch_sizes = cfg.batch_schedule.batch_sizes(cfg.num_steps)
-    self.root_key = jax.random.key(cfg.seed)
+    # Public by design: the initialization does not depend on the data (the module docstring).
+    self.init_key = jax.random.key(cfg.init_seed)
+    self.randomness = (SECRET_RANDOMNESS if cfg.insecure_reproducible_seed is None
+                       else insecure_randomness(cfg.insecure_reproducible_seed))
+    self.sampler = None
+    self._set_randomness(run_secret(cfg), generation=0)
     self.optimizer = make_optimizer(cfg.optimizer, cfg.num_steps)
     self.num_traces = 0
     self.accumulate = make_accumulate_fn(
         task.loss_fn, clip_norm=cfg.clip_norm, microbatch_size=cfg.microbatch_size, has_aux=task.has_aux,
         clipping=cfg.clipping, on_trace=self._count_trace)
-    self.apply_update = make_update_fn(self.optimizer, clip_norm=cfg.clip_norm)
-    self.sampler = sampling.make_sampler(cfg.sampling, self.dataset_size, seed=cfg.seed)
+    self.apply_update = make_update_fn(self.optimizer, clip_norm=cfg.clip_norm, noise_sampler=cfg.noise_sampler,
+                                       clipped_count_noise=cfg.clipped_count_noise)
+    # delta_tail (invariant 8) depends on how many coordinates get noise: every parameter, plus the count.
+    shapes = jax.eval_shape(task.init_params, self.init_key)
+    num_noised = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes))
+    self.tail = truncation.TailModel(noise_lib.sampler_support(cfg.noise_sampler),
+                                     max(1, num_noised + (cfg.clipped_count_noise is not None)))
+    self._tail = {"tail": self.tail}
+    self.journal: journal_lib.Journal | None = None
+    self.spent = accounting.Ledger()  # every distinct (generation, step) of the workdir's journal
+    self._data_fingerprint: dict[str, Any] | None = None
     self.mesh = None
     if cfg.mesh is not None:
       self._init_mesh()
@@ -323,7 +424,7 @@ class Trainer:
       self.mesh = sharding.make_mesh(cfg.mesh)
     except ValueError as e:
       raise UsageError(f"mesh: {e}") from None
-    shapes = jax.eval_shape(self.task.init_params, jax.random.fold_in(self.root_key, _INIT_STREAM))
+    shapes = jax.eval_shape(self.task.init_params, self.init_key)
     rule = dict(mesh=self.mesh, min_size=cfg.mesh.min_shard_size)
     self.param_shardings = sharding.param_shardings(shapes, **rule)
     self.opt_shardings = sharding.param_shardings(jax.eval_shape(self.optimizer.init, shapes), **rule)
@@ -353,27 +454,93 @@ class Trainer:
   def _count_trace(self) -> None:
     self.num_traces += 1
 
+  def _set_randomness(self, secret: bytes, *, generation: int) -> None:
+    """Keys the noise, the sampler and the data preparation by ``(secret, generation)``; keeps the position."""
+    self.secret = noise_lib.validate_secret(secret)
+    self.generation = generation
+    position = 0 if self.sampler is None else self.sampler.position
+    self.sampler = sampling.make_sampler(self.cfg.sampling, self.dataset_size, secret=self.secret,
+                                         generation=generation, position=position)
+
+  def noise_key(self, step: int) -> jax.Array:
+    """Step ``step``'s noise key: a PRF of the run's secret, never logged."""
+    return noise_lib.step_key(self.secret, step, generation=self.generation)
+
+  def _config_json(self) -> str:
+    record = json.loads(self.config_dict.to_json())
+    record["randomness"] = self.randomness  # says whether the noise is secret; holds no key material
+    return json.dumps(record, indent=2)
+
   # ------------------------------------------------------------------ setup
   def initial_state(self) -> TrainState:
-    params = self.task.init_params(jax.random.fold_in(self.root_key, _INIT_STREAM))
+    params = self.task.init_params(self.init_key)
     return self._shard_state(TrainState(jnp.zeros((), jnp.int32), params, self.optimizer.init(params)))
 
-  def identity(self, noise_multiplier: float) -> dict[str, Any]:
-    """The run-defining fields a checkpoint must share with the run resuming from it."""
+  def fingerprint(self, noise_multiplier: float) -> dict[str, dict[str, Any]]:
+    """Everything that decides what a step computes, in the three parts a resume treats differently.
+
+    * ``computation``: the task and data config, the dataset's content
+      (:func:`dpmega.data.sources.fingerprint`: size and SHA-256), the
+      randomness seeds, sampling, batch schedule, clipping mode, micro-batching,
+      clip norm, noise (σ, sampler, clipped-count noise) and the budget. A
+      resume that changes any of it is refused: it would redo steps with the
+      keys and samples of other data or another computation.
+    * ``optimizer``: a change is allowed (e.g. a lower learning rate after a
+      divergence); the steps redone then run in a new generation (new keys).
+    * ``environment``: JAX version, backend, devices, mesh, the dataset's file
+      identity. The same computation elsewhere is not bit-identical, so a change
+      also starts a new generation.
+
+    Holds no secret and nothing derived from one (it is written in checkpoints
+    and printed in refusals).
+    """
     cfg = self.cfg
-    return {
-        "task": cfg.task_name, "dataset_size": self.dataset_size, "seed": cfg.seed,
-        "sampling": cfg.sampling.value, "batch_schedule": cfg.batch_schedule.to_dict(),
-        "num_steps": cfg.num_steps, "clip_norm": cfg.clip_norm, "noise_multiplier": noise_multiplier,
-        "target_epsilon": cfg.target_epsilon, "delta": cfg.delta, "accountant": cfg.accountant,
-        "optimizer": {k: (v.value if hasattr(v, "value") else v)
-                      for k, v in dataclasses.asdict(cfg.optimizer).items()},
+    if self._data_fingerprint is None:
+      self._data_fingerprint = sources_lib.fingerprint(self.task.train_source)
+    data = self._data_fingerprint
+    task = self.config_dict.task.to_dict() if self.config_dict is not None else {"name": cfg.task_name}
+    computation = {
+        "task": task, "dataset": {k: data[k] for k in ("size", "content", "coverage")},
+        "init_seed": getattr(cfg, "init_seed", None),
+        "insecure_reproducible_seed": getattr(cfg, "insecure_reproducible_seed", None),
+        "sampling": cfg.sampling.value, "batch_schedule": cfg.batch_schedule.to_dict(), "num_steps": cfg.num_steps,
+        "clipping": cfg.clipping, "microbatch_size": cfg.microbatch_size, "max_microbatches": cfg.max_microbatches,
+        "clip_norm": cfg.clip_norm, "noise_multiplier": noise_multiplier, "noise_sampler": cfg.noise_sampler,
+        "clipped_count_noise": cfg.clipped_count_noise, "target_epsilon": cfg.target_epsilon, "delta": cfg.delta,
+        "accountant": cfg.accountant,
     }
+    optimizer = {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(cfg.optimizer).items()}
+    devices = jax.devices()
+    environment = {
+        "jax": jax.__version__, "backend": jax.default_backend(), "device_kind": devices[0].device_kind,
+        "device_count": len(devices), "process_count": jax.process_count(),
+        "mesh": None if cfg.mesh is None else dataclasses.asdict(cfg.mesh), "dataset_files": data.get("files", []),
+    }
+    # Through JSON, so that a fingerprint compares equal to its own round trip (tuples become lists).
+    return json.loads(json.dumps({"computation": computation, "optimizer": optimizer, "environment": environment},
+                                 sort_keys=True, default=str))
+
+  @staticmethod
+  def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+
+  def _accounted(self, sigma: float) -> float:
+    """The noise multiplier the ledger records for a step at gradient noise ``sigma``."""
+    return effective_noise_multiplier(sigma, self.cfg.clipped_count_noise)
+
+  def _epsilon(self, ledger: accounting.Ledger) -> float:
+    """epsilon(delta) of ``ledger``, delta covering the sampler's bounded support (delta_tail)."""
+    return accounting.compute_epsilon(ledger, self.cfg.delta, self.cfg.accountant, **self._tail)
+
+  def tail_delta(self, ledger: accounting.Ledger) -> float:
+    """delta_tail of the steps of ``ledger`` for this run's sampler and number of noised coordinates."""
+    return accounting.tail_delta_of(ledger, self.tail)
 
   def _epsilon_of_prefix(self, num_steps: int, sigma: float) -> float:
     return accounting.epsilon_for_schedule(
-        noise_multiplier=sigma, delta=self.cfg.delta, dataset_size=self.dataset_size,
-        batch_sizes=self.batch_sizes[:num_steps], scheme=self.cfg.sampling, accountant=self.cfg.accountant)
+        noise_multiplier=self._accounted(sigma), delta=self.cfg.delta, dataset_size=self.dataset_size,
+        batch_sizes=self.batch_sizes[:num_steps], scheme=self.cfg.sampling, accountant=self.cfg.accountant,
+        **self._tail)
 
   def plan(self) -> float:
     """Chooses sigma (fixed, or calibrated to the target for the whole schedule) and prints the plan."""
@@ -383,14 +550,30 @@ class Trainer:
     else:
       sigma = accounting.calibrate_noise_multiplier(
           target_epsilon=cfg.target_epsilon, delta=cfg.delta, dataset_size=self.dataset_size,
-          batch_sizes=self.batch_sizes, scheme=cfg.sampling, accountant=cfg.accountant)
+          batch_sizes=self.batch_sizes, scheme=cfg.sampling, accountant=cfg.accountant, **self._tail)
       how = f"calibrated to epsilon <= {cfg.target_epsilon:g} for the whole schedule"
+      if cfg.clipped_count_noise is not None:
+        # The calibrated sigma is what the accountant sees: solve effective_noise_multiplier for the gradient's.
+        if not cfg.clipped_count_noise > sigma:
+          raise UsageError(f"clipped_count_noise must exceed the calibrated noise multiplier {sigma:.6g} (the "
+                           f"count's noise adds to the privacy cost), got {cfg.clipped_count_noise:g}.")
+        sigma = (sigma ** -2 - cfg.clipped_count_noise ** -2) ** -0.5
     n, sizes = self.dataset_size, self.batch_sizes
     self.out(f"plan: {cfg.num_steps} steps of batch schedule {cfg.batch_schedule.to_spec()} over "
              f"N = {_fmt_int(n)} examples (q from {sizes.min() / n:.4g} to {sizes.max() / n:.4g}), "
              f"{cfg.sampling.value.replace('_', ' ')} sampling, {cfg.accountant.upper()} accountant")
     self.out(f"plan: noise multiplier sigma = {sigma:.6g} ({how}), clip norm C = {cfg.clip_norm:g}, "
              f"micro-batch {cfg.microbatch_size} x {cfg.max_microbatches} per jitted call")
+    self.out(f"plan: randomness {self.randomness}")
+    if cfg.clipped_count_noise is not None:
+      self.out(f"plan: metrics private; the clipped count gets noise sigma_b = {cfg.clipped_count_noise:g} "
+               f"(sensitivity 1): every step is accounted at sigma_eff = {self._accounted(sigma):.6g}")
+    whole = self._expected_ledger(cfg.num_steps, sigma)
+    delta_tail = self.tail_delta(whole)
+    if delta_tail > 1e-3 * cfg.delta:
+      self.out(f"plan: the {cfg.noise_sampler} noise sampler's bounded support costs delta_tail = {delta_tail:.3g} "
+               f"over the whole schedule ({_fmt_int(self.tail.num_coordinates)} noised coordinates), included in "
+               f"delta = {cfg.delta:g}" + ("" if delta_tail < cfg.delta else ": no finite epsilon holds at this delta"))
     points = sorted({max(1, round(cfg.num_steps * f)) for f in (0.1, 0.25, 0.5, 0.75, 1.0)})
     curve = [(p, self._epsilon_of_prefix(p, sigma)) for p in points]
     self.out("plan: expected epsilon after step " + ", ".join(f"{p}: {e:.4g}" for p, e in curve) +
@@ -398,7 +581,8 @@ class Trainer:
     if cfg.target_epsilon is not None and curve[-1][1] > cfg.target_epsilon:
       k = accounting.max_steps(
           target_epsilon=cfg.target_epsilon, delta=cfg.delta, dataset_size=n, batch_sizes=cfg.batch_schedule,
-          noise_multiplier=sigma, scheme=cfg.sampling, accountant=cfg.accountant, limit=cfg.num_steps)
+          noise_multiplier=self._accounted(sigma), scheme=cfg.sampling, accountant=cfg.accountant,
+          limit=cfg.num_steps, **self._tail)
       self.out(f"plan: the budget epsilon = {cfg.target_epsilon:g} allows only {k} of the {cfg.num_steps} "
                f"steps; training will stop before step {k + 1}")
     return sigma
@@ -406,20 +590,20 @@ class Trainer:
   def _expected_ledger(self, num_steps: int, sigma: float) -> accounting.Ledger:
     ledger = accounting.Ledger()
     for b in self.batch_sizes[:num_steps]:
-      ledger.record(batch_size=int(b), dataset_size=self.dataset_size, noise_multiplier=sigma,
+      ledger.record(batch_size=int(b), dataset_size=self.dataset_size, noise_multiplier=self._accounted(sigma),
                     scheme=self.cfg.sampling)
     return ledger
 
   def _checkpoint_tree(self, state: TrainState) -> dict[str, Any]:
     return {"params": state.params, "opt_state": state.opt_state, "step": state.step,
-            "rng": jax.random.key_data(self.root_key)}
+            "rng": noise_lib.secret_to_words(self.secret)}
 
   def _save(self, ckpt: checkpoint_lib.Checkpointer, state: TrainState, ledger: accounting.Ledger,
             sigma: float, epsilon: float) -> None:
     step = int(state.step)
     ckpt.save(step, sharding.to_host(self._checkpoint_tree(state)), {
-        "ledger": ledger.to_dict(), "sampler": self.sampler.state.to_dict(), "identity": self.identity(sigma),
-        "epsilon": epsilon,
+        "ledger": ledger.to_dict(), "sampler": self.sampler.state.to_dict(), "fingerprint": self.fingerprint(sigma),
+        "generation": self.generation, "epsilon": epsilon,
     })
 
   def _restore(self, ckpt: checkpoint_lib.Checkpointer, template: TrainState, sigma: float,
@@ -427,13 +611,31 @@ class Trainer:
     tree, meta = ckpt.restore(self._checkpoint_tree(template), step=resume_step)
     step = int(tree["step"])
     where = f"checkpoint at step {step} in {ckpt.directory}"
-    mine, theirs = self.identity(sigma), meta.get("identity", {})
-    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-    if diff:
-      detail = "; ".join(f"{k}: checkpoint {theirs.get(k)!r} vs now {mine.get(k)!r}" for k in diff)
-      raise checkpoint_lib.CheckpointError(f"{where} is from another run configuration ({detail}).")
-    if not np.array_equal(tree["rng"], np.asarray(jax.random.key_data(self.root_key))):
-      raise checkpoint_lib.CheckpointError(f"{where} holds PRNG keys of another seed.")
+    mine, theirs = self.fingerprint(sigma), meta.get("fingerprint")
+    if not isinstance(theirs, dict) or set(theirs) != set(mine):
+      raise checkpoint_lib.CheckpointError(f"{where} has no fingerprint of its computation (written by an older "
+                                           "dpmega): it cannot be resumed safely; start afresh with --overwrite.")
+    refused = _differences(theirs["computation"], mine["computation"])
+    if refused:
+      detail = "; ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, a, b in refused)
+      raise checkpoint_lib.CheckpointError(
+          f"{where} was computed differently, so resuming would redo steps with its noise keys and samples on "
+          f"another computation ({detail}). Resume with the checkpoint's settings, or start a new run in another "
+          "workdir.")
+    self._resumed = {"step": step, "generation": int(meta.get("generation", 0)),
+                     "changed": [k for part in ("optimizer", "environment")
+                                 for k, _, _ in _differences(theirs[part], mine[part], prefix=part + ".")]}
+    try:
+      secret = noise_lib.secret_from_words(np.asarray(tree["rng"], np.uint32))
+    except ValueError:
+      # Earlier versions stored the key of a public seed here: that run's noise was never secret.
+      raise checkpoint_lib.CheckpointError(
+          f"{where} holds no secret of at least 128 bits (got {np.size(tree['rng'])} uint32 words; "
+          "checkpoints written before the noise key became secret hold a public seed's key): "
+          "start afresh with --overwrite or a new workdir.") from None
+    if self.cfg.insecure_reproducible_seed is not None and secret != self.secret:
+      raise checkpoint_lib.CheckpointError(f"{where} holds the secret of another insecure_reproducible_seed.")
+    self._set_randomness(secret, generation=self.generation)  # the run's secret: a resume redoes, never re-keys
     ledger = accounting.Ledger.from_dict(meta["ledger"])
     # Invariant: the ledger is exactly the steps that ran, and they are the schedule's.
     if ledger.num_steps != step or ledger != self._expected_ledger(step, sigma):
@@ -465,7 +667,7 @@ class Trainer:
       grad_sum = sharding.zeros_like_sharded(state.params, self.param_shardings)
       chunks = sharding.iterate_process_chunks(self.task.train_source, indices, self.mesh, **chunk_args)
     acc = Accumulator(grad_sum, ClipStats.zeros())
-    prepare_key = jax.random.fold_in(jax.random.fold_in(self.root_key, _PREPARE_STREAM), t)
+    prepare_key = noise_lib.prepare_key(self.secret, t, generation=self.generation)
     for i, chunk in enumerate(chunks):
       batch, mask = chunk.batch, chunk.mask
       if self.task.prepare_batch is not None:
@@ -477,18 +679,37 @@ class Trainer:
       # At most one chunk in flight while the host reads the next: memory stays
       # bounded by the chunk size whatever the logical batch size.
       jax.block_until_ready(previous)
-    key = noise_key(self.root_key, t)
-    state, update_metrics = self.apply_update(state, acc.grad_sum, key, np.float32(sigma), np.float32(expected))
-    stats = jax.device_get(acc.stats)
-    n = int(stats.num_examples)
-    metrics = {
-        "batch_size": expected, "sampled": len(indices), "q": expected / self.dataset_size,
-        "loss": float(stats.loss_sum) / max(n, 1), "clipped_fraction": int(stats.num_clipped) / max(n, 1),
-        "nonfinite": int(stats.num_nonfinite), "mean_grad_norm": float(stats.norm_sum) / max(n, 1),
-        "noise_key": key_fingerprint(key),
-    }
-    metrics.update({k: float(v) for k, v in jax.device_get(update_metrics).items()})
+    self._spend(t, expected, sigma)  # durably in the journal BEFORE the noisy update exists
+    key = self.noise_key(t)
+    state, update_metrics = self.apply_update(state, acc.grad_sum, key, np.float32(sigma), np.float32(expected),
+                                              acc.stats.num_clipped)
+    metrics = {"batch_size": expected, "q": expected / self.dataset_size}
+    if cfg.metrics is config_lib.MetricsMode.RAW:
+      # Raw statistics of the private batch, WITHOUT noise: for the operator, never for release.
+      stats = jax.device_get(acc.stats)
+      n = int(stats.num_examples)
+      metrics.update({
+          "sampled": len(indices), "loss": float(stats.loss_sum) / max(n, 1),
+          "clipped_fraction": int(stats.num_clipped) / max(n, 1), "nonfinite": int(stats.num_nonfinite),
+          "mean_grad_norm": float(stats.norm_sum) / max(n, 1),
+      })
+    update_metrics = {k: float(v) for k, v in jax.device_get(update_metrics).items()}
+    count = update_metrics.pop("noisy_clipped_count", None)
+    if count is not None:
+      # Over the EXPECTED batch size (public): unbiased, not clamped, so it may leave [0, 1].
+      metrics["private_clipped_fraction"] = count / expected
+    metrics.update(update_metrics)
     return state, metrics
+
+  def _spend(self, step: int, expected: int, sigma: float) -> None:
+    """Records step ``step`` of this generation in the journal and the workdir's spent ledger (once)."""
+    if self.journal is None:
+      return
+    if self.journal.record_step(generation=self.generation, step=step, batch_size=expected,
+                                dataset_size=self.dataset_size, noise_multiplier=self._accounted(sigma),
+                                scheme=self.cfg.sampling):
+      self.spent.record(batch_size=expected, dataset_size=self.dataset_size,
+                        noise_multiplier=self._accounted(sigma), scheme=self.cfg.sampling)
 
   # ------------------------------------------------------------------ run
   def run(self, *, resume: bool = False, resume_step: int | None = None, overwrite: bool = False) -> TrainResult:
@@ -507,6 +728,9 @@ class Trainer:
     if overwrite:
       for name in ("checkpoints", "checkpoints.set_aside"):
         shutil.rmtree(os.path.join(cfg.workdir, name), ignore_errors=True)
+      # The one place the journal of spent privacy is deleted: the operator discards the run's history.
+      if os.path.exists(os.path.join(cfg.workdir, journal_lib.FILENAME)) and jax.process_index() == 0:
+        os.remove(os.path.join(cfg.workdir, journal_lib.FILENAME))
     os.makedirs(cfg.workdir, exist_ok=True)
     ckpt = checkpoint_lib.Checkpointer(os.path.join(cfg.workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints)
     try:
@@ -527,43 +751,74 @@ class Trainer:
     state = self.initial_state()
     ledger = accounting.Ledger()
     restored_at = None
+    # Every process reads the journal before process 0 appends to it, so all decide the same generation.
+    self.journal = journal_lib.Journal(cfg.workdir, writable=main)
+    self.spent = self.journal.ledger()
+    digest = self.fingerprint_digest(self.fingerprint(sigma))
+    latest = self.journal.latest_generation
     if resume:
       for path in ckpt.unfinished():
         self.out(f"ignoring an unfinished checkpoint save (interrupted): {path}")
       state, ledger = self._restore(ckpt, state, sigma, resume_step)
       restored_at = int(state.step)
+      generation, reason = self._resume_generation(latest, newest=existing[-1], digest=digest)
+      sharding.sync_processes("dpmega_journal_read")
+      if reason is not None:
+        self.journal.start_generation(generation, from_step=restored_at, from_generation=self._resumed["generation"],
+                                      fingerprint=digest, reason=reason)
+      self._set_randomness(self.secret, generation=generation)
       moved = ckpt.set_aside_after(restored_at) if main else []
       sharding.sync_processes("dpmega_set_aside")  # then every process sees the same checkpoints
       ckpt.steps()
-      self.out(f"resumed from the checkpoint at step {restored_at} (epsilon so far "
-               f"{accounting.compute_epsilon(ledger, cfg.delta, cfg.accountant):.4g})" +
+      trajectory = self._epsilon(ledger)
+      total = self._epsilon(self.spent)
+      self.out(f"resumed from the checkpoint at step {restored_at}: epsilon spent by this workdir so far {total:.4g} "
+               f"over {self.spent.num_steps} computed steps" +
+               (f" (this model's {restored_at} steps alone: {trajectory:.4g})" if total != trajectory else "") +
                (f"; newer checkpoints set aside in {os.path.dirname(moved[0])}" if moved else ""))
+      if reason is not None:
+        self.out(f"generation {generation} ({reason}): the steps after {restored_at} get new noise keys and new "
+                 "samples, and the workdir's epsilon counts them again")
+    else:
+      # A fresh run in a workdir that already spent (a run that died before its first checkpoint) keeps
+      # counting: only --overwrite deletes the journal.
+      generation = 0 if latest is None else latest["generation"] + 1
+      sharding.sync_processes("dpmega_journal_read")
+      self.journal.start_generation(generation, from_step=0, from_generation=None, fingerprint=digest,
+                                    reason="a new run" if latest is None else "a new run in a workdir that spent")
+      self._set_randomness(self.secret, generation=generation)
+      if self.spent.num_steps:
+        self.out(f"this workdir already spent epsilon {self._epsilon(self.spent):.4g} over "
+                 f"{self.spent.num_steps} steps of an earlier run (its journal {self.journal.path}); they keep "
+                 "counting (--overwrite discards them)")
     if self.config_dict is not None and main:
       with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
-        f.write(self.config_dict.to_json(indent=2))
+        f.write(self._config_json())
     writer = (_MetricsWriter(cfg.workdir, resume_step=restored_at, tensorboard=cfg.tensorboard) if main
               else _NullWriter())
     # Every prefix of the schedule costs at most the whole schedule (epsilon is
     # monotone in steps), so per-step budget checks are needed only when the
     # whole schedule does not fit.
-    needs_checks = cfg.target_epsilon is not None and \
-        self._epsilon_of_prefix(cfg.num_steps, sigma) > cfg.target_epsilon
-    epsilon = accounting.compute_epsilon(ledger, cfg.delta, cfg.accountant)
+    # Steps already spent by the workdir (a rewind's discarded steps) count too.
+    needs_checks = cfg.target_epsilon is not None and (
+        self.spent.num_steps > ledger.num_steps or self._epsilon_of_prefix(cfg.num_steps, sigma) > cfg.target_epsilon)
+    epsilon = self._epsilon(self.spent)
     history, stop_reason, eval_metrics = [], None, {}
     last_saved = restored_at
     try:
       while int(state.step) < cfg.num_steps:
         t = int(state.step)
         expected = int(self.batch_sizes[t])
-        if needs_checks and not accounting.fits_budget(
-            ledger, next_batch_size=expected, dataset_size=self.dataset_size, noise_multiplier=sigma,
-            scheme=cfg.sampling, target_epsilon=cfg.target_epsilon, delta=cfg.delta, accountant=cfg.accountant):
-          trial = ledger.copy()
-          trial.record(batch_size=expected, dataset_size=self.dataset_size, noise_multiplier=sigma,
+        replay = (self.generation, t) in self.journal.steps()  # a bit-identical replay spends nothing new
+        if needs_checks and not replay and not accounting.fits_budget(
+            self.spent, next_batch_size=expected, dataset_size=self.dataset_size,
+            noise_multiplier=self._accounted(sigma), scheme=cfg.sampling, target_epsilon=cfg.target_epsilon,
+            delta=cfg.delta, accountant=cfg.accountant, **self._tail):
+          trial = self.spent.copy()
+          trial.record(batch_size=expected, dataset_size=self.dataset_size, noise_multiplier=self._accounted(sigma),
                        scheme=cfg.sampling)
           stop_reason = (f"privacy budget: stopped before step {t + 1} of {cfg.num_steps}, which would take "
-                         f"epsilon from {epsilon:.4g} to "
-                         f"{accounting.compute_epsilon(trial, cfg.delta, cfg.accountant):.4g} > target "
+                         f"the workdir's epsilon from {epsilon:.4g} to {self._epsilon(trial):.4g} > target "
                          f"{cfg.target_epsilon:g} (delta = {cfg.delta:g})")
           self.out(stop_reason)
           break
@@ -571,12 +826,15 @@ class Trainer:
         state, metrics = self.train_step(state, sigma)
         jax.block_until_ready(state.params)
         seconds = time.perf_counter() - start
-        ledger.record(batch_size=expected, dataset_size=self.dataset_size, noise_multiplier=sigma,
+        ledger.record(batch_size=expected, dataset_size=self.dataset_size, noise_multiplier=self._accounted(sigma),
                       scheme=cfg.sampling)
         step = t + 1
-        epsilon = accounting.compute_epsilon(ledger, cfg.delta, cfg.accountant)
-        record = {"step": step, **metrics, "sigma": sigma, "epsilon": epsilon, "delta": cfg.delta,
-                  "seconds": seconds, "examples_per_s": metrics["sampled"] / max(seconds, 1e-9)}
+        epsilon = self._epsilon(self.spent)
+        record = {"step": step, "generation": self.generation, **metrics, "sigma": sigma, "epsilon": epsilon,
+                  "delta": cfg.delta}
+        if cfg.metrics is config_lib.MetricsMode.RAW:
+          # Under Poisson sampling the step's time follows the realized batch size: raw mode only.
+          record.update(seconds=seconds, examples_per_s=metrics["sampled"] / max(seconds, 1e-9))
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
           record.update({f"eval_{k}": v for k, v in self._evaluate(state.params).items()})
         history.append(record)
@@ -599,19 +857,61 @@ class Trainer:
                     what=writer.path, last_saved=last_saved)
     finally:
       writer.close()
+    trajectory = self._epsilon(ledger)
+    delta_tail = self.tail_delta(self.spent)
     summary = {
         "steps": final_step, "num_steps": cfg.num_steps, "epsilon": epsilon, "delta": cfg.delta,
+        "delta_tail": delta_tail, "noise_sampler": cfg.noise_sampler,
         "neighbouring_relation": cfg.sampling.relation_label, "sampling": cfg.sampling.value,
         "accountant": cfg.accountant, "noise_multiplier": sigma, "clip_norm": cfg.clip_norm,
-        "stop_reason": stop_reason, "eval": eval_metrics, "ledger": ledger.to_dict(),
+        "accounted_noise_multiplier": self._accounted(sigma), "clipped_count_noise": cfg.clipped_count_noise,
+        "metrics": cfg.metrics.value, "stop_reason": stop_reason, "eval": eval_metrics,
+        "generation": self.generation, "trajectory_epsilon": trajectory, "ledger": ledger.to_dict(),
+        "spent_steps": self.spent.num_steps, "spent_ledger": self.spent.to_dict(),
+        "randomness": self.randomness,
     }
     if main:
       with open(os.path.join(cfg.workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    self.out(f"done: {final_step} steps, " + accounting.describe(epsilon, cfg.delta, cfg.sampling, cfg.accountant))
+    self.out(f"done: {final_step} steps, " + accounting.describe(epsilon, cfg.delta, cfg.sampling, cfg.accountant) +
+             (f"; delta_tail {delta_tail:.3g} included" if delta_tail > 1e-3 * cfg.delta else "") +
+             (f"; spent by the workdir over {self.spent.num_steps} computed steps (this model's trajectory alone: "
+              f"{trajectory:.4g})" if self.spent.num_steps != ledger.num_steps else ""))
     self.out("eval: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
     return TrainResult(final_step, epsilon, cfg.delta, sigma, stop_reason, eval_metrics,
-                       sharding.to_host(state.params), ledger, history)
+                       sharding.to_host(state.params), ledger, history, trajectory, self.spent, delta_tail,
+                       self.generation)
+
+  def _resume_generation(self, latest: dict[str, Any] | None, *, newest: int, digest: str) -> tuple[int, str | None]:
+    """The generation to continue in after :meth:`_restore`, and why it is new (None: a crash resume).
+
+    A resume continues the latest generation -- same keys, redone steps
+    bit-identical, nothing new spent -- only when it restores the newest
+    checkpoint, that checkpoint lies on the latest generation (written by it,
+    or the one it started from), and the fingerprint is that generation's.
+    Anything else (a rewind, a changed optimizer or environment) recomputes
+    steps differently, so it starts a new generation: new keys, new samples,
+    and the redone steps are spent again.
+    """
+    r = self._resumed
+    if latest is None:
+      raise checkpoint_lib.CheckpointError(
+          f"{self.cfg.workdir!r} holds checkpoints but no journal of the privacy it spent ({self.journal.path}): "
+          "its epsilon cannot be established. Restore the file, or start afresh with --overwrite.")
+    on_latest = r["generation"] == latest["generation"] or (
+        latest["from_step"] == r["step"] and latest["from_generation"] == r["generation"])
+    if on_latest and r["step"] == newest and latest["fingerprint"] == digest:
+      return int(latest["generation"]), None
+    reasons = []
+    if r["step"] != newest:
+      reasons.append(f"a rewind from the newest checkpoint at step {newest} to step {r['step']}")
+    if r["changed"]:
+      reasons.append("changed " + ", ".join(r["changed"]))
+    if not on_latest:
+      reasons.append(f"a checkpoint of generation {r['generation']}, not of the latest {latest['generation']}")
+    if not reasons:
+      reasons.append(f"settings other than those generation {latest['generation']} ran with")
+    return int(latest["generation"]) + 1, "; ".join(reasons)
 
   @staticmethod
   def _guarded(fn, *args, what: str, last_saved: int | None):
@@ -626,21 +926,31 @@ class Trainer:
 
   @staticmethod
   def _check_finite(metrics: dict[str, Any], step: int, last_saved: int | None) -> None:
-    """Stops a diverged run before it is logged or checkpointed, keeping the last good checkpoint."""
-    all_bad = metrics["sampled"] > 0 and metrics["nonfinite"] == metrics["sampled"]
-    params_ok = metrics["params_finite"] == 1.0
-    if params_ok and not all_bad:
+    """Stops a diverged run before it is logged or checkpointed, keeping the last good checkpoint.
+
+    The decision reads only the new parameters: a function of the released
+    noisy update (post-processing). Examples with non-finite gradients do not
+    stop the run -- they contribute zero and are counted (invariant 4) -- since
+    a stop that depends on how many of them were sampled would be a release of
+    raw private data.
+    """
+    if metrics["params_finite"] == 1.0:
       return
-    what = ("the parameters are not finite (nan or inf)" if not params_ok else
-            f"every sampled example had a non-finite loss gradient (loss {metrics['loss']})")
     keep = (f"the last good checkpoint is at step {last_saved}" if last_saved else "no checkpoint was written")
-    raise TrainingError(f"training diverged at step {step}: {what}; nothing of this step was saved and {keep}. "
-                        "Lower the learning rate (or check the data) and start again.")
+    raise TrainingError(f"training diverged at step {step}: the parameters are not finite (nan or inf); nothing of "
+                        f"this step was saved and {keep}. Lower the learning rate and resume: the steps after the "
+                        "checkpoint then run in a new generation, with new noise keys, and count again.")
 
   def _progress_line(self, r: dict[str, Any]) -> str:
-    line = (f"step {r['step']}/{self.cfg.num_steps}  batch {_fmt_int(r['batch_size'])} (drew "
-            f"{_fmt_int(r['sampled'])})  {r['examples_per_s']:,.0f} ex/s  loss {r['loss']:.4f}  "
-            f"clipped {100 * r['clipped_fraction']:.0f}%  epsilon {r['epsilon']:.4g}")
+    if self.cfg.metrics is config_lib.MetricsMode.PRIVATE:
+      line = (f"step {r['step']}/{self.cfg.num_steps}  batch {_fmt_int(r['batch_size'])} (expected)  noisy grad "
+              f"norm {r['noisy_grad_norm']:.4g}  update norm {r['update_norm']:.4g}" +
+              (f"  clipped ~{100 * r['private_clipped_fraction']:.0f}% (noisy)" if "private_clipped_fraction" in r
+               else "") + f"  epsilon {r['epsilon']:.4g}")
+    else:
+      line = (f"step {r['step']}/{self.cfg.num_steps}  batch {_fmt_int(r['batch_size'])} (drew "
+              f"{_fmt_int(r['sampled'])})  {r['examples_per_s']:,.0f} ex/s  loss {r['loss']:.4f}  "
+              f"clipped {100 * r['clipped_fraction']:.0f}%  epsilon {r['epsilon']:.4g}")
     evals = {k[5:]: v for k, v in r.items() if k.startswith("eval_")}
     if evals:
       line += "  eval " + " ".join(f"{k} {v:.4f}" for k, v in evals.items())

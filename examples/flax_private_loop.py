@@ -4,7 +4,15 @@ The private version differs in three lines (marked ``# DP``):
 
 1. the loss is written for ONE example (vmap adds the batch axis);
 2. ``jax.value_and_grad(loss)`` becomes ``dpmega.private_value_and_grad(...)``;
-3. the gradient call takes a fresh PRNG key for the noise of that step.
+3. the batches come from ``dpmega.PoissonSampler`` and the gradient call takes
+   the step's noise key ``dpmega.step_key(secret, step)``, both keyed by one
+   secret drawn from the OS CSPRNG (``dpmega.secret_bytes()``).
+
+The secret matters: noise that anyone can regenerate (``jax.random.key(step)``,
+a seed in a config file) can be subtracted from the released model, and so can
+Poisson memberships that anyone can recompute. Keep the secret like the model's
+checkpoints and never log it (or a hash of it). Only the parameter
+initialization and the non-private loop use a public ``seed``.
 
 Both Flax APIs are shown: Linen (``params`` dict) and NNX (``nnx.split`` state).
 
@@ -37,10 +45,9 @@ def make_data(n: int = 4096, d: int = 10, seed: int = 0):
   return {"x": x, "y": y}
 
 
-def poisson_batch(rng, data, q, pad_to):
-  """Poisson sample (each example in with prob. q), padded with masked rows to `pad_to`."""
-  n = len(data["y"])
-  idx = np.flatnonzero(rng.random(n) < q)
+def poisson_batch(sampler, data, batch_size, pad_to):
+  """The sampler's next Poisson sample (expected size `batch_size`), padded with masked rows to `pad_to`."""
+  idx = sampler.sample(batch_size)
   if len(idx) > pad_to:  # dropping examples would break the Poisson accounting
     raise RuntimeError(f"Poisson batch of {len(idx)} exceeds the padded size {pad_to}.")
   mask = np.zeros(pad_to, np.float32)
@@ -108,11 +115,13 @@ def train(make_model, data, *, steps, batch_size, private, clip_norm=1.0, noise_
     return optax.apply_updates(p, updates), s
 
   rng = np.random.default_rng(seed)
+  secret = dpmega.secret_bytes()  # DP: 256 secret bits from the OS CSPRNG key the sampling and the noise
+  sampler = dpmega.PoissonSampler(n, secret=secret)  # DP: Poisson sampling, q = batch_size / n
   losses = []
   for step in range(steps):
     if private:
-      batch, mask = poisson_batch(rng, data, batch_size / n, pad_to=2 * batch_size)
-      loss, grads, _ = grad_fn(params, batch, jax.random.key(step), mask=mask)  # DP: key for the noise
+      batch, mask = poisson_batch(sampler, data, batch_size, pad_to=2 * batch_size)
+      loss, grads, _ = grad_fn(params, batch, dpmega.step_key(secret, step), mask=mask)  # DP: secret step key
     else:
       idx = rng.choice(n, batch_size, replace=False)
       loss, grads = grad_fn(params, {k: v[idx] for k, v in data.items()})

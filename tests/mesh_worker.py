@@ -8,7 +8,8 @@ shard and the noise, and writes ``OUT/devices8.npz`` + ``OUT/devices8.json``.
 ``python tests/mesh_worker.py multihost OUT --process_id I --num_processes 2
 --port P`` -- one of the processes of a ``jax.distributed`` CPU run (gloo,
 loopback only): trains the loop on a mesh spanning every process, saves and
-restores an Orbax checkpoint from all processes, and (process 0) writes
+restores an Orbax checkpoint from all processes, checks that a secret drawn
+on process 0 reaches every process (``sharding.broadcast_secret``), and (process 0) writes
 ``OUT/multihost.npz`` + ``OUT/multihost.json``.
 
 The loop itself (:func:`train`) is imported by the tests to compute the
@@ -24,6 +25,8 @@ import sys
 
 import numpy as np
 
+# A fixed, PUBLIC seed so that 1 device, 8 devices and 2 processes can be compared bit for bit: test-only
+# (a real run draws its secret from the OS CSPRNG).
 SEED = 7
 DATASET_SIZE = 384
 BATCH_SIZE = 64          # expected batch size B (q = 1/6)
@@ -59,7 +62,12 @@ def loss_fn(params, example):
   return -jax.nn.log_softmax(logits)[example["y"]]
 
 
-def train(mesh, *, steps=STEPS, min_shard_size=0, noise_multiplier=NOISE_MULTIPLIER):
+def fixed_secret():
+  from dpmega import noise
+  return noise.insecure_secret_from_seed(SEED)
+
+
+def train(mesh, *, steps=STEPS, min_shard_size=0, noise_multiplier=NOISE_MULTIPLIER, secret=None):
   """The short private loop on ``mesh``; returns (params, opt_state) as global arrays.
 
   Poisson sample of the whole logical batch -> this process's share in fixed
@@ -69,9 +77,12 @@ def train(mesh, *, steps=STEPS, min_shard_size=0, noise_multiplier=NOISE_MULTIPL
   import optax
 
   from dpmega import clipping
+  from dpmega import noise
   from dpmega import sampling
   from dpmega import sharding
   from dpmega.data.sources import ArraySource
+
+  secret = fixed_secret() if secret is None else secret
 
   x, y = dataset()
   opt = optax.adam(1e-2)
@@ -90,7 +101,7 @@ def train(mesh, *, steps=STEPS, min_shard_size=0, noise_multiplier=NOISE_MULTIPL
 
   update = jax.jit(update, out_shardings=(p_sh, o_sh), donate_argnums=(1, 2))
   source = ArraySource({"x": x, "y": y})
-  sampler = sampling.PoissonSampler(DATASET_SIZE, seed=SEED)
+  sampler = sampling.PoissonSampler(DATASET_SIZE, secret=secret)
   counts = []
   for step in range(steps):
     # Every process draws the same global sample, then reads only its share.
@@ -103,7 +114,7 @@ def train(mesh, *, steps=STEPS, min_shard_size=0, noise_multiplier=NOISE_MULTIPL
       mask = sharding.global_batch_from_process_local(c.mask, mesh)
       grad_sum, stats = accumulate(params, grad_sum, stats, batch, mask)
     counts.append(int(stats.num_examples))
-    grads = privatize(grad_sum, sharding.step_key(SEED, step), noise_multiplier, BATCH_SIZE)
+    grads = privatize(grad_sum, noise.step_key(secret, step), noise_multiplier, BATCH_SIZE)
     params, opt_state = update(grads, opt_state, params)
   return params, opt_state, counts
 
@@ -118,6 +129,7 @@ def devices8(out_dir):
   import jax.numpy as jnp
 
   from dpmega import clipping
+  from dpmega import noise
   from dpmega import sharding
 
   assert jax.device_count() == 8, jax.devices()
@@ -195,7 +207,7 @@ def devices8(out_dir):
     g, _ = acc(p, sharding.zeros_like_sharded(big_params, sh), clipping.ClipStats.zeros(),
                sharding.global_batch_from_process_local(zero_batch, mesh),
                sharding.global_batch_from_process_local(np.ones((8 * MICROBATCH,), np.float32), mesh))
-    noisy = priv(g, sharding.step_key(SEED, 0), sigma, expected)
+    noisy = priv(g, noise.step_key(fixed_secret(), 0), sigma, expected)
     draws[name] = noisy
     arrays[f"noise_{name}/w"] = np.asarray(noisy["w"])
     arrays[f"noise_{name}/v"] = np.asarray(noisy["v"])
@@ -240,6 +252,18 @@ def multihost(out_dir, process_id, num_processes, port):
                                 sharding.to_host(restored))
   info["checkpoint_roundtrip_equal"] = all(jax.tree_util.tree_leaves(same))
   info["restored_specs"] = {k: str(v.sharding.spec) for k, v in restored["params"].items()}
+
+  # A fresh secret on each process; after the broadcast, every process holds process 0's. Only
+  # booleans leave the processes: the secrets themselves are never written or printed.
+  from dpmega import noise
+  drawn = noise.secret_bytes()
+  shared = sharding.broadcast_secret(drawn)
+  words = lambda b: np.frombuffer(b, np.uint32)
+  all_drawn = np.asarray(multihost_utils.process_allgather(words(drawn)))
+  all_shared = np.asarray(multihost_utils.process_allgather(words(shared)))
+  info["secret_draws_differ"] = bool(len({row.tobytes() for row in all_drawn}) == num_processes)
+  info["secret_shared_by_all"] = bool((all_shared == all_shared[0]).all())
+  info["secret_is_process0s"] = bool(np.array_equal(all_shared[0], all_drawn[0]))
   gathered = sharding.to_host(params)
   if process_id == 0:
     np.savez(os.path.join(out_dir, "multihost.npz"), **gathered)
@@ -252,6 +276,8 @@ def multihost(out_dir, process_id, num_processes, port):
 # ----------------------------------------------------------------------------- the Trainer on a mesh
 
 TRAINER_OVERRIDES = [
+    # Runs in different workdirs (1 device vs a mesh) are compared bit for bit: a public seed, test-only.
+    "insecure_reproducible_seed=7",
     "num_steps=3", "batch_schedule=constant:96", "microbatch_size=4", "max_microbatches=4", "eval_every=0",
     "checkpoint_every=2", "tensorboard=False", "log_every=0", "task.num_train=2048", "task.num_eval=512",
 ]
@@ -285,8 +311,24 @@ def trainer8(out_dir):
     info[name] = {"steps": r.steps, "epsilon": r.epsilon, "eval": r.eval_metrics,
                   "sampled": [h["sampled"] for h in r.history]}
     arrays.update({f"{name}/{k}": v for k, v in flat_params(r.params).items()})
-  # Resume the FSDP run from its step-2 checkpoint: it must redo step 3 exactly.
-  r = train_lib.train(trainer_config(os.path.join(out_dir, "d2f4"), runs["d2f4"]), resume_step=2, out=quiet)
+  # Crash the FSDP run after step 3, before its final checkpoint, and resume it from its newest checkpoint
+  # (step 2): it must redo step 3 exactly, with the secret from that checkpoint. (A rewind with
+  # --resume_step would re-key the redone steps instead.)
+  class Crash(Exception):
+    pass
+
+  def crash_after_step_3(line):
+    if line.startswith("step 3/"):
+      raise Crash()
+
+  cut = trainer_config(os.path.join(out_dir, "d2f4_cut"), runs["d2f4"])
+  cut.log_every = 1
+  try:
+    train_lib.train(cut, out=crash_after_step_3)
+    raise AssertionError("the run did not reach step 3")
+  except Crash:
+    pass
+  r = train_lib.train(cut, resume=True, out=quiet)
   info["d2f4_resumed"] = {"steps": r.steps, "epsilon": r.epsilon}
   arrays.update({f"d2f4_resumed/{k}": v for k, v in flat_params(r.params).items()})
   np.savez(os.path.join(out_dir, "trainer8.npz"), **arrays)

@@ -39,7 +39,11 @@ def _ledger(runs=RUNS, scheme=POISSON, n=N):
 
 
 def _direct(runs, accountant, scheme=POISSON, n=N):
-  """What a user would write with dp-accounting alone, one compose per run."""
+  """What a user would write with dp-accounting alone, one compose per run.
+
+  Without replacement, dp-accounting's noise multiplier is std over the
+  replace-one sensitivity 2C (jax_privacy's ``sensitivity(REPLACE_ONE)``): σ / 2.
+  """
   if scheme is POISSON:
     rel = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
   else:
@@ -47,7 +51,7 @@ def _direct(runs, accountant, scheme=POISSON, n=N):
   acc = (rdp_privacy_accountant.RdpAccountant(neighboring_relation=rel) if accountant == "rdp"
          else pld_privacy_accountant.PLDAccountant(neighboring_relation=rel))
   for steps, b, sigma in runs:
-    gauss = dp_accounting.GaussianDpEvent(sigma)
+    gauss = dp_accounting.GaussianDpEvent(sigma if scheme is POISSON else sigma / 2)
     if scheme is POISSON:
       event = dp_accounting.PoissonSampledDpEvent(b / n, gauss)
     else:
@@ -90,6 +94,54 @@ def test_without_replacement_rdp_equals_direct_replace_one():
   assert ours == pytest.approx(_direct(RUNS, "rdp", WOR).get_epsilon(DELTA), rel=1e-10)
 
 
+def _exact_gaussian_epsilon(sensitivity, std, delta):
+  """Balle & Wang 2018, Theorem 8: the smallest ε with Φ(Δ/2s - εs/Δ) - e^ε Φ(-Δ/2s - εs/Δ) <= δ."""
+  from scipy import optimize, stats  # pylint: disable=import-outside-toplevel
+  r = sensitivity / std
+
+  def delta_of(eps):
+    return stats.norm.cdf(r / 2 - eps / r) - math.exp(eps + stats.norm.logcdf(-r / 2 - eps / r))
+
+  return optimize.brentq(lambda e: delta_of(e) - delta, 0.0, 200.0, xtol=1e-12)
+
+
+@pytest.mark.parametrize("sigma,steps", [(2.0, 1), (2.0, 4), (1.1, 1), (5.0, 30)])
+def test_without_replacement_at_q_one_is_the_gaussian_with_sensitivity_2c(sigma, steps):
+  """q = 1 without replacement: the whole dataset every step, a replaced example moves the sum by 2C.
+
+  T such steps are one Gaussian with std σC/√T and sensitivity 2C. PLD gives its
+  exact ε; RDP an upper bound that is dp-accounting's with σ / 2. The issue's
+  numbers: σ = 2, one step, δ = 1e-5 printed 2.17, the mechanism's ε is 4.38.
+  """
+  clip = 1.0
+  exact = _exact_gaussian_epsilon(2 * clip, sigma * clip / math.sqrt(steps), DELTA)
+  if (sigma, steps) == (2.0, 1):
+    assert exact == pytest.approx(4.377, abs=1e-3)
+  ledger = _ledger([(steps, N, sigma)], scheme=WOR)
+  rdp = accounting.compute_epsilon(ledger, DELTA, "rdp")
+  assert rdp >= exact  # an upper bound, never below the mechanism that runs
+  rdp_direct = rdp_privacy_accountant.RdpAccountant(
+      neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+  rdp_direct.compose(dp_accounting.SampledWithoutReplacementDpEvent(N, N, dp_accounting.GaussianDpEvent(sigma / 2)),
+                     steps)
+  assert rdp == pytest.approx(rdp_direct.get_epsilon(DELTA), rel=1e-10)
+  pld = accounting.compute_epsilon(ledger, DELTA, "pld")
+  assert pld == pytest.approx(exact, rel=1e-3)
+  assert pld >= exact * (1 - 1e-6)
+  schedule_eps = accounting.epsilon_for_schedule(noise_multiplier=sigma, delta=DELTA, dataset_size=N,
+                                                 batch_sizes=N, num_steps=steps, scheme=WOR, accountant="pld")
+  assert schedule_eps == pld
+
+
+def test_without_replacement_sensitivity_is_twice_poisson_and_lives_on_the_scheme():
+  # At q = 1 the two schemes differ only by the sensitivity: WOR at σ is Poisson at σ / 2.
+  for accountant in ("rdp", "pld"):
+    wor = accounting.compute_epsilon(_ledger([(3, N, 2.0)], scheme=WOR), DELTA, accountant)
+    poisson = accounting.compute_epsilon(_ledger([(3, N, 1.0)]), DELTA, accountant)
+    assert wor == pytest.approx(poisson, rel=1e-9)
+  assert POISSON.sensitivity == 1.0 and WOR.sensitivity == 2.0
+
+
 def test_mnist_reference_numbers():
   # Abadi et al. 2016 setting; values as dp-accounting 0.6 computes them.
   ledger = Ledger()
@@ -128,6 +180,11 @@ def test_pld_refuses_without_replacement():
   with pytest.raises(accounting.UnsupportedAccountingError):
     accounting.calibrate_noise_multiplier(target_epsilon=1, delta=DELTA, dataset_size=N,
                                           batch_sizes=[256] * 10, scheme=WOR, accountant="pld")
+  with pytest.raises(accounting.UnsupportedAccountingError):  # one sampled step among full ones
+    accounting.compute_epsilon(_ledger([(3, N, 2.0), (1, N - 1, 2.0)], scheme=WOR), DELTA, "pld")
+  with pytest.raises(accounting.UnsupportedAccountingError):
+    accounting.epsilon_for_schedule(noise_multiplier=1, delta=DELTA, dataset_size=N, batch_sizes=[N, 256],
+                                    scheme=WOR, accountant="pld")
 
 
 def test_ledger_refuses_mixed_schemes():
@@ -150,7 +207,9 @@ def test_step_event_is_the_documented_event():
   e = accounting.step_event(batch_size=256, dataset_size=N, noise_multiplier=1.1)
   assert e == dp_accounting.PoissonSampledDpEvent(256 / N, dp_accounting.GaussianDpEvent(1.1))
   e = accounting.step_event(batch_size=256, dataset_size=N, noise_multiplier=1.1, scheme=WOR)
-  assert e == dp_accounting.SampledWithoutReplacementDpEvent(N, 256, dp_accounting.GaussianDpEvent(1.1))
+  assert e == dp_accounting.SampledWithoutReplacementDpEvent(N, 256, dp_accounting.GaussianDpEvent(0.55))
+  e = accounting.step_event(batch_size=N, dataset_size=N, noise_multiplier=1.1, scheme=WOR)
+  assert e == dp_accounting.GaussianDpEvent(0.55)
 
 
 # ------------------------------------------------------------------ ledger
@@ -325,6 +384,8 @@ def test_calibration_without_replacement():
       scheme="without_replacement", rtol=1e-3)
   ledger = _ledger([(1000, 512, sigma)], scheme=WOR)
   assert 2.97 <= accounting.compute_epsilon(ledger, DELTA) <= 3.0
+  # The σ meets the target for the mechanism that runs (sensitivity 2C), by dp-accounting alone.
+  assert _direct([(1000, 512, sigma)], "rdp", WOR).get_epsilon(DELTA) <= 3.0
   # Replace-one is a different (stronger) relation: not interchangeable with Poisson.
   assert accounting.compute_epsilon(_ledger([(1000, 512, sigma)]), DELTA) != pytest.approx(
       accounting.compute_epsilon(ledger, DELTA), rel=1e-3)
@@ -496,3 +557,119 @@ def test_reference_runs_match_shipped_configs():
     assert config.target_epsilon == run["target_epsilon"], run["name"]
     checked += 1
   assert checked >= 4
+
+
+def test_calibrated_full_batch_without_replacement_meets_target_for_the_real_mechanism():
+  """The issue's case: calibrating q = 1 without replacement to ε = 3 returned a σ whose real ε was 7.2."""
+  steps = 10
+  for accountant in ("rdp", "pld"):
+    sigma = accounting.calibrate_noise_multiplier(
+        target_epsilon=3.0, delta=DELTA, dataset_size=1000, batch_sizes=[1000] * steps,
+        scheme=WOR, accountant=accountant)
+    real = _exact_gaussian_epsilon(2.0, sigma / math.sqrt(steps), DELTA)
+    assert real <= 3.0
+    if accountant == "pld":
+      assert real >= 2.99  # and not much more noise than needed
+
+
+# --------------------------------------------------- the sampler's δ_tail
+
+from dpmega import truncation  # noqa: E402  (grouped with the tests that use it)
+
+# Symmetric and narrow enough that δ_tail is a few % of δ for the ledger below.
+_TAIL = truncation.TailModel(truncation.Support(-7.0, 7.0), 10**6)
+_NEGLIGIBLE_TAIL = truncation.TailModel(truncation.Support(-40.0, 40.0), 10)
+_TAIL_RUNS = [(1000, 256, 1.0)]
+
+
+def _tail_steps(runs, n=N):
+  return [(steps, b / n, sigma) for steps, b, sigma in runs]
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_tail_shrinks_the_delta_given_to_the_accountant(accountant):
+  ledger = _ledger(_TAIL_RUNS)
+  ideal = accounting.compute_epsilon(ledger, DELTA, accountant)
+  with_tail = accounting.compute_epsilon(ledger, DELTA, accountant, tail=_TAIL)
+  eta = truncation.tail_delta(_tail_steps(_TAIL_RUNS), sensitivity=1, tail=_TAIL)
+  assert 1e-3 * DELTA < eta < DELTA  # the tail matters here
+  assert with_tail > ideal
+  # Exactly the accountant's ε at the δ left by the tail (δ - δ_tail, times Z for the truncated density).
+  inner = truncation.accountant_delta(DELTA, _tail_steps(_TAIL_RUNS), sensitivity=1, tail=_TAIL)
+  assert (DELTA - eta) * (1 - 1e-2) < inner <= DELTA - eta
+  assert with_tail == pytest.approx(_direct(_TAIL_RUNS, accountant).get_epsilon(inner), rel=1e-9)
+  # A negligible tail changes nothing that prints.
+  assert accounting.compute_epsilon(ledger, DELTA, accountant, tail=_NEGLIGIBLE_TAIL) == pytest.approx(ideal, rel=1e-12)
+  # compute_delta adds δ_tail back: the total δ at the reported ε is the stated δ.
+  total = accounting.compute_delta(ledger, with_tail, accountant, tail=_TAIL)
+  ideal_delta = accounting.compute_delta(ledger, with_tail, accountant)
+  assert total == pytest.approx(ideal_delta + truncation.tail_delta(_tail_steps(_TAIL_RUNS), sensitivity=1, tail=_TAIL,
+                                                                    accountant_delta=ideal_delta), rel=1e-9)
+  assert total <= DELTA * (1 + 1e-3)
+
+
+def test_tail_uses_the_scheme_sensitivity():
+  runs = [(1000, 256, 2.0)]  # replace-one at σ = 2 shifts the noise as much as add/remove at σ = 1
+  ledger = _ledger(runs, scheme=WOR)
+  eta = accounting.tail_delta_of(ledger, _TAIL)
+  assert eta == truncation.tail_delta(_tail_steps(runs), sensitivity=2, tail=_TAIL)
+  assert eta == truncation.tail_delta(_tail_steps(_TAIL_RUNS), sensitivity=1, tail=_TAIL)
+  assert eta > truncation.tail_delta(_tail_steps(runs), sensitivity=1, tail=_TAIL)
+  assert accounting.tail_delta_for_schedule(noise_multiplier=2.0, dataset_size=N, batch_sizes=256, num_steps=1000,
+                                            scheme=WOR, tail=_TAIL) == eta
+  assert accounting.tail_delta_of(Ledger(), _TAIL) == 0.0
+  # The share of a stated δ: the floor plus the truncated density's 1/Z factor on what is left.
+  inner = truncation.accountant_delta(DELTA, _tail_steps(runs), sensitivity=2, tail=_TAIL)
+  assert accounting.tail_delta_of(ledger, _TAIL, delta=DELTA) == pytest.approx(DELTA - inner, rel=1e-9)
+  assert DELTA - inner >= eta
+  eps = accounting.compute_epsilon(ledger, DELTA, tail=_TAIL)
+  assert eps == pytest.approx(_direct(runs, "rdp", WOR).get_epsilon(inner), rel=1e-9)
+
+
+def test_tail_that_eats_delta_gives_infinite_epsilon_and_shows_its_floor():
+  from dpmega import noise  # pylint: disable=import-outside-toplevel
+  bounded = truncation.TailModel(noise.sampler_support("jax_bounded"), 10**9)
+  ledger = _ledger(_TAIL_RUNS)
+  assert math.isinf(accounting.compute_epsilon(ledger, DELTA, tail=bounded))
+  assert accounting.tail_delta_of(ledger, bounded) > DELTA  # the floor to print
+  assert math.isinf(accounting.tail_delta_of(ledger, bounded, delta=DELTA))
+  # Few coordinates: finite, and the asymmetric support takes more than its floor.
+  small = truncation.TailModel(noise.sampler_support("jax_bounded"), 10)
+  one_step = _ledger([(1, 256, 1.0)])
+  floor = accounting.tail_delta_of(one_step, small)
+  share = accounting.tail_delta_of(one_step, small, delta=1e-3)
+  assert 0 < floor < share < 1e-3
+  assert accounting.compute_epsilon(one_step, 1e-3, tail=small) == pytest.approx(
+      accounting.compute_epsilon(one_step, 1e-3 - share), rel=1e-9)
+  assert not accounting.fits_budget(Ledger(), next_batch_size=256, dataset_size=N, noise_multiplier=1.0,
+                                    scheme="poisson", target_epsilon=100.0, delta=1e-12, tail=bounded)
+  with pytest.raises(UsageError, match="unreachable.*delta_tail"):
+    accounting.calibrate_noise_multiplier(target_epsilon=3.0, delta=DELTA, dataset_size=N, batch_sizes=[256] * 100,
+                                          tail=bounded)
+  with pytest.raises(ValueError, match="tail must be a dpmega.truncation.TailModel"):
+    accounting.compute_epsilon(ledger, DELTA, tail="wide_tail")
+
+
+def test_calibration_with_a_tail_model_meets_the_target_at_the_stated_delta():
+  kw = dict(target_epsilon=2.0, delta=DELTA, dataset_size=N, batch_sizes=[256] * 1000)
+  plain = accounting.calibrate_noise_multiplier(**kw)
+  sigma = accounting.calibrate_noise_multiplier(tail=_TAIL, **kw)
+  assert sigma > plain  # part of δ went to the tail, so more noise
+  ledger = _ledger([(1000, 256, sigma)])
+  assert 0.99 * 2.0 <= accounting.compute_epsilon(ledger, DELTA, tail=_TAIL) <= 2.0
+  eta = accounting.tail_delta_of(ledger, _TAIL)
+  assert _direct([(1000, 256, sigma)], "rdp").get_epsilon(DELTA - eta) <= 2.0
+  assert accounting.compute_epsilon(ledger, DELTA) < 2.0  # the ideal-Gaussian ε alone would understate
+
+
+def test_max_steps_and_fits_budget_with_a_tail_model():
+  kw = dict(delta=DELTA, dataset_size=N, noise_multiplier=1.0)
+  n = accounting.max_steps(target_epsilon=2.0, batch_sizes=256, tail=_TAIL, **kw)
+  eps = lambda k: accounting.epsilon_for_schedule(batch_sizes=256, num_steps=k, tail=_TAIL, **kw)
+  assert eps(n) <= 2.0 < eps(n + 1)
+  assert n < accounting.max_steps(target_epsilon=2.0, batch_sizes=256, **kw)
+  ledger = _ledger([(n, 256, 1.0)])
+  fit = dict(next_batch_size=256, dataset_size=N, noise_multiplier=1.0, scheme="poisson", target_epsilon=2.0,
+             delta=DELTA)
+  assert not accounting.fits_budget(ledger, tail=_TAIL, **fit)
+  assert accounting.fits_budget(_ledger([(n - 1, 256, 1.0)]), tail=_TAIL, **fit)

@@ -128,6 +128,29 @@ def test_exact_gaussian_epsilon_solves_the_balle_wang_equation():
   assert audit.gaussian_mechanism_epsilon(1e3, 0.5) == 0.0  # tiny mu: (0, 0.5)-DP already
 
 
+def test_exact_gaussian_epsilon_of_replace_one_is_the_one_of_twice_the_sensitivity():
+  # Replacing one example moves a sum clipped to C by up to 2C: μ = 2/σ, not 1/σ.
+  sigma, delta = 2.0, 1e-5
+  eps = audit.gaussian_mechanism_epsilon(sigma, delta, sensitivity=2.0)
+  mu, phi = 2 / sigma, scipy.stats.norm.cdf
+  assert phi(mu / 2 - eps / mu) - math.exp(eps) * phi(-mu / 2 - eps / mu) == pytest.approx(delta, rel=1e-6)
+  assert eps == pytest.approx(audit.gaussian_mechanism_epsilon(sigma / 2, delta), rel=1e-9)
+  assert eps > 2 * audit.gaussian_mechanism_epsilon(sigma, delta)  # the issue: 4.38 vs 2.17 printed
+  with pytest.raises(ValueError, match="sensitivity"):
+    audit.gaussian_mechanism_epsilon(sigma, delta, sensitivity=0.0)
+
+
+@pytest.mark.parametrize("accountant", ["pld", "rdp"])
+def test_claimed_replace_one_epsilon_covers_the_exact_mechanism(accountant):
+  for sigma in (0.8, 2.0, 5.0):
+    exact = audit.gaussian_mechanism_epsilon(sigma, 1e-5, sensitivity=2.0)
+    claimed = audit.claimed_epsilon(noise_multiplier=sigma, delta=1e-5, accountant=accountant,
+                                    sampling="without_replacement")
+    assert claimed >= exact * (1 - 1e-6)
+    if accountant == "pld":
+      assert claimed == pytest.approx(exact, rel=1e-3)
+
+
 def test_claimed_epsilon_of_poisson_sampling_is_smaller_and_grows_with_steps():
   full = audit.claimed_epsilon(noise_multiplier=1.0, delta=1e-5)
   sub = audit.claimed_epsilon(noise_multiplier=1.0, delta=1e-5, sampling_rate=0.01)
@@ -162,7 +185,26 @@ def test_mechanism_audit_with_poisson_sampling_valid_and_powerful():
   assert weak.violation
 
 
+def test_replace_one_audit_proves_more_than_add_remove_accounting_and_stays_below_its_own_claim():
+  """The replace-one canary moves the sum by 2C: an audit proves ε above what the add/remove curve gives at σ.
+
+  That add/remove curve is what dpmega claimed for fixed-size batches before the
+  sensitivity fix (RDP of GaussianDpEvent(σ) = 4.73 at σ = 1): the audit alone
+  shows that claim was false, and the replace-one claim (sensitivity 2C) holds.
+  """
+  r = audit.mechanism_audit(noise_multiplier=1.0, trials=50_000, sampling="without_replacement",
+                            accountant="rdp", seed=3)
+  assert r.neighbours == "replace-one" and r.exact_epsilon == pytest.approx(9.997, abs=1e-3)
+  assert r.details["mean_in_score"] - r.details["mean_out_score"] == pytest.approx(2.0, abs=0.05)
+  assert not r.violation and r.claimed_epsilon >= r.exact_epsilon
+  add_remove_claim = audit.claimed_epsilon(noise_multiplier=1.0, delta=1e-5, accountant="rdp")
+  assert r.epsilon_lower_bound > add_remove_claim
+  assert "replace-one" in audit.format_table([r])
+
+
 @pytest.mark.parametrize("kwargs, name", [
+    (dict(noise_multiplier=1.0, sampling="shuffle"), "sampling"),
+    (dict(noise_multiplier=1.0, sampling="without_replacement", sampling_rate=0.5), "sampling_rate"),
     (dict(noise_multiplier=0.0), "noise_multiplier"),
     (dict(noise_multiplier=math.inf), "noise_multiplier"),
     (dict(noise_multiplier=1.0, clip_norm=0.0), "clip_norm"),

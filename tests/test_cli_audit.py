@@ -51,6 +51,29 @@ def test_audit_one_run_and_sampling_rate(tmp_path, capsys):
   assert result["epsilon_lower_bound"] <= result["claimed_epsilon"]
 
 
+def test_audit_replace_one_claims_sensitivity_2c(tmp_path, capsys):
+  path = tmp_path / "audit.json"
+  code, out, err = _run(["audit", "--noise_multiplier", "2", "--trials", "2000", "--sampling",
+                         "without_replacement", "--json", str(path)], capsys)
+  assert code == 0, err
+  assert "replace-one" in out
+  (result,) = json.loads(path.read_text())["audits"]
+  assert result["neighbours"] == "replace-one"
+  # σ = 2 with sensitivity 2C is the Gaussian with μ = 1: ε = 4.377 at δ = 1e-5, not 2.17.
+  assert result["exact_epsilon"] == pytest.approx(4.377, abs=1e-3)
+  assert result["claimed_epsilon"] == pytest.approx(result["exact_epsilon"], rel=1e-3)
+  assert result["epsilon_lower_bound"] < result["claimed_epsilon"]
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--kind", "one-run"], "--sampling without_replacement applies to --kind mechanism"),
+    (["--sampling_rate", "0.5"], "--sampling_rate must be omitted"),
+])
+def test_audit_replace_one_bad_combinations_exit_2(argv, expect, capsys):
+  code, _, err = _run(["audit", "--noise_multiplier", "1", "--sampling", "without_replacement", *argv], capsys)
+  assert code == 2 and expect in err and "Traceback" not in err
+
+
 def test_audit_has_no_user_facing_noise_knob(capsys):
   code, _, err = _run(["audit", "--noise_multiplier", "1", "--noise_scale_for_testing", "0.1"], capsys)
   assert code == 2 and "unrecognized arguments" in err

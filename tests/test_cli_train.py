@@ -111,9 +111,13 @@ def test_budget_flags_replace_the_config_pair(small_config):
   parser = cli.build_parser()
   from dpmega import cli_train
 
-  args = parser.parse_args(["train", "--config", small_config, "--target_epsilon", "2", "--set", "seed=4"])
+  args = parser.parse_args(["train", "--config", small_config, "--target_epsilon", "2", "--set", "init_seed=4"])
   config = cli_train.build_config(args)
-  assert config.target_epsilon == 2.0 and config.noise_multiplier is None and config.seed == 4
+  assert config.target_epsilon == 2.0 and config.noise_multiplier is None and config.init_seed == 4
+  assert config.insecure_reproducible_seed is None  # a secret noise key unless asked explicitly
+  config = cli_train.build_config(parser.parse_args(["train", "--config", small_config,
+                                                     "--insecure_reproducible_seed", "6"]))
+  assert config.insecure_reproducible_seed == 6
   args = parser.parse_args(["train", "--config", small_config, "--noise_multiplier", "0.9", "--target_epsilon",
                             "5"])
   config = cli_train.build_config(args)
@@ -127,9 +131,11 @@ def _run_cli(*args, timeout=300):
 
 
 def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, small_config, capsys):
+  # Two workdirs compared bit for bit need one noise secret: a public seed (test-only, not private).
+  seed = ("--insecure_reproducible_seed", "1")
   # The uninterrupted reference, in this process.
   ref_dir = str(tmp_path / "ref")
-  assert cli.main(["train", "--config", small_config, "--workdir", ref_dir]) == 0
+  assert cli.main(["train", "--config", small_config, "--workdir", ref_dir, *seed]) == 0
   capsys.readouterr()
   ref_params, ref_meta = _final_params(small_config, ref_dir)
   ref_summary = json.load(open(os.path.join(ref_dir, "summary.json")))
@@ -137,8 +143,8 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, smal
   # The same run, killed with SIGKILL mid-run (after the step-8 checkpoint, before the end).
   workdir = str(tmp_path / "cut")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.Popen([sys.executable, "-m", "dpmega", "train", "--config", small_config, "--workdir", workdir],
-                          cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  proc = subprocess.Popen([sys.executable, "-m", "dpmega", "train", "--config", small_config, "--workdir", workdir,
+                           *seed], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   metrics = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + 240
   last = 0
@@ -155,7 +161,7 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, smal
   assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
   assert 10 <= last < 24
 
-  resumed = _run_cli("--config", small_config, "--workdir", workdir, "--resume")
+  resumed = _run_cli("--config", small_config, "--workdir", workdir, "--resume", *seed)
   assert resumed.returncode == 0, resumed.stderr
   assert "resumed from the checkpoint at step" in resumed.stdout
   params, meta = _final_params(small_config, workdir)
@@ -172,11 +178,14 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, smal
   # Corrupt the newest checkpoint: a clear one-line error; the previous one is kept and usable.
   with open(os.path.join(workdir, "checkpoints", "24", "meta", "metadata"), "w") as f:
     f.write('{"step": 24, "ledger": {}, "digest": "x"')  # truncated JSON
-  bad = _run_cli("--config", small_config, "--workdir", workdir, "--resume")
+  bad = _run_cli("--config", small_config, "--workdir", workdir, "--resume", *seed)
   assert bad.returncode == 2
   assert "checkpoint at step 24" in bad.stderr and "corrupt" in bad.stderr and "--resume_step 20" in bad.stderr
-  again = _run_cli("--config", small_config, "--workdir", workdir, "--resume_step", "20")
+  again = _run_cli("--config", small_config, "--workdir", workdir, "--resume_step", "20", *seed)
   assert again.returncode == 0, again.stderr
-  params, _ = _final_params(small_config, workdir)
-  _assert_params_close(params, ref_params)
-  assert json.load(open(os.path.join(workdir, "summary.json")))["epsilon"] == ref_summary["epsilon"]
+  # Steps 21-24 were computed (and checkpointed) once: redoing them from step 20 is a rewind, so they run in a
+  # new generation with new keys (no key serves two computations) and the workdir pays for them again.
+  assert "generation 1" in again.stdout and "rewind" in again.stdout
+  summary = json.load(open(os.path.join(workdir, "summary.json")))
+  assert summary["generation"] == 1 and summary["ledger"] == ref_summary["ledger"]
+  assert summary["trajectory_epsilon"] == ref_summary["epsilon"] < summary["epsilon"]

@@ -196,3 +196,35 @@ def test_mask_of_wrong_shape_is_rejected():
   params, batch = make_problem(0, 4)
   with pytest.raises(ValueError, match="mask"):
     dpmega.clipped_grad_sum(linear_loss, params, batch, np.ones(5), clip_norm=1.0)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_scaled_norms_fast_path_is_taken_only_when_exact(jit):
+  """`scaled_norms` skips the per-example scaling only when the unscaled sum proves it safe, batch-wide."""
+  norms = jax.jit(clipping.scaled_norms) if jit else clipping.scaled_norms
+  rng = np.random.default_rng(0)
+  benign = rng.normal(size=(4, 1000)).astype(np.float32)
+  # Fast path: the squares of the 2**-64 entries flush to zero, but they weigh 2**-38 of the 2**-40 entry's.
+  near = np.full((1000,), 2.0 ** -64, np.float32)
+  near[0] = 2.0 ** -40
+  odd_rows = {
+      "near-threshold": near,
+      "just below the threshold": np.full((1000,), 2.0 ** -49, np.float32),
+      "tiny": np.full((1000,), 1e-20, np.float32),
+      "huge": np.full((1000,), 1e20, np.float32),
+      "overflowing square": np.concatenate([[3e19], np.ones(999)]).astype(np.float32),
+      "zero": np.zeros(1000, np.float32),
+  }
+  for name, row in odd_rows.items():
+    # One odd row in an otherwise benign batch: the whole batch must be right, the odd row included.
+    x = np.concatenate([benign, row[None]])
+    want = np.sqrt(np.sum(np.square(x.astype(np.float64)), axis=1))
+    np.testing.assert_allclose(np.asarray(norms(jnp.asarray(x)), np.float64), want, rtol=1e-6, err_msg=name)
+  x = benign.copy()
+  x[1, 7] = np.nan
+  got = np.asarray(norms(jnp.asarray(x)))
+  assert np.isnan(got[1]) and np.all(np.isfinite(np.delete(got, 1)))
+  np.testing.assert_allclose(np.delete(got, 1), np.delete(np.sqrt(np.sum(np.square(x.astype(np.float64)), 1)), 1),
+                             rtol=1e-6)
+  x[2, 3] = np.inf
+  assert np.isinf(np.asarray(norms(jnp.asarray(x)))[2])

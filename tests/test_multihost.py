@@ -102,6 +102,12 @@ def test_mesh_must_cover_every_process(multihost):
   assert "mesh must use all 4 devices" in info["partial_mesh_error"]
 
 
+def test_a_secret_drawn_on_process_0_reaches_every_process(multihost):
+  info, _ = multihost
+  assert info["secret_draws_differ"] is True  # each process drew its own from the OS CSPRNG
+  assert info["secret_shared_by_all"] is True and info["secret_is_process0s"] is True
+
+
 def test_checkpoint_saved_and_restored_from_every_process(multihost):
   info, _ = multihost
   assert info["checkpoint_roundtrip_equal"] is True
@@ -112,16 +118,21 @@ def test_checkpoint_saved_and_restored_from_every_process(multihost):
 
 
 def test_dpmega_train_on_two_processes_matches_one_process(tmp_path):
+  """Without a fixed seed: process 0's fresh secret must key both processes' samples and noise."""
+  import base64
+
   from dpmega import checkpoint as checkpoint_lib
   from dpmega import cli
   from dpmega import cli_train
   from dpmega import config as config_lib
+  from dpmega import noise
   from dpmega import train as train_lib
   from dpmega.tasks import build_task
 
   workdir = tmp_path / "run"
   port = _free_port()
-  overrides = mesh_worker.TRAINER_OVERRIDES + ["mesh.min_shard_size=0", "mesh.fsdp=2"]
+  overrides = [o for o in mesh_worker.TRAINER_OVERRIDES if not o.startswith("insecure_reproducible_seed")]
+  overrides += ["mesh.min_shard_size=0", "mesh.fsdp=2"]
   flags = ["train", "--config", os.path.join(ROOT, "configs", "synthetic_ctr.py"), "--noise_multiplier", "1.0",
            "--set", *overrides]
   distributed = ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", str(NUM_PROCESSES)]
@@ -129,10 +140,23 @@ def test_dpmega_train_on_two_processes_matches_one_process(tmp_path):
                   "--process_id", str(i)] for i in range(NUM_PROCESSES)], tmp_path)
   with open(workdir / "summary.json") as f:
     summary = json.load(f)
-  # One process, one device, no mesh: the same run.
+  # One process, one device, no mesh: the same run, keyed by the secret the two processes kept in the
+  # checkpoint. Had process 1 used another secret, its share of the sample and its noise key would differ.
   config = cli_train.build_config(cli.build_parser().parse_args(flags + ["--workdir", str(tmp_path / "ref")]))
   config.mesh.enabled = False
-  ref = train_lib.train(config, out=lambda s: None)
+  trainer = train_lib.Trainer(config_lib.validate(config), build_task(config), out=lambda s: None)
+  with checkpoint_lib.Checkpointer(str(workdir / "checkpoints")) as ckpt:
+    tree, _ = ckpt.restore(trainer._checkpoint_tree(trainer.initial_state()), step=3)
+  secret = noise.secret_from_words(tree["rng"])
+  assert secret != trainer.secret  # the reference drew its own; it takes the run's below
+  trainer._set_randomness(secret, generation=0)
+  ref = trainer.run()
+  # The secret went over jax.distributed only: not in argv, not in any file outside the checkpoints.
+  for text in (" ".join(flags + distributed), *(p.read_text(errors="replace") for p in tmp_path.glob("*.log")),
+               *(p.read_text(errors="replace") for p in workdir.rglob("*")
+                 if p.is_file() and "checkpoints" not in p.parts)):
+    for form in (secret.hex(), base64.b64encode(secret).decode()):
+      assert form not in text
   assert summary["steps"] == ref.steps == 3
   assert summary["epsilon"] == ref.epsilon
   for k, v in ref.eval_metrics.items():

@@ -8,6 +8,7 @@ from scipy import stats as sstats
 
 import dpmega
 from dpmega import noise
+from dpmega import threefry
 
 
 def _zeros_tree():
@@ -86,3 +87,72 @@ def test_noise_under_jit_with_traced_sigma_matches_eager():
 
 def test_public_api_exports_the_mechanism():
   assert dpmega.privatize is noise.privatize and dpmega.add_gaussian_noise is noise.add_gaussian_noise
+
+
+# ----------------------------------------------------------------------------- the sampler option
+
+
+def _split_draws(tree, key, draw):
+  leaves = jax.tree_util.tree_leaves(tree)
+  return [draw(k, x.shape) for k, x in zip(jax.random.split(key, len(leaves)), leaves)]
+
+
+def test_default_noise_is_the_wide_tail_sampler():
+  key, tree = jax.random.key(8), _zeros_tree()
+  jitted = jax.jit(lambda k: noise.add_gaussian_noise(tree, k, noise_multiplier=2.0, clip_norm=0.5))
+  want = jax.jit(lambda k: _split_draws(tree, k, threefry.wide_tail_normal))(key)
+  np.testing.assert_array_equal(_flat(jitted(key)), np.concatenate([np.ravel(w) for w in want]))
+  explicit = noise.privatize(tree, key, noise_multiplier=2.0, clip_norm=0.5, expected_batch_size=1,
+                             sampler="wide_tail")
+  np.testing.assert_allclose(_flat(explicit), _flat(jitted(key)), rtol=1e-6, atol=1e-7)
+
+
+def test_jax_bounded_sampler_draws_jax_random_normal():
+  key, tree = jax.random.key(9), {"a": jnp.zeros((7, 5)), "b": jnp.zeros(11)}
+  got = noise.gaussian_noise_like(tree, key, 1.0, sampler=noise.NoiseSampler.JAX_BOUNDED)
+  want = _split_draws(tree, key, lambda k, s: jax.random.normal(k, s, jnp.float32))
+  np.testing.assert_array_equal(_flat(got), np.concatenate([np.ravel(w) for w in want]))
+  via_privatize = noise.privatize(tree, key, noise_multiplier=1.0, clip_norm=1.0, expected_batch_size=1,
+                                  sampler="jax_bounded")
+  np.testing.assert_array_equal(_flat(via_privatize), _flat(got))
+
+
+@pytest.mark.parametrize("sampler", list(noise.NoiseSampler))
+def test_every_sampler_gives_the_right_std_and_stays_in_its_support(sampler):
+  sigma, clip = 1.3, 0.7
+  out = _flat(noise.add_gaussian_noise(_zeros_tree(), jax.random.key(2), noise_multiplier=sigma, clip_norm=clip,
+                                       sampler=sampler))
+  lo, hi = _std_bounds(out.size, sigma * clip)
+  assert lo <= float(np.sqrt(np.mean(out.astype(np.float64) ** 2))) <= hi
+  support = noise.sampler_support(sampler)
+  assert np.float32(support.lo * sigma * clip) <= out.min() and out.max() <= np.float32(support.hi * sigma * clip)
+
+
+@pytest.mark.parametrize("bad", ["gaussian", None, 3])
+def test_unknown_sampler_is_rejected_naming_the_field(bad):
+  for call in (lambda: noise.add_gaussian_noise({"w": jnp.zeros(2)}, jax.random.key(0), noise_multiplier=1.0,
+                                                clip_norm=1.0, sampler=bad),
+               lambda: noise.sampler_support(bad),
+               lambda: dpmega.private_value_and_grad(lambda w, ex: w, clip_norm=1.0, noise_multiplier=1.0,
+                                                     expected_batch_size=1, noise_sampler=bad)):
+    with pytest.raises(ValueError, match="sampler must be one of"):
+      call()
+
+
+def test_sampler_supports_wide_tail_symmetric_and_jax_bounded_as_issued():
+  wide, bounded = noise.sampler_support(), noise.sampler_support("jax_bounded")
+  assert wide.symmetric and wide.hi == float(threefry.WIDE_TAIL_EDGE) > 9.15
+  assert not bounded.symmetric and (bounded.lo, bounded.hi) == (-5.41998291015625, 5.2201128005981445)
+
+
+def test_private_value_and_grad_passes_the_noise_sampler():
+  loss = lambda w, ex: jnp.sum(w * ex["x"])
+  batch, w, key = {"x": jnp.ones((4, 3))}, jnp.zeros(3), jax.random.key(1)
+  run = lambda **kw: dpmega.private_value_and_grad(loss, clip_norm=1.0, noise_multiplier=1.0,
+                                                   expected_batch_size=4, **kw)(w, batch, key)[1]
+  default, wide, bounded = run(), run(noise_sampler="wide_tail"), run(noise_sampler=noise.NoiseSampler.JAX_BOUNDED)
+  np.testing.assert_array_equal(default, wide)
+  clipped_mean = np.full(3, 1 / np.sqrt(3))  # 4 examples of norm sqrt(3) clipped to 1, summed, / 4
+  draw = lambda sampler: noise.gaussian_noise_like({"g": jnp.zeros(3)}, key, 1.0, sampler=sampler)["g"]
+  np.testing.assert_allclose(wide, clipped_mean + np.asarray(draw("wide_tail")) / 4, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(bounded, clipped_mean + np.asarray(draw("jax_bounded")) / 4, rtol=1e-5, atol=1e-6)

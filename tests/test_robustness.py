@@ -10,8 +10,8 @@ binary) and ``--set`` overrides of every trainer field get the same treatment.
 
 Faults (subprocesses, Linux): SIGKILL in the middle of a checkpoint write;
 disk full (``RLIMIT_FSIZE``) while writing a checkpoint or metrics; a loss that
-turns NaN; and determinism -- two runs with one seed and config give
-bit-identical parameters.
+turns NaN; and determinism -- two runs with one ``insecure_reproducible_seed``
+and config give bit-identical parameters.
 """
 
 import math
@@ -258,7 +258,8 @@ _SYNTHETIC_CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "configs"
 
 # field -> (kind, lo, hi, lo_open, hi_open): the allowed values (see dpmega/config.py).
 _TRAIN_FIELDS = {
-    "seed": ("int", 0, 2**31 - 1),
+    "init_seed": ("int", 0, 2**31 - 1),
+    "insecure_reproducible_seed": ("optional_int", 0, 2**63 - 1),
     "num_steps": ("int", 1, 10**9),
     "microbatch_size": ("int", 1, 2**20),
     "max_microbatches": ("int", 1, 2**16),
@@ -306,7 +307,9 @@ def _valid_train_value(field: str, text: str) -> bool:
     return isinstance(v, bool)
   if kind == "choice":
     return (text.strip() if not isinstance(v, str) else v) in spec
-  if kind == "int":
+  if kind == "optional_int" and v is None:
+    return True
+  if kind in ("int", "optional_int"):
     lo, hi = spec
     return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
   if not isinstance(v, (int, float)):
@@ -581,20 +584,22 @@ def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(small_
   import numpy as np  # pylint: disable=import-outside-toplevel
 
   workdir = str(tmp_path / "run")
-  # SGD with a learning rate of 1e30: the first update sends the parameters to ~1e30, the loss to NaN.
+  # Adam with a learning rate of 3e38: the first update sends the parameters to ~3e38 (the loss to NaN), the
+  # second past the float32 maximum. Only non-finite PARAMETERS stop a run (non-finite example gradients are
+  # zeroed and counted: tests/test_resume_privacy.py).
   p = _python(["-m", "dpmega", "train", "--config", small_train_config, "--workdir", workdir, "--set",
-               "num_steps=4", "checkpoint_every=1", "optimizer.name=sgd", "optimizer.learning_rate=1e30"])
+               "num_steps=4", "checkpoint_every=1", "optimizer.name=adam", "optimizer.learning_rate=3e38"])
   assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
   assert "finite" in p.stderr.lower() and "step 1" in p.stderr, p.stderr[-3000:]  # names the last good one
   from dpmega.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
   with Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
     assert ckpt.steps() == [1]
-  tree, _ = _restore_train_checkpoint(small_train_config, workdir, overrides=["optimizer.name=sgd"])
+  tree, _ = _restore_train_checkpoint(small_train_config, workdir, overrides=["optimizer.name=adam"])
   import jax  # pylint: disable=import-outside-toplevel
   assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(tree["params"]))
 
 
-def test_same_seed_and_config_give_bit_identical_params_across_processes(small_train_config, tmp_path):
+def test_same_insecure_seed_and_config_give_bit_identical_params_across_processes(small_train_config, tmp_path):
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
@@ -605,9 +610,10 @@ def test_same_seed_and_config_give_bit_identical_params_across_processes(small_t
   def run_in_subprocess(name):
     workdir = str(tmp_path / name)
     p = _python(["-m", "dpmega", "train", "--config", small_train_config, "--workdir", workdir,
-                 "--set", "num_steps=6", "checkpoint_every=0"])
+                 "--insecure_reproducible_seed", "3", "--set", "num_steps=6", "checkpoint_every=0"])
     assert p.returncode == 0, p.stderr[-3000:]
-    tree, meta = _restore_train_checkpoint(small_train_config, workdir)
+    assert "NOT a private release" in p.stdout
+    tree, meta = _restore_train_checkpoint(small_train_config, workdir, overrides=["insecure_reproducible_seed=3"])
     return tree["params"], meta
 
   a, meta_a = run_in_subprocess("a")

@@ -8,6 +8,7 @@ import pytest
 from dpmega import sampling
 from dpmega.accounting import SamplingScheme
 from dpmega.data.sources import ArraySource
+from dpmega.noise import insecure_secret_from_seed as _secret  # fixed secrets: reproducible test draws
 
 
 def _draws(sampler, batch_size, steps):
@@ -16,7 +17,7 @@ def _draws(sampler, batch_size, steps):
 
 def test_poisson_each_example_included_with_probability_q():
   n, b, steps = 400, 40, 3000  # q = 0.1
-  draws = _draws(sampling.PoissonSampler(n, seed=1), b, steps)
+  draws = _draws(sampling.PoissonSampler(n, secret=_secret(1)), b, steps)
   counts = np.zeros(n)
   for idx in draws:
     counts[idx] += 1
@@ -29,7 +30,7 @@ def test_poisson_each_example_included_with_probability_q():
 
 def test_poisson_batch_size_is_binomial_not_fixed():
   n, b, steps = 1000, 100, 3000
-  sizes = np.array([len(i) for i in _draws(sampling.PoissonSampler(n, seed=2), b, steps)])
+  sizes = np.array([len(i) for i in _draws(sampling.PoissonSampler(n, secret=_secret(2)), b, steps)])
   q = b / n
   mean, var = n * q, n * q * (1 - q)  # 100, 90
   assert abs(sizes.mean() - mean) < 6 * math.sqrt(var / steps)
@@ -39,14 +40,15 @@ def test_poisson_batch_size_is_binomial_not_fixed():
 
 def test_poisson_inclusions_are_independent_between_examples():
   n, b, steps = 200, 100, 4000  # q = 0.5: without replacement would anti-correlate
-  draws = _draws(sampling.PoissonSampler(n, seed=3), b, steps)
+  draws = _draws(sampling.PoissonSampler(n, secret=_secret(3)), b, steps)
   both = sum(1 for idx in draws if 0 in idx and 1 in idx) / steps
   sd = math.sqrt(0.25 * 0.75 / steps)
   assert abs(both - 0.25) < 6 * sd
 
 
 def test_indices_are_sorted_distinct_and_in_range():
-  for s in (sampling.PoissonSampler(5000, seed=0), sampling.WithoutReplacementSampler(5000, seed=0)):
+  for s in (sampling.PoissonSampler(5000, secret=_secret(0)),
+            sampling.WithoutReplacementSampler(5000, secret=_secret(0))):
     idx = s.indices_at(7, 1234)
     assert idx.dtype == np.int64
     assert (np.diff(idx) > 0).all() and idx.min() >= 0 and idx.max() < 5000
@@ -54,7 +56,7 @@ def test_indices_are_sorted_distinct_and_in_range():
 
 def test_without_replacement_draws_exactly_b_distinct_uniformly():
   n, b, steps = 300, 60, 2000
-  s = sampling.WithoutReplacementSampler(n, seed=4)
+  s = sampling.WithoutReplacementSampler(n, secret=_secret(4))
   counts = np.zeros(n)
   for idx in _draws(s, b, steps):
     assert len(idx) == b and len(np.unique(idx)) == b
@@ -66,44 +68,49 @@ def test_without_replacement_draws_exactly_b_distinct_uniformly():
 
 def test_large_dataset_is_sampled_without_per_example_work():
   # N = 10^9 would need gigabytes if done per example; the binomial + subset draw is O(b).
-  idx = sampling.PoissonSampler(10**9, seed=0).indices_at(0, 20_000)
+  idx = sampling.PoissonSampler(10**9, secret=_secret(0)).indices_at(0, 20_000)
   assert abs(len(idx) - 20_000) < 6 * math.sqrt(20_000)
   assert len(np.unique(idx)) == len(idx)
 
 
 def test_q_equal_one_takes_every_example():
-  np.testing.assert_array_equal(sampling.PoissonSampler(50, seed=0).indices_at(3, 50), np.arange(50))
+  np.testing.assert_array_equal(sampling.PoissonSampler(50, secret=_secret(0)).indices_at(3, 50), np.arange(50))
 
 
 @pytest.mark.parametrize("bad", [0, -1, 101, 2.5, True])
 def test_batch_size_out_of_range_is_an_error_naming_it(bad):
   with pytest.raises(ValueError, match="batch_size"):
-    sampling.PoissonSampler(100, seed=0).sample(bad)
+    sampling.PoissonSampler(100, secret=_secret(0)).sample(bad)
 
 
-@pytest.mark.parametrize("kwargs, field", [({"dataset_size": 0, "seed": 0}, "dataset_size"),
-                                           ({"dataset_size": 10, "seed": -1}, "seed")])
+@pytest.mark.parametrize("kwargs, field", [({"dataset_size": 0}, "dataset_size"),
+                                           ({"dataset_size": 10, "secret": b"16 bytes needed"}, "secret"),
+                                           ({"dataset_size": 10, "secret": 7}, "secret"),
+                                           ({"dataset_size": 10, "generation": -1}, "generation")])
 def test_bad_sampler_arguments_are_named(kwargs, field):
   with pytest.raises(ValueError, match=field):
     sampling.PoissonSampler(**kwargs)
 
 
-def test_draw_is_a_pure_function_of_seed_and_step():
-  a, b = sampling.PoissonSampler(1000, seed=9), sampling.PoissonSampler(1000, seed=9)
+def test_draw_is_a_pure_function_of_secret_and_step():
+  a, b = sampling.PoissonSampler(1000, secret=_secret(9)), sampling.PoissonSampler(1000, secret=_secret(9))
   np.testing.assert_array_equal(a.indices_at(5, 100), b.indices_at(5, 100))
   assert not np.array_equal(a.indices_at(5, 100), a.indices_at(6, 100))
-  assert not np.array_equal(a.indices_at(5, 100), sampling.PoissonSampler(1000, seed=10).indices_at(5, 100))
+  other = sampling.PoissonSampler(1000, secret=_secret(10))
+  assert not np.array_equal(a.indices_at(5, 100), other.indices_at(5, 100))
+  assert not np.array_equal(a.indices_at(5, 100), sampling.PoissonSampler(1000, secret=_secret(9),
+                                                                          generation=1).indices_at(5, 100))
 
 
 @pytest.mark.parametrize("scheme", list(SamplingScheme))
 def test_restored_sampler_continues_exactly(scheme):
   sizes = [10, 50, 20, 80, 30, 30, 60]
-  full = sampling.make_sampler(scheme, 500, seed=3)
+  full = sampling.make_sampler(scheme, 500, secret=_secret(3))
   want = [full.sample(b) for b in sizes]
-  first = sampling.make_sampler(scheme, 500, seed=3)
+  first = sampling.make_sampler(scheme, 500, secret=_secret(3))
   got = [first.sample(b) for b in sizes[:3]]
   state = sampling.SamplerState.from_dict(first.state.to_dict())  # through JSON-able form
-  second = sampling.make_sampler(scheme, 500, seed=3)
+  second = sampling.make_sampler(scheme, 500, secret=_secret(3))
   second.restore(state)
   got += [second.sample(b) for b in sizes[3:]]
   for w, g in zip(want, got):
@@ -112,16 +119,16 @@ def test_restored_sampler_continues_exactly(scheme):
 
 
 def test_restore_refuses_another_runs_state():
-  state = sampling.PoissonSampler(500, seed=3, position=4).state
+  state = sampling.PoissonSampler(500, secret=_secret(3), position=4).state
   with pytest.raises(ValueError, match="sampler state"):
-    sampling.PoissonSampler(501, seed=3).restore(state)
+    sampling.PoissonSampler(501, secret=_secret(3)).restore(state)
   with pytest.raises(ValueError, match="sampler state"):
-    sampling.WithoutReplacementSampler(500, seed=3).restore(state)
+    sampling.WithoutReplacementSampler(500, secret=_secret(3)).restore(state)
 
 
 def test_make_sampler_rejects_unknown_scheme():
   with pytest.raises(ValueError, match="poisson"):
-    sampling.make_sampler("shuffle", 10, seed=0)
+    sampling.make_sampler("shuffle", 10)
 
 
 @pytest.mark.parametrize("m, k", [(1, 1), (4, 1), (8, 16), (32, 5), (128, 16)])
@@ -144,7 +151,7 @@ def test_iterate_chunks_yields_exactly_the_sampled_rows_then_masked_padding(tmp_
   x[:] = np.arange(3 * n, dtype=np.float32).reshape(n, 3)
   x.flush()
   source = ArraySource({"x": np.load(str(tmp_path / "x.npy"), mmap_mode="r"), "y": np.arange(n)})
-  idx = sampling.PoissonSampler(n, seed=0).indices_at(0, 300)
+  idx = sampling.PoissonSampler(n, secret=_secret(0)).indices_at(0, 300)
   chunks = list(sampling.iterate_chunks(source, idx, microbatch_size=16, max_microbatches=8))
   assert sum(c.num_real for c in chunks) == len(idx)
   real_y = np.concatenate([c.batch["y"][:c.num_real] for c in chunks])
@@ -170,7 +177,7 @@ def test_tfds_random_access_source_is_sampled_like_arrays():
   with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):
     source = TfdsSource(tfds.data_source("mnist", split="train"))
     assert len(source) == 64
-    idx = sampling.PoissonSampler(len(source), seed=0).indices_at(0, 20)
+    idx = sampling.PoissonSampler(len(source), secret=_secret(0)).indices_at(0, 20)
     chunks = list(sampling.iterate_chunks(source, idx, microbatch_size=4, max_microbatches=2))
     assert sum(c.num_real for c in chunks) == len(idx)
     for c in chunks:

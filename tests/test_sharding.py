@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given
 
 from dpmega import clipping
+from dpmega import noise
 from dpmega import sampling
 from dpmega import sharding
 
@@ -185,13 +186,14 @@ def test_process_shares_tile_the_global_sample_exactly(b, processes, rows_multip
 
 
 def test_process_poisson_chunks_union_is_the_samplers_batch():
-  sampler = sampling.PoissonSampler(1000, seed=3)
+  secret = noise.secret_bytes()
+  sampler = sampling.PoissonSampler(1000, secret=secret)
   for step in range(3):
     want = sampler.indices_at(step, 100)
     got = np.concatenate([
         c.indices[:c.num_real]
         for p in range(3)
-        for c in sharding.process_poisson_chunks(3, step, 100, 1000, process_index=p, process_count=3,
+        for c in sharding.process_poisson_chunks(secret, step, 100, 1000, process_index=p, process_count=3,
                                                  rows_multiple=4, max_multiples=8)])
     np.testing.assert_array_equal(got, want)
 
@@ -258,23 +260,26 @@ def test_privatize_fn_validates_and_divides_by_expected_batch_size():
   mesh, params, sh, _ = _one_device_setup()
   priv = sharding.make_privatize_fn(sh, clip_norm=1.0)
   ones = sharding.shard(jax.tree_util.tree_map(np.ones_like, params), sh)
-  out = priv(ones, sharding.step_key(0, 0), 0.0, 4.0)
+  out = priv(ones, noise.step_key(noise.secret_bytes(), 0), 0.0, 4.0)
   np.testing.assert_array_equal(np.asarray(out["w1"]), np.full(params["w1"].shape, 0.25, np.float32))
   with pytest.raises(ValueError, match="noise_multiplier"):
-    priv(ones, sharding.step_key(0, 0), -1.0, 4.0)
+    priv(ones, noise.step_key(noise.secret_bytes(), 0), -1.0, 4.0)
   with pytest.raises(ValueError, match="expected_batch_size"):
-    priv(ones, sharding.step_key(0, 0), 1.0, 0.0)
+    priv(ones, noise.step_key(noise.secret_bytes(), 0), 1.0, 0.0)
   with pytest.raises(ValueError, match="clip_norm"):
-    sharding.make_privatize_fn(sh, clip_norm=float("inf"))(ones, sharding.step_key(0, 0), 1.0, 4.0)
+    sharding.make_privatize_fn(sh, clip_norm=float("inf"))(ones, noise.step_key(noise.secret_bytes(), 0), 1.0, 4.0)
 
 
-def test_step_keys_differ_per_step_and_repeat_per_seed():
-  draw = lambda seed, step: np.asarray(jax.random.normal(sharding.step_key(seed, step), (4,)))
-  np.testing.assert_array_equal(draw(1, 5), draw(1, 5))
-  assert not np.array_equal(draw(1, 5), draw(1, 6))
-  assert not np.array_equal(draw(1, 5), draw(2, 5))
-  with pytest.raises(ValueError, match="step"):
-    sharding.step_key(0, -1)
+def test_the_mesh_path_has_no_key_function_of_its_own():
+  # One key function for the trainer, the mesh path and user loops: dpmega.noise.step_key (of a secret).
+  assert not hasattr(sharding, "step_key")
+
+
+def test_broadcast_secret_on_one_process_returns_it_and_validates():
+  secret = noise.secret_bytes()
+  assert sharding.broadcast_secret(secret) == secret
+  with pytest.raises(ValueError, match="secret"):
+    sharding.broadcast_secret(b"short")
 
 
 def test_check_partitionable_rng_raises_when_disabled():

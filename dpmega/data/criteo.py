@@ -50,6 +50,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import gzip
+import hashlib
 import itertools
 import json
 import os
@@ -62,6 +63,7 @@ from typing import Any, BinaryIO, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from dpmega.data import sources
 from dpmega.errors import UsageError
 
 NUM_INT = 13
@@ -536,6 +538,29 @@ class CriteoSource:
         "sparse": bucketize(c.cats[rows], self.buckets),
         "label": np.asarray(c.labels[rows], np.float32),
     }
+
+  def fingerprint(self) -> dict[str, Any]:
+    """What identifies the rows this source reads (:func:`dpmega.data.sources.fingerprint`).
+
+    The raw columns of ``[start, stop)`` are hashed whole up to
+    :data:`~dpmega.data.sources.FULL_HASH_BYTES`, else at evenly spaced rows;
+    the conversion's ``meta.json`` and the buckets are hashed too (they decide
+    what ``take`` returns).
+    """
+    c = self.columns
+    cols = {"label": c.labels[self.start:self.stop], "int": c.ints[self.start:self.stop],
+            "cat": c.cats[self.start:self.stop]}
+    nbytes = sum(int(a.nbytes) for a in cols.values())
+    rows = None if nbytes <= sources.FULL_HASH_BYTES else sources.sample_rows(len(self))
+    digest = hashlib.sha256(sources.hash_arrays(cols, rows).encode())
+    # The conversion's settings, not its input paths (a moved copy of the same data is the same data).
+    decides = ("format", "version", "rows", "num_int", "num_cat", "int_missing", "cat_hash", "layout")
+    digest.update(json.dumps({k: c.meta.get(k) for k in decides}, sort_keys=True, default=str).encode())
+    digest.update(json.dumps(list(self.buckets)).encode())
+    files = [sources.file_identity(a.filename) for a in (c.labels, c.ints, c.cats)
+             if isinstance(a, np.memmap) and a.filename]
+    return {"size": len(self), "content": digest.hexdigest(),
+            "coverage": "full" if rows is None else f"rows:{rows.size}", "files": files}
 
   def labels(self) -> np.ndarray:
     """All labels of the range, float32 (for evaluation)."""

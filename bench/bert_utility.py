@@ -82,7 +82,7 @@ def run_non_private(args, batch: int) -> dict:
   config.noise_multiplier = 1.0  # unused: only to pass validation of the shared config
   task = tasks.build_task(config)
   optimizer = optax.adam(args.learning_rate)
-  params = task.init_params(jax.random.key(args.seed))  # the trainer's init for init_seed = seed
+  params = task.init_params(jax.random.fold_in(jax.random.key(args.seed), 0))  # the trainer's init for init_seed = seed
   opt_state = optimizer.init(params)
 
   def mean_loss(p, b):

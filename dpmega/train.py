@@ -390,7 +390,8 @@ class Trainer:
     config_lib.validate_against_dataset(cfg, self.dataset_size)
     self.batch_sizes = cfg.batch_schedule.batch_sizes(cfg.num_steps)
     # Public by design: the initialization does not depend on the data (the module docstring).
-    self.init_key = jax.random.key(cfg.init_seed)
+    # fold_in(., 0): the initialization stream of earlier versions, so a config initializes as it did.
+    self.init_key = jax.random.fold_in(jax.random.key(cfg.init_seed), 0)
     self.randomness = (SECRET_RANDOMNESS if cfg.insecure_reproducible_seed is None
                        else insecure_randomness(cfg.insecure_reproducible_seed))
     self.sampler = None

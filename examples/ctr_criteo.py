@@ -45,6 +45,8 @@ def parse_args(argv):
   p.add_argument("--steps", type=int, default=None, help="default: the config's")
   p.add_argument("--batch_size", type=int, default=None, help="expected batch size (default: the config's)")
   p.add_argument("--quiet", action="store_true")
+  p.add_argument("--insecure_reproducible_seed", type=int, default=None,
+                 help="derive the noise and the sampling from this public seed: reproducible, NOT a private release")
   return p.parse_args(argv)
 
 
@@ -84,6 +86,8 @@ def main(argv=None) -> dict:
     config.num_steps = args.steps
   if args.batch_size is not None:
     config.batch_schedule = f"constant:{args.batch_size}"
+  if args.insecure_reproducible_seed is not None:
+    config.insecure_reproducible_seed = args.insecure_reproducible_seed
   result = train_lib.train(config, out=(lambda line: None) if args.quiet else None)
   m = result.eval_metrics
   print(f"{args.model}: epsilon {result.epsilon:.3g} (delta {result.delta:g}) after {result.steps} steps; "

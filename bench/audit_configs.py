@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dpmega import accounting  # noqa: E402
 from dpmega import audit  # noqa: E402
-from dpmega import config as config_lib  # noqa: E402
+from dpmega.train import config as config_lib  # noqa: E402
 
 
 def plan(path: str) -> dict:

@@ -40,7 +40,7 @@ import optax
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dpmega import config as config_lib  # noqa: E402
+from dpmega.train import config as config_lib  # noqa: E402
 from dpmega import tasks  # noqa: E402
 from dpmega import train as train_lib  # noqa: E402
 

@@ -31,7 +31,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dpmega import config as config_lib  # noqa: E402
+from dpmega.train import config as config_lib  # noqa: E402
 from dpmega import train as train_lib  # noqa: E402
 from dpmega.data import criteo_synthetic  # noqa: E402
 
@@ -131,7 +131,7 @@ READINGS = {
         "* The private models are over-confident (normalized entropy > 1) although they rank well: the",
         "  miscalibration of clipped DP-SGD described by Bu et al. 2021 (https://arxiv.org/abs/2106.07830).",
         "  A temperature/bias fit on held-out data would fix the log loss without changing the ranking; not done.",
-        "* Learning rates come from a handful of runs at epsilon = 3 (comments in `dpmega/ctr_task.py` and",
+        "* Learning rates come from a handful of runs at epsilon = 3 (comments in `dpmega/tasks/ctr.py` and",
         "  `configs/ctr_*.py`), not tuned per epsilon or per batch size; Adam at the private settings lost",
         "  0.1-0.3 AUC (noise-only coordinates random-walk at the learning rate).",
     ],

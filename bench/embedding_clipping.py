@@ -4,7 +4,7 @@ Model: 26 categorical lookups per example into one ``[V, 16]`` table plus a
 small MLP head; the clipped gradient sum of a batch (no noise), jitted.
 
 * sparse: ``clipping="auto"`` -- per-example gradients w.r.t. the looked-up
-  rows only (:mod:`dpmega.embeddings`): memory O(batch x lookups x dim);
+  rows only (:mod:`dpmega.clipping.rows`): memory O(batch x lookups x dim);
 * naive: ``clipping="vmap"`` -- per-example gradients of the whole table:
   memory O(batch x V x dim).
 

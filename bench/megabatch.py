@@ -48,8 +48,8 @@ def child(args: argparse.Namespace) -> None:
   logging.getLogger("absl").setLevel(logging.ERROR)
   import jax  # noqa: PLC0415
 
-  from dpmega import config as config_lib  # noqa: PLC0415
-  from dpmega import tasks_builtin  # noqa: PLC0415
+  from dpmega.train import config as config_lib  # noqa: PLC0415
+  from dpmega.tasks import builtin as tasks_builtin  # noqa: PLC0415
   from dpmega import train as train_lib  # noqa: PLC0415
   from dpmega.tasks import build_task  # noqa: PLC0415
 

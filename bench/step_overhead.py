@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import optax
 
 import dpmega
-from dpmega import ghost
+from dpmega.clipping import ghost
 
 
 class MLP(nn.Module):

@@ -33,7 +33,7 @@ Without data (CPU), its shapes and privacy plan build with ``jax.eval_shape``:
 see ``tests/test_bert.py`` and ``accounting/``.
 """
 
-from dpmega import config as config_lib
+from dpmega.train import config as config_lib
 from dpmega.models import bert
 
 # The schedule doubles the batch every 200 steps from 2^16 to 2^21 ("2M" in

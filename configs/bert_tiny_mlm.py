@@ -19,7 +19,7 @@ the target epsilon for the whole schedule before step 1. The sizes are ours,
 chosen to run in minutes on 2 cores; see bench/RESULTS.md for what they reach.
 """
 
-from dpmega import config as config_lib
+from dpmega.train import config as config_lib
 from dpmega.models import bert
 
 

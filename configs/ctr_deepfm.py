@@ -15,7 +15,7 @@ Kaggle variant size: 26 x 2**20 x (10 + 1) = 300M table parameters (1.2 GB float
 ~3.6 GB with Adam's two moments).
 """
 
-from dpmega import ctr_task
+from dpmega.tasks import ctr as ctr_task
 
 
 def get_config(variant=None):

@@ -16,7 +16,7 @@ Kaggle variant size: 26 x 2**20 x 16 = 436M table parameters (1.7 GB float32;
 ~5.2 GB with Adam's two moments); noise is drawn for every coordinate at every step.
 """
 
-from dpmega import ctr_task
+from dpmega.tasks import ctr as ctr_task
 
 
 def get_config(variant=None):

@@ -16,7 +16,7 @@ Kaggle variant size: 26 x 2**20 x (32 + 1) + 2**22 = 904M table parameters
 (3.6 GB float32; ~11 GB with Adam's two moments).
 """
 
-from dpmega import ctr_task
+from dpmega.tasks import ctr as ctr_task
 
 
 def get_config(variant=None):

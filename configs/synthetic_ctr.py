@@ -9,8 +9,8 @@ low-noise steps last), as in the increasing batch-size schedules of Anil et al.
 2021, "Large-Scale Differentially Private BERT" (https://arxiv.org/abs/2108.01624).
 """
 
-from dpmega import config as config_lib
-from dpmega import tasks_builtin
+from dpmega.train import config as config_lib
+from dpmega.tasks import builtin as tasks_builtin
 
 
 def get_config():

@@ -9,7 +9,7 @@ from dpmega.clipping import clipped_grad_sum
 from dpmega.clipping import clipping_modes
 from dpmega.clipping import global_norms
 from dpmega.clipping import per_example_grads
-from dpmega.ghost import plan_layers
+from dpmega.clipping.ghost import plan_layers
 from dpmega.noise import add_gaussian_noise
 from dpmega.noise import privatize
 from dpmega.noise import secret_bytes

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dpmega import config as config_lib  # noqa: E402
+from dpmega.train import config as config_lib  # noqa: E402
 from dpmega import train  # noqa: E402
 from dpmega.data import text  # noqa: E402
 from dpmega.models import bert  # noqa: E402

@@ -22,7 +22,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dpmega import config as config_lib  # noqa: E402
+from dpmega.train import config as config_lib  # noqa: E402
 from dpmega import train as train_lib  # noqa: E402
 from dpmega.data import criteo  # noqa: E402
 from dpmega.data import criteo_synthetic  # noqa: E402

@@ -285,8 +285,8 @@ TRAINER_OVERRIDES = [
 
 def trainer_config(workdir, mesh=None):
   """The built-in synthetic CTR config, shrunk; ``mesh=(data, fsdp)`` turns the mesh on."""
-  from dpmega import config as config_lib
-  from dpmega import tasks_builtin
+  from dpmega.train import config as config_lib
+  from dpmega.tasks import builtin as tasks_builtin
   c = config_lib.base_config()
   c.task = tasks_builtin.default_task_config()
   c.noise_multiplier = 1.0

@@ -1,4 +1,4 @@
-"""Tests for dpmega/accounting.py.
+"""Tests for dpmega/accounting/__init__.py.
 
 The cross-checks build the dp-accounting events by hand here, independently of
 dpmega's own event construction, and compose them step-run by step-run.

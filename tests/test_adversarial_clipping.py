@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import dpmega
 from dpmega import clipping
-from dpmega import ghost
+from dpmega.clipping import ghost
 
 MODES = dpmega.clipping_modes()
 BOUND = 1 + 1e-5

@@ -15,7 +15,7 @@ pytest.importorskip("tokenizers")
 
 from dpmega import accounting  # noqa: E402
 from dpmega import clipping  # noqa: E402
-from dpmega import config as config_lib  # noqa: E402
+from dpmega.train import config as config_lib  # noqa: E402
 from dpmega import tasks  # noqa: E402
 from dpmega.data import text  # noqa: E402
 from dpmega.models import bert  # noqa: E402
@@ -110,9 +110,9 @@ def test_each_example_contribution_norm_at_most_clip_for_bert():
 
 def test_untied_word_embedding_uses_sparse_row_clipping_and_matches_vmap():
   # With an untied head the input embedding is only a lookup: the default
-  # clipping mode clips it from (ids, row gradients) (dpmega.embeddings), with
+  # clipping mode clips it from (ids, row gradients) (dpmega.clipping.rows), with
   # the same result as materialized per-example gradients.
-  from dpmega import ghost  # pylint: disable=g-import-not-at-top
+  from dpmega.clipping import ghost  # pylint: disable=g-import-not-at-top
 
   model, params = _model(tie_embeddings=False)
   loss = functools.partial(bert.mlm_loss, model)

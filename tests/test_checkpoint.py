@@ -9,9 +9,9 @@ import numpy as np
 import optax
 import pytest
 
-from dpmega import checkpoint
-from dpmega.checkpoint import CheckpointError
-from dpmega.checkpoint import Checkpointer
+from dpmega.train import checkpoint
+from dpmega.train.checkpoint import CheckpointError
+from dpmega.train.checkpoint import Checkpointer
 
 
 def _state(seed=0):

@@ -1,4 +1,4 @@
-"""Tests for `dpmega epsilon` and `dpmega calibrate` (dpmega/cli_accounting.py)."""
+"""Tests for `dpmega epsilon` and `dpmega calibrate` (dpmega/cli/accounting.py)."""
 
 import json
 import os

@@ -1,4 +1,4 @@
-"""Tests for `dpmega audit` (dpmega/cli_audit.py)."""
+"""Tests for `dpmega audit` (dpmega/cli/audit.py)."""
 
 import json
 import os

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dpmega import cli
-from dpmega import config as config_lib
+from dpmega.train import config as config_lib
 from dpmega import train as train_lib
 from dpmega.tasks import build_task
 from tests import train_configs
@@ -33,7 +33,7 @@ def _final_params(config_path, workdir, step=None):
   config = config_lib.load_config(config_path)
   config.workdir = workdir
   trainer = train_lib.Trainer(config_lib.validate(config), build_task(config))
-  from dpmega.checkpoint import Checkpointer
+  from dpmega.train.checkpoint import Checkpointer
 
   with Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
     tree, meta = ckpt.restore(trainer._checkpoint_tree(trainer.initial_state()), step=step)
@@ -109,7 +109,7 @@ def test_missing_config_file_is_a_clear_error(tmp_path, capsys):
 
 def test_budget_flags_replace_the_config_pair(small_config):
   parser = cli.build_parser()
-  from dpmega import cli_train
+  from dpmega.cli import train as cli_train
 
   args = parser.parse_args(["train", "--config", small_config, "--target_epsilon", "2", "--set", "init_seed=4"])
   config = cli_train.build_config(args)

@@ -1,4 +1,4 @@
-"""CTR models (dpmega/models/ctr.py) and their task (dpmega/ctr_task.py): shapes, tables, private training."""
+"""CTR models (dpmega/models/ctr.py) and their task (dpmega/tasks/ctr.py): shapes, tables, private training."""
 
 import pathlib
 
@@ -8,8 +8,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dpmega import config as config_lib
-from dpmega import ctr_task
+from dpmega.train import config as config_lib
+from dpmega.tasks import ctr as ctr_task
 from dpmega import tasks
 from dpmega.models import ctr
 

@@ -1,4 +1,4 @@
-"""Tests for dpmega.embeddings and the sparse clipping of lookups it gives dpmega.ghost."""
+"""Tests for dpmega.clipping.rows and the sparse clipping of lookups it gives dpmega.clipping.ghost."""
 
 import functools
 
@@ -9,8 +9,8 @@ import pytest
 
 import dpmega
 from dpmega import clipping
-from dpmega import embeddings
-from dpmega import ghost
+from dpmega.clipping import rows as rows_lib
+from dpmega.clipping import ghost
 from tests import clipping_models as cm
 
 
@@ -42,7 +42,7 @@ def test_row_norms_sum_duplicates_before_the_norm(seed, n, v):
   ids, rows, valid, v = _random_lookups(seed, n=n, v=v)
   dense = _dense_table_grads(ids, rows, valid, v)
   want = np.sum(dense ** 2, axis=(1, 2))
-  np.testing.assert_allclose(embeddings.row_grad_sq_norms(ids, rows, valid), want, rtol=1e-5)
+  np.testing.assert_allclose(rows_lib.row_grad_sq_norms(ids, rows, valid), want, rtol=1e-5)
   # Without the duplicate sum the answer would differ: the test can tell.
   naive = np.sum(np.where(np.asarray(valid)[..., None], np.asarray(rows), 0) ** 2, axis=(1, 2))
   assert not np.allclose(naive, want, rtol=1e-3)
@@ -52,7 +52,7 @@ def test_scatter_add_rows_equals_weighted_dense_sum_and_drops_zero_weights():
   ids, rows, valid, v = _random_lookups(3)
   rows = rows.at[4].set(jnp.nan)  # an example whose weight is 0 must not poison the sum
   weights = jnp.array([0.5, 1.0, 0.0, 0.25, 0.0, 1.0])
-  got = embeddings.scatter_add_rows(ids, rows, v, valid=valid, weights=weights)
+  got = rows_lib.scatter_add_rows(ids, rows, v, valid=valid, weights=weights)
   dense = _dense_table_grads(ids, jnp.where(weights[:, None, None] > 0, rows, 0), valid, v)
   want = np.einsum("b,bvd->vd", np.asarray(weights, np.float64), dense)
   assert got.dtype == jnp.float32 and got.shape == (v, 3)
@@ -62,13 +62,13 @@ def test_scatter_add_rows_equals_weighted_dense_sum_and_drops_zero_weights():
 def test_bad_shapes_name_the_argument():
   ids, rows, valid, v = _random_lookups(0)
   with pytest.raises(ValueError, match="rows"):
-    embeddings.row_grad_sq_norms(ids, rows[:, :2], valid)
+    rows_lib.row_grad_sq_norms(ids, rows[:, :2], valid)
   with pytest.raises(ValueError, match="valid"):
-    embeddings.row_grad_sq_norms(ids, rows, valid[:, :2])
+    rows_lib.row_grad_sq_norms(ids, rows, valid[:, :2])
   with pytest.raises(ValueError, match="num_rows"):
-    embeddings.scatter_add_rows(ids, rows, -1)
+    rows_lib.scatter_add_rows(ids, rows, -1)
   with pytest.raises(ValueError, match="weights"):
-    embeddings.scatter_add_rows(ids, rows, v, weights=jnp.ones(2))
+    rows_lib.scatter_add_rows(ids, rows, v, weights=jnp.ones(2))
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "mode"))

@@ -1,4 +1,4 @@
-"""Tests for dpmega.ghost: the fast clipping modes ("auto", "ghost") equal "vmap" exactly."""
+"""Tests for dpmega.clipping.ghost: the fast clipping modes ("auto", "ghost") equal "vmap" exactly."""
 
 import functools
 import inspect
@@ -12,7 +12,7 @@ import pytest
 
 import dpmega
 from dpmega import clipping
-from dpmega import ghost
+from dpmega.clipping import ghost
 from tests import clipping_models as cm
 
 FAST_MODES = ("auto", "ghost")

@@ -121,10 +121,10 @@ def test_dpmega_train_on_two_processes_matches_one_process(tmp_path):
   """Without a fixed seed: process 0's fresh secret must key both processes' samples and noise."""
   import base64
 
-  from dpmega import checkpoint as checkpoint_lib
+  from dpmega.train import checkpoint as checkpoint_lib
   from dpmega import cli
-  from dpmega import cli_train
-  from dpmega import config as config_lib
+  from dpmega.cli import train as cli_train
+  from dpmega.train import config as config_lib
   from dpmega import noise
   from dpmega import train as train_lib
   from dpmega.tasks import build_task

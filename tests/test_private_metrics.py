@@ -8,7 +8,7 @@ import ml_collections
 import pytest
 
 from dpmega import accounting
-from dpmega import config as config_lib
+from dpmega.train import config as config_lib
 from dpmega import train as train_lib
 from dpmega.errors import UsageError
 

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from dpmega import accounting
-from dpmega import config as config_lib
-from dpmega import journal as journal_lib
+from dpmega.train import config as config_lib
+from dpmega.accounting import journal as journal_lib
 from dpmega import train as train_lib
-from dpmega.checkpoint import Checkpointer
-from dpmega.checkpoint import CheckpointError
+from dpmega.train.checkpoint import Checkpointer
+from dpmega.train.checkpoint import CheckpointError
 from dpmega.data.sources import ArraySource
 from dpmega.data.sources import fingerprint
 from dpmega.tasks import Task

@@ -153,7 +153,7 @@ def _draw_accounting_flag_and_check(data, flags, base, capsys, out_dir):
 
 @pytest.fixture(scope="module")
 def accounting_cli():
-  return pytest.importorskip("dpmega.cli_accounting")
+  return pytest.importorskip("dpmega.cli.accounting")
 
 
 @_FUZZ
@@ -191,7 +191,7 @@ def test_accounting_cross_flag_errors_exit_2(argv, flag, accounting_cli, capsys,
 # ------------------------------------------------------------------ dpmega criteo-convert
 @pytest.fixture(scope="module")
 def criteo_cli():
-  return pytest.importorskip("dpmega.cli_criteo")
+  return pytest.importorskip("dpmega.cli.criteo")
 
 
 def _criteo_inputs(d):
@@ -256,7 +256,7 @@ def test_subprocess_bad_input_is_one_line_exit_2(argv, tmp_path):
 # ------------------------------------------------------------------ dpmega train: config entry points
 _SYNTHETIC_CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "synthetic_ctr.py")
 
-# field -> (kind, lo, hi, lo_open, hi_open): the allowed values (see dpmega/config.py).
+# field -> (kind, lo, hi, lo_open, hi_open): the allowed values (see dpmega/train/config.py).
 _TRAIN_FIELDS = {
     "init_seed": ("int", 0, 2**31 - 1),
     "insecure_reproducible_seed": ("optional_int", 0, 2**63 - 1),
@@ -332,7 +332,7 @@ _override_text = st.one_of(
 
 @pytest.fixture(scope="module")
 def train_cli():
-  pytest.importorskip("dpmega.cli_train")
+  pytest.importorskip("dpmega.cli.train")
   pytest.importorskip("dpmega.train")
   if not os.path.isfile(_SYNTHETIC_CONFIG):
     pytest.skip("configs/synthetic_ctr.py is not in this build")
@@ -380,7 +380,7 @@ def test_train_rejects_bad_budget_flags(flag, text, train_cli, tmp_path_factory,
     ("def get_config():\n  raise RuntimeError('boom')\n", "boom"),
     ("import no_such_module_for_dpmega\n", "no_such_module_for_dpmega"),
     ("def get_config():\n  return 3\n", "ConfigDict"),
-    ("from dpmega import config as c\ndef get_config():\n  return c.base_config()\n", "task.name"),
+    ("from dpmega.train import config as c\ndef get_config():\n  return c.base_config()\n", "task.name"),
     ("DIRECTORY", "existing Python file"),
 ])
 def test_train_rejects_broken_config_files(content, message, train_cli, tmp_path, capsys):
@@ -444,7 +444,7 @@ def _python(args, *, file_size_limit=None, timeout=300):
 
 _SAVE_SCRIPT = '''
 import sys, numpy as np
-from dpmega.checkpoint import Checkpointer
+from dpmega.train.checkpoint import Checkpointer
 directory, size = sys.argv[1], int(sys.argv[2])
 with Checkpointer(directory) as ckpt:
   ckpt.save(1, {"w": np.arange(100, dtype=np.float32)}, {"at": 1})
@@ -460,7 +460,7 @@ with Checkpointer(directory) as ckpt:
 
 
 def _restore_w(directory, step=None, size=100):
-  from dpmega.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  from dpmega.train.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   with Checkpointer(str(directory)) as ckpt:
     steps = ckpt.steps()
@@ -498,7 +498,7 @@ def test_sigkill_during_checkpoint_write_leaves_previous_checkpoint_usable(tmp_p
   assert steps == [1] and meta["at"] == 1
   np.testing.assert_array_equal(w, np.arange(100, dtype=np.float32))
   # The run can go on: checkpoint 2 is written over the debris of the killed write.
-  from dpmega.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  from dpmega.train.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
   with Checkpointer(str(directory)) as ckpt:
     ckpt.save(2, {"w": np.ones(100, np.float32)}, {"at": 2})
   assert _restore_w(directory)[0] == [1, 2]
@@ -546,7 +546,7 @@ def test_disk_full_while_writing_metrics_keeps_every_record_already_written(smal
   assert [r["step"] for r in records] == list(range(1, n + 1)) and 40 <= n < 60, n
   for r in records:  # every step logged completely also printed its progress line
     assert f"step {r['step']}/60 " in p.stdout
-  from dpmega.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  from dpmega.train.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
   with Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
     steps = ckpt.steps()
   assert steps == [20, 30, 40], steps
@@ -567,9 +567,9 @@ def test_disk_full_while_writing_metrics_is_a_clear_error_and_the_run_resumes(sm
 
 
 def _restore_train_checkpoint(config_path, workdir, step=None, overrides=()):
-  from dpmega import config as config_lib  # pylint: disable=import-outside-toplevel
+  from dpmega.train import config as config_lib  # pylint: disable=import-outside-toplevel
   from dpmega import train as train_lib  # pylint: disable=import-outside-toplevel
-  from dpmega.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  from dpmega.train.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
   from dpmega.tasks import build_task  # pylint: disable=import-outside-toplevel
 
   config = config_lib.apply_overrides(config_lib.load_config(config_path), list(overrides))
@@ -591,7 +591,7 @@ def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(small_
                "num_steps=4", "checkpoint_every=1", "optimizer.name=adam", "optimizer.learning_rate=3e38"])
   assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
   assert "finite" in p.stderr.lower() and "step 1" in p.stderr, p.stderr[-3000:]  # names the last good one
-  from dpmega.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  from dpmega.train.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
   with Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
     assert ckpt.steps() == [1]
   tree, _ = _restore_train_checkpoint(small_train_config, workdir, overrides=["optimizer.name=adam"])
@@ -603,7 +603,7 @@ def test_same_insecure_seed_and_config_give_bit_identical_params_across_processe
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from dpmega import config as config_lib  # pylint: disable=import-outside-toplevel
+  from dpmega.train import config as config_lib  # pylint: disable=import-outside-toplevel
   from dpmega import train as train_lib  # pylint: disable=import-outside-toplevel
   from dpmega.tasks import build_task  # pylint: disable=import-outside-toplevel
 

@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 
 from dpmega import cli
-from dpmega import config as config_lib
+from dpmega.train import config as config_lib
 from dpmega import noise
 from dpmega import sampling
 from dpmega import train as train_lib
-from dpmega.checkpoint import Checkpointer
+from dpmega.train.checkpoint import Checkpointer
 from dpmega.errors import UsageError
 from dpmega.tasks import build_task
 from tests import train_configs
@@ -174,7 +174,7 @@ def test_resume_keeps_the_secret_of_the_checkpoint(small_config, tmp_path):
 def test_a_checkpoint_holding_a_public_seeds_key_is_refused(small_config, tmp_path):
   import shutil
 
-  from dpmega.checkpoint import CheckpointError
+  from dpmega.train.checkpoint import CheckpointError
 
   config = _load(small_config, tmp_path / "w", "checkpoint_every=2")
   train_lib.train(config, out=lambda s: None)
@@ -271,7 +271,7 @@ def test_no_key_material_or_key_oracle_outside_the_checkpoints(small_config, tmp
 
 
 def test_cli_insecure_seed_flag_sets_the_explicit_option(small_config):
-  from dpmega import cli_train
+  from dpmega.cli import train as cli_train
 
   args = cli.build_parser().parse_args(["train", "--config", small_config, "--insecure_reproducible_seed", "5"])
   assert cli_train.build_config(args).insecure_reproducible_seed == 5

@@ -14,11 +14,11 @@ import pytest
 from scipy import stats as sstats
 
 from dpmega import accounting
-from dpmega import config as config_lib
+from dpmega.train import config as config_lib
 from dpmega import noise as noise_lib
 from dpmega import sampling
 from dpmega import train as train_lib
-from dpmega.checkpoint import CheckpointError
+from dpmega.train.checkpoint import CheckpointError
 from dpmega.data.sources import ArraySource
 from dpmega.errors import UsageError
 from dpmega import truncation
@@ -222,7 +222,7 @@ def test_resume_continues_exactly_and_reuses_no_key(tmp_path):
 
 
 def test_a_diverging_run_stops_before_saving_bad_params(tmp_path):
-  from dpmega.checkpoint import Checkpointer
+  from dpmega.train.checkpoint import Checkpointer
 
   # Adam moves each coordinate by about the learning rate per step: 3e38 is finite after step 1 and past the
   # float32 maximum (3.4e38) after step 2, whatever the (secret) noise.
@@ -284,7 +284,7 @@ def test_learning_rate_warmup_then_cosine():
 
 
 def test_builtin_synthetic_ctr_task_learns_privately(tmp_path):
-  from dpmega import tasks_builtin
+  from dpmega.tasks import builtin as tasks_builtin
 
   config = config_lib.load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic_ctr.py"))
   config_lib.apply_overrides(config, [

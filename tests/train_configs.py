@@ -1,8 +1,8 @@
 """Config files for tiny private runs of the built-in synthetic CTR task (a few seconds each)."""
 
 _TEMPLATE = '''
-from dpmega import config as config_lib
-from dpmega import tasks_builtin
+from dpmega.train import config as config_lib
+from dpmega.tasks import builtin as tasks_builtin
 
 
 def get_config():

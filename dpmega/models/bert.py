@@ -2,9 +2,9 @@
 
 Built only from stock Linen layers (``nn.Embed``, ``nn.Dense``,
 ``nn.MultiHeadDotProductAttention``, ``nn.LayerNorm``) so that the default
-clipping mode (``"auto"``, :mod:`dpmega.ghost`) recognises them: every kernel
+clipping mode (``"auto"``, :mod:`dpmega.clipping.ghost`) recognises them: every kernel
 gets ghost norms; the input word embedding of an untied model is clipped from
-its looked-up rows (sparse, :mod:`dpmega.embeddings`), a tied one over both
+its looked-up rows (sparse, :mod:`dpmega.clipping.rows`), a tied one over both
 of its uses (lookup and output projection); biases, LayerNorm and the tied
 head's output bias (a plain ``param``) get per-example gradients by ``vmap``.
 

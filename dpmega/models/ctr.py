@@ -5,7 +5,7 @@ All three read one example (or a batch: any leading axes) as ``dense``
 output of :class:`dpmega.data.criteo.CriteoSource`), and return one logit
 ``[...]``. Categorical feature ``f`` owns ``buckets[f]`` rows of an
 ``nn.Embed`` table, so the tables are plain Linen parameters that per-example
-clipping sees (:mod:`dpmega.embeddings` clips their lookups sparsely).
+clipping sees (:mod:`dpmega.clipping.rows` clips their lookups sparsely).
 
 Parameter names (stable, for sharding rules and tests): ``embed/table``
 (the deep ``[sum(buckets), d]`` table shared by all features, see
@@ -294,9 +294,9 @@ TASK_NAMES = {"ctr_wide_deep": ModelKind.WIDE_DEEP, "ctr_deepfm": ModelKind.DEEP
 def build_task(config: Any):
   """Builds the CTR task ``config.task.name`` (``ctr_wide_deep``, ``ctr_deepfm``, ``ctr_dlrm``).
 
-  See :mod:`dpmega.ctr_task` for the fields of ``config.task``.
+  See :mod:`dpmega.tasks.ctr` for the fields of ``config.task``.
   """
-  from dpmega import ctr_task  # pylint: disable=g-import-not-at-top
+  from dpmega.tasks import ctr as ctr_task  # pylint: disable=g-import-not-at-top
 
   return ctr_task.build_task(config)
 

@@ -331,13 +331,13 @@ def validate(config: ml_collections.ConfigDict) -> TrainConfig:
   Raises:
     UsageError: naming the first bad field, its allowed range and the value.
   """
-  from dpmega import clipping as clipping_lib  # noqa: PLC0415 - keeps `import dpmega.config` light
+  from dpmega import clipping as clipping_lib  # noqa: PLC0415 - keeps `import dpmega.train.config` light
   from dpmega import tasks as tasks_lib  # noqa: PLC0415
 
   base = base_config()
   missing = [k for k in base.keys() if k not in config]
   if missing:
-    raise UsageError(f"config is missing field(s) {missing}; start config files from dpmega.config.base_config().")
+    raise UsageError(f"config is missing field(s) {missing}; start config files from dpmega.train.config.base_config().")
   if "optimizer" in config:
     missing = [k for k in base.optimizer.keys() if k not in config.optimizer]
     if missing:
@@ -396,7 +396,7 @@ def validate(config: ml_collections.ConfigDict) -> TrainConfig:
   if optimizer.weight_decay and optimizer.name == Optimizer.ADAM:
     raise UsageError("optimizer.weight_decay must be 0 for adam (use adamw for decoupled weight decay), "
                      f"got {optimizer.weight_decay}.")
-  from dpmega import noise as noise_lib  # noqa: PLC0415 - keeps `import dpmega.config` light
+  from dpmega import noise as noise_lib  # noqa: PLC0415 - keeps `import dpmega.train.config` light
   noise_sampler = _choice(c, "noise_sampler", noise_lib.NoiseSampler).value
   metrics = _choice(c, "metrics", MetricsMode)
   clipped_count_noise = _float(c, "clipped_count_noise", 0.0, math.inf, lo_open=True, hi_open=True, optional=True)
@@ -405,7 +405,7 @@ def validate(config: ml_collections.ConfigDict) -> TrainConfig:
                      f"clipped fraction), got {clipped_count_noise!r} with metrics={metrics.value!r}.")
   mesh = None
   if _bool(c.mesh, "mesh.enabled"):
-    from dpmega import sharding  # noqa: PLC0415 - keeps `import dpmega.config` light
+    from dpmega import sharding  # noqa: PLC0415 - keeps `import dpmega.train.config` light
     mesh = sharding.MeshConfig(data=_int(c.mesh, "mesh.data", 0, 2**20) or None,
                                fsdp=_int(c.mesh, "mesh.fsdp", 1, 2**20),
                                min_shard_size=_int(c.mesh, "mesh.min_shard_size", 0, 2**62))

@@ -38,7 +38,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from dpmega import ghost  # noqa: F401 - registers the "auto" (sparse/ghost) clipping modes the configs use
+from dpmega.clipping import ghost  # noqa: F401 - registers the "auto" (sparse/ghost) clipping modes the configs use
 from dpmega import metrics as metrics_lib
 from dpmega.data import criteo
 from dpmega.data import criteo_synthetic
@@ -85,7 +85,7 @@ def base_ctr_config(name: str, variant: str | None = None) -> ml_collections.Con
       one day, is the evaluation split), hashed tables of 2**20 rows per
       feature, sparse ("auto") clipping, mega-batches. Not run here.
   """
-  from dpmega import config as config_lib  # pylint: disable=g-import-not-at-top
+  from dpmega.train import config as config_lib  # pylint: disable=g-import-not-at-top
 
   if variant not in (None, "", "small", "kaggle"):
     raise ValueError(f"config variant must be 'small' or 'kaggle', got {variant!r}.")

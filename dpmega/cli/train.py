@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dpmega import config as config_lib
+from dpmega.train import config as config_lib
 
 _BUDGET_HELP = (
     "The budget flags replace the config's pair (noise_multiplier, target_epsilon) as a whole: "

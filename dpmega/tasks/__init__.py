@@ -19,10 +19,10 @@ PyTree = Any
 
 # task name -> "module:function" that builds it from the whole config.
 _BUILDERS: dict[str, str] = {
-    "synthetic_ctr": "dpmega.tasks_builtin:build_task",
-    "ctr_wide_deep": "dpmega.ctr_task:build_task",
-    "ctr_deepfm": "dpmega.ctr_task:build_task",
-    "ctr_dlrm": "dpmega.ctr_task:build_task",
+    "synthetic_ctr": "dpmega.tasks.builtin:build_task",
+    "ctr_wide_deep": "dpmega.tasks.ctr:build_task",
+    "ctr_deepfm": "dpmega.tasks.ctr:build_task",
+    "ctr_dlrm": "dpmega.tasks.ctr:build_task",
     "bert_mlm": "dpmega.models.bert:build_task",
 }
 

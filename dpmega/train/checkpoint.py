@@ -9,7 +9,7 @@ Orbax items written together:
   dataset's content, clipping, micro-batching, sampling, schedule, noise), the
   generation of the keys that computed it, plus a SHA-256 digest of everything
   above. The trainer refuses to resume on another computation and re-keys any
-  recomputation (:mod:`dpmega.train`, :mod:`dpmega.journal`).
+  recomputation (:mod:`dpmega.train`, :mod:`dpmega.accounting.journal`).
 
 Guarantees:
 

@@ -46,7 +46,7 @@ refused, naming the fields. A crash resume from the newest checkpoint replays
 the same keys bit for bit; any other recomputation (``--resume_step``, a
 changed optimizer or environment) runs in a new ``generation`` with new keys
 and samples. Every step is written to ``<workdir>/spent.jsonl``
-(:mod:`dpmega.journal`) before its noisy update exists, and the ε reported and
+(:mod:`dpmega.accounting.journal`) before its noisy update exists, and the ε reported and
 budget-checked is that of every distinct (generation, step) in it.
 
 .. warning::
@@ -76,9 +76,9 @@ import numpy as np
 import optax
 
 from dpmega import accounting
-from dpmega import checkpoint as checkpoint_lib
-from dpmega import config as config_lib
-from dpmega import journal as journal_lib
+from dpmega.train import checkpoint as checkpoint_lib
+from dpmega.train import config as config_lib
+from dpmega.accounting import journal as journal_lib
 from dpmega import noise as noise_lib
 from dpmega import truncation
 from dpmega import sampling
@@ -964,7 +964,7 @@ def train(config: ml_collections.ConfigDict, *, resume: bool = False, resume_ste
 
   Raises:
     UsageError: a bad config field (before any compute), or a checkpoint
-      problem on resume (:class:`dpmega.checkpoint.CheckpointError`).
+      problem on resume (:class:`dpmega.train.checkpoint.CheckpointError`).
   """
   cfg = config_lib.validate(config)
   try:

@@ -12,7 +12,7 @@ is the activation ``a`` (or the one-hot ids) and the other is
   all rows of all uses (the cross terms between uses included, so a tied or
   re-used weight is exact), or -- when cheaper, ``n^2 > K N`` -- by forming the
   one example's ``K x N`` gradient ("mixed ghost clipping", Bu et al. 2022).
-  Row lookups go through :mod:`dpmega.embeddings` (duplicate ids summed).
+  Row lookups go through :mod:`dpmega.clipping.rows` (duplicate ids summed).
 * **clipped sum**: the book-keeping trick (Bu et al. 2023): with the clip
   factors ``c_i``, ``sum_i c_i X_i^T Y_i`` is one matmul over the batch (a
   scatter-add for lookups); no second backward pass.
@@ -40,7 +40,7 @@ The bound is used only where it exceeds the estimate by more than 5e-6
 relative; and within a budget of ``_MATERIALIZE_BUDGET`` floats per leaf, the
 examples with the loosest bound are materialized and contribute exactly the
 gradient their norm was taken from. Lookups scatter each example's
-duplicate-id rows summed (:func:`dpmega.embeddings.dedup_rows`), the rows
+duplicate-id rows summed (:func:`dpmega.clipping.rows.dedup_rows`), the rows
 their norm came from. On benign inputs the result equals
 :func:`dpmega.clipping.clipped_sum_vmap` (same norms, clipped sum and stats) to
 float rounding; an op the fast path does not recognise only makes it slower
@@ -93,7 +93,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpmega import clipping as clipping_lib
-from dpmega import embeddings as embeddings_lib
+from dpmega.clipping import rows as rows_lib
 
 PyTree = Any
 
@@ -115,7 +115,7 @@ class NormMethod(enum.Enum):
   GRAM = "gram"  # sum_{s,t} (x_s . x_t)(y_s . y_t): memory b n^2.
   MATERIALIZE = "materialize"  # the example's K x N gradient: memory b K N.
   AUTO = "auto"  # per parameter, whichever has fewer elements (n^2 vs K N).
-  ROWS = "rows"  # lookups only: duplicate ids summed, dpmega.embeddings (chosen, not asked for).
+  ROWS = "rows"  # lookups only: duplicate ids summed, dpmega.clipping.rows (chosen, not asked for).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -636,7 +636,7 @@ def clipped_sum_ghost(
     if ids_l:
       # Duplicate ids summed once, here: the norm and the scatter below use the same summed rows.
       ids = jnp.concatenate(ids_l, axis=1)
-      rows, first = embeddings_lib.dedup_rows(ids, jnp.concatenate(rows_l, axis=1), jnp.concatenate(valid_l, axis=1))
+      rows, first = rows_lib.dedup_rows(ids, jnp.concatenate(rows_l, axis=1), jnp.concatenate(valid_l, axis=1))
     sel = g_sel = None
     if xd is None:
       est = upper = clipping_lib.scaled_norms(rows)
@@ -700,7 +700,7 @@ def clipped_sum_ghost(
       bk = jnp.einsum("nk,nm->km", xw.reshape(-1, xw.shape[-1]), yw.reshape(-1, yw.shape[-1]), precision=_HIGHEST)
       total = bk if total is None else total + bk
     if ids is not None and (sel is None or sel.shape[0] < ids.shape[0]):
-      scattered = embeddings_lib.scatter_add_rows(ids, rows, k, valid=first, weights=w_bk)
+      scattered = rows_lib.scatter_add_rows(ids, rows, k, valid=first, weights=w_bk)
       total = scattered if total is None else total + scattered
     out_leaves[leaf] = _from_canonical(total, shape, canon) if order != list(range(len(shape))) else total.reshape(shape)
   if fb:

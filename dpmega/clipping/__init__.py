@@ -446,7 +446,7 @@ def clipped_grad_sum(
     microbatch_size: examples per scan step (must divide the batch); None: one step.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``; aux is returned per example.
     clipping: ``"auto"`` (default: ghost norms + book-keeping for the layers
-      :mod:`dpmega.ghost` recognises, per-layer choice of Gram vs materialized
+      :mod:`dpmega.clipping.ghost` recognises, per-layer choice of Gram vs materialized
       norms, ``vmap`` for the other parameters), ``"ghost"`` (the same with
       Gram norms only), ``"vmap"`` (materialize every per-example gradient).
       All modes give the same result to float tolerance.
@@ -496,5 +496,5 @@ def clipped_grad_sum(
   return grad_sum, aux, stats
 
 
-# Registers "auto" and "ghost" (dpmega.ghost imports this module, so it comes last).
-from dpmega import ghost as _ghost  # noqa: E402,F401  pylint: disable=g-import-not-at-top,unused-import
+# Registers "auto" and "ghost" (dpmega.clipping.ghost imports this module, so it comes last).
+from dpmega.clipping import ghost as _ghost  # noqa: E402,F401  pylint: disable=g-import-not-at-top,unused-import

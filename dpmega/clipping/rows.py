@@ -15,7 +15,7 @@ This module works on ``(ids, r)`` only:
   float32 ``[V, d]`` table gradient.
 
 Memory is ``O(batch x lookups x d)`` plus the one ``[V, d]`` summed gradient,
-never ``O(batch x V x d)``. :mod:`dpmega.ghost` uses these two functions for
+never ``O(batch x V x d)``. :mod:`dpmega.clipping.ghost` uses these two functions for
 every ``gather`` from a parameter table it finds (Flax ``Embed``,
 ``jnp.take``, ``table[ids]``), so the sparse and the fast dense paths are one
 mechanism and share one global per-example norm.

@@ -18,10 +18,10 @@ from dpmega.errors import UsageError
 
 # Sub-command modules, imported lazily so `dpmega epsilon` does not import Flax.
 _COMMAND_MODULES = (
-    "dpmega.cli_accounting",
-    "dpmega.cli_train",
-    "dpmega.cli_audit",
-    "dpmega.cli_criteo",
+    "dpmega.cli.accounting",
+    "dpmega.cli.train",
+    "dpmega.cli.audit",
+    "dpmega.cli.criteo",
 )
 
 

@@ -35,6 +35,7 @@ from dp_accounting.rdp import rdp_privacy_accountant  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dpmega import accounting  # noqa: E402
+from dpmega.accounting import events  # noqa: E402
 
 N = 10**9
 SIGMA = 1.0
@@ -69,8 +70,8 @@ def direct_epsilon(kind: str, runs, sigma: float = SIGMA) -> float:
 
 
 def clear_caches() -> None:
-  accounting._rdp_of_event.cache_clear()  # pylint: disable=protected-access
-  accounting._pld_of_counts.cache_clear()  # pylint: disable=protected-access
+  events.rdp_of_event.cache_clear()
+  events.pld_of_counts.cache_clear()
 
 
 def timed(fn, *args, **kwargs):
@@ -133,10 +134,10 @@ def main() -> None:
   print()
   for kind in ("rdp", "pld"):
     clear_caches()
-    before = accounting._rdp_of_event.cache_info()  # pylint: disable=protected-access
+    before = events.rdp_of_event.cache_info()
     sigma, t = timed(accounting.calibrate_noise_multiplier, target_epsilon=TARGET, delta=DELTA,
                      dataset_size=N, batch_sizes=sizes, accountant=kind)
-    info = accounting._rdp_of_event.cache_info()  # pylint: disable=protected-access
+    info = events.rdp_of_event.cache_info()
     check = direct_epsilon(kind, runs, sigma)
     print(f"[{kind}] calibrate: sigma={sigma:.6f} in {t:.2f} s; RDP curves computed "
           f"{info.misses - before.misses} (= distinct (q, sigma) pairs), reused {info.hits - before.hits}; "

@@ -15,7 +15,7 @@ and a disjoint evaluation file from the same hidden model):
   python bench/ctr_utility.py --quick          # one model, fewer runs (smoke)
 
 Writes its section of ``bench/RESULTS.md`` (between its markers; other
-sections are kept) and ``bench/ctr_utility.json``.
+sections are kept) and ``bench/results/ctr_utility.json``.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def parse_args(argv):
   p.add_argument("--delta", type=float, default=1e-6)
   p.add_argument("--data_dir", default="", help="default: a temporary directory")
   p.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"))
-  p.add_argument("--json", default=str(ROOT / "bench" / "ctr_utility.json"))
+  p.add_argument("--json", default=str(ROOT / "bench" / "results" / "ctr_utility.json"))
   p.add_argument("--quick", action="store_true", help="dlrm only, epsilon 3, two batch sizes")
   p.add_argument("--render_only", action="store_true", help="rewrite the RESULTS.md section from --json")
   p.add_argument("--buckets", type=int, default=0, help="hash buckets per feature (0: the configs' 1,000)")
@@ -131,7 +131,7 @@ READINGS = {
         "* The private models are over-confident (normalized entropy > 1) although they rank well: the",
         "  miscalibration of clipped DP-SGD described by Bu et al. 2021 (https://arxiv.org/abs/2106.07830).",
         "  A temperature/bias fit on held-out data would fix the log loss without changing the ranking; not done.",
-        "* Learning rates come from a handful of runs at epsilon = 3 (comments in `dpmega/tasks/ctr.py` and",
+        "* Learning rates come from a handful of runs at epsilon = 3 (comments in `configs/common/ctr.py` and",
         "  `configs/ctr_*.py`), not tuned per epsilon or per batch size; Adam at the private settings lost",
         "  0.1-0.3 AUC (noise-only coordinates random-walk at the learning rate).",
     ],
@@ -178,7 +178,7 @@ def markdown(args, oracle_auc, table1, table2) -> str:
       f"--batch_size {args.batch_size} --steps {args.steps} --batch_sizes {' '.join(map(str, args.batch_sizes))} "
       f"--epochs {args.epochs:g} --batch_model {args.batch_model} --batch_epsilon {args.batch_epsilon:g} "
       f"--lr_scaling {args.lr_scaling} --delta {args.delta:g}"
-      + (f" --buckets {args.buckets} --section {args.section} --json bench/ctr_utility_{args.section}.json"
+      + (f" --buckets {args.buckets} --section {args.section} --json bench/results/ctr_utility_{args.section}.json"
          if getattr(args, "section", "") else "")
       + f"` -- {time.strftime('%Y-%m-%d')}, "
       f"CPU only (2 shared cores), real trainer and `configs/ctr_*.py` (small variant, {buckets:,} buckets "

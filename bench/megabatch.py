@@ -47,6 +47,7 @@ def child(args: argparse.Namespace) -> None:
 
   logging.getLogger("absl").setLevel(logging.ERROR)
   import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
 
   from dpmega.train import config as config_lib  # noqa: PLC0415
   from dpmega.tasks import builtin as tasks_builtin  # noqa: PLC0415
@@ -74,12 +75,10 @@ def child(args: argparse.Namespace) -> None:
   from dpmega import sampling  # noqa: PLC0415
 
   params = state.params
-  zero = train_lib.Accumulator(jax.tree_util.tree_map(lambda p: jax.numpy.zeros(p.shape, "float32"), params),
-                               train_lib.ClipStats.zeros())
-  for size in sampling.chunk_shapes(cfg.microbatch_size, cfg.max_microbatches):
-    chunk = next(sampling.iterate_chunks(task.train_source, list(range(size)), microbatch_size=cfg.microbatch_size,
-                                         max_microbatches=cfg.max_microbatches))
-    jax.block_until_ready(trainer.accumulate(params, zero, chunk.batch, chunk.mask))
+  private_step = trainer.private_step  # the trainer's own step functions, on its (1 x 1) mesh
+  for size in sampling.chunk_shapes(private_step.local_rows, private_step.max_microbatches):
+    chunk = next(private_step.chunks(task.train_source, np.arange(size)))
+    jax.block_until_ready(private_step.clipped_sum(params, [chunk]))
   process_before = _vm_kib("VmHWM")
   reset = procmem.reset_peak_rss()
   rss_start = _vm_kib("VmRSS")

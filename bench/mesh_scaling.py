@@ -1,13 +1,14 @@
-"""Examples/s of one private step on 1, 2, 4 and 8 devices (dpmega.sharding).
+"""Examples/s of one private step on 1, 2, 4 and 8 devices (the trainer's step: dpmega.train.step).
 
   python bench/mesh_scaling.py                      # CPU: 8 simulated devices
   python bench/mesh_scaling.py --devices 1 --platform gpu   # one GPU
 
-One logical step = ``rows`` examples through :func:`dpmega.sharding.make_accumulate_fn`
-(per-example clipping of an MLP, ``microbatch`` rows per scan step per device)
-plus the single noise draw of :func:`dpmega.sharding.make_privatize_fn`. The
-batch is split over a ``data`` mesh of the first n devices; the figure is the
-median over ``reps`` timed steps after a compile-and-warm-up step.
+One logical step = ``rows`` examples through the trainer's sharded step
+(:func:`dpmega.train.step.make_private_step`): its ``accumulate`` (per-example
+clipping of an MLP, ``microbatch`` rows per scan step per device) and its
+``update`` (the single noise draw, then SGD). The batch is split over a
+``data`` mesh of the first n devices; the figure is the median over ``reps``
+timed steps after a compile-and-warm-up step.
 
 .. note::
    On the CPU, the simulated devices
@@ -46,10 +47,11 @@ def main(argv=None) -> int:
   import jax
   import jax.numpy as jnp
   import numpy as np
+  import optax
 
-  from dpmega import clipping
   from dpmega import noise
   from dpmega import sharding
+  from dpmega.train import step as step_lib
 
   secret = noise.secret_bytes()
   d_in, d_out = 256, 10
@@ -80,17 +82,17 @@ def main(argv=None) -> int:
       print(f"{n} devices: skipped (only {len(devices)})")
       continue
     mesh = sharding.make_mesh(sharding.MeshConfig(data=n // args.fsdp, fsdp=args.fsdp), devices[:n])
-    sh = sharding.param_shardings(params, mesh, min_size=0)
-    acc = sharding.make_accumulate_fn(loss_fn, mesh, sh, clip_norm=1.0, microbatch_size=args.microbatch)
-    priv = sharding.make_privatize_fn(sh, clip_norm=1.0)
-    p = sharding.shard(params, sh)
+    opt = optax.sgd(1e-3)
+    private_step = step_lib.make_private_step(loss_fn, opt, mesh, params, clip_norm=1.0,
+                                              microbatch_size=args.microbatch, max_microbatches=1, min_shard_size=0)
+    state = private_step.shard_state(step_lib.TrainState(jnp.zeros((), jnp.int32), params, opt.init(params)))
     b = sharding.global_batch_from_process_local(batch, mesh)
     m = sharding.global_batch_from_process_local(mask, mesh)
 
     def step(t):
-      g, stats = acc(p, sharding.zeros_like_sharded(params, sh), clipping.ClipStats.zeros(), b, m)
-      out = priv(g, noise.step_key(secret, t), 1.0, float(args.rows))
-      jax.block_until_ready((out, stats))
+      acc = private_step.accumulate(state.params, private_step.zero_accumulator(params), b, m)
+      out = private_step.update(state, acc.grad_sum, noise.step_key(secret, t), 1.0, float(args.rows))
+      jax.block_until_ready(out)
 
     step(0)
     times = []

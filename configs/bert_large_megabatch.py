@@ -34,7 +34,7 @@ see ``tests/test_bert.py`` and ``accounting/``.
 """
 
 from dpmega.train import config as config_lib
-from dpmega.models import bert
+from dpmega.tasks import bert as bert_task
 
 # The schedule doubles the batch every 200 steps from 2^16 to 2^21 ("2M" in
 # the paper), then keeps it; few distinct sizes (few shapes to compile, few
@@ -46,7 +46,7 @@ PLANNING_DATASET_SIZE = 33_000_000  # ours: order of magnitude only (see above)
 
 def get_config():
   config = config_lib.base_config()
-  config.task = bert.default_task_config()
+  config.task = bert_task.default_task_config()
   config.task.size = "large"
   config.task.dtype = "bfloat16"
   config.task.tie_embeddings = True

@@ -20,12 +20,12 @@ chosen to run in minutes on 2 cores; see bench/RESULTS.md for what they reach.
 """
 
 from dpmega.train import config as config_lib
-from dpmega.models import bert
+from dpmega.tasks import bert as bert_task
 
 
 def get_config():
   config = config_lib.base_config()
-  config.task = bert.default_task_config()
+  config.task = bert_task.default_task_config()
   config.task.size = "tiny"
   config.task.seq_len = 32
   config.task.vocab_size = 512

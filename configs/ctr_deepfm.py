@@ -15,11 +15,15 @@ Kaggle variant size: 26 x 2**20 x (10 + 1) = 300M table parameters (1.2 GB float
 ~3.6 GB with Adam's two moments).
 """
 
-from dpmega.tasks import ctr as ctr_task
+import pathlib
+import runpy
+
+# The settings the CTR configs share: configs/common/ctr.py.
+_COMMON = runpy.run_path(str(pathlib.Path(__file__).resolve().parent / "common" / "ctr.py"))
 
 
 def get_config(variant=None):
-  config = ctr_task.base_ctr_config("ctr_deepfm", variant)
+  config = _COMMON["ctr_config"]("ctr_deepfm", variant)
   m = config.task.model
   if variant == "kaggle":
     m.embed_dim = 10

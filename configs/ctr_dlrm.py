@@ -16,11 +16,15 @@ Kaggle variant size: 26 x 2**20 x 16 = 436M table parameters (1.7 GB float32;
 ~5.2 GB with Adam's two moments); noise is drawn for every coordinate at every step.
 """
 
-from dpmega.tasks import ctr as ctr_task
+import pathlib
+import runpy
+
+# The settings the CTR configs share: configs/common/ctr.py.
+_COMMON = runpy.run_path(str(pathlib.Path(__file__).resolve().parent / "common" / "ctr.py"))
 
 
 def get_config(variant=None):
-  config = ctr_task.base_ctr_config("ctr_dlrm", variant)
+  config = _COMMON["ctr_config"]("ctr_dlrm", variant)
   m = config.task.model
   if variant == "kaggle":
     m.embed_dim = 16

@@ -16,11 +16,15 @@ Kaggle variant size: 26 x 2**20 x (32 + 1) + 2**22 = 904M table parameters
 (3.6 GB float32; ~11 GB with Adam's two moments).
 """
 
-from dpmega.tasks import ctr as ctr_task
+import pathlib
+import runpy
+
+# The settings the CTR configs share: configs/common/ctr.py.
+_COMMON = runpy.run_path(str(pathlib.Path(__file__).resolve().parent / "common" / "ctr.py"))
 
 
 def get_config(variant=None):
-  config = ctr_task.base_ctr_config("ctr_wide_deep", variant)
+  config = _COMMON["ctr_config"]("ctr_wide_deep", variant)
   m = config.task.model
   m.num_crosses = 8
   if variant == "kaggle":

@@ -4,6 +4,3 @@
 class UsageError(ValueError):
   """Bad input from a user (flag, config field, file): exit code 2 in the CLI."""
 
-
-class BudgetExceededError(RuntimeError):
-  """The next step would spend more privacy budget than allowed."""

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from dpmega import threefry
 from dpmega import truncation
+from dpmega import validation
 
 PyTree = Any
 
@@ -106,15 +107,17 @@ def _concrete(value) -> float | None:
 
 
 def validate_noise_multiplier(noise_multiplier) -> None:
+  """``ValueError`` unless sigma is a finite number >= 0 (a traced value is not checked)."""
   v = _concrete(noise_multiplier)
-  if v is not None and not (math.isfinite(v) and v >= 0):
-    raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier=!r}.")
+  if v is not None:
+    validation.check_real("noise_multiplier", v, 0.0)
 
 
 def validate_expected_batch_size(expected_batch_size) -> None:
+  """``ValueError`` unless the public denominator is a finite number > 0 (a traced value is not checked)."""
   v = _concrete(expected_batch_size)
-  if v is not None and not (math.isfinite(v) and v > 0):
-    raise ValueError(f"expected_batch_size must be a finite number > 0, got {expected_batch_size=!r}.")
+  if v is not None:
+    validation.check_real("expected_batch_size", v, 0.0, lo_open=True)
 
 
 def gaussian_noise_like(tree: PyTree, key: jax.Array, stddev: float | jax.Array, *,
@@ -226,9 +229,7 @@ def secret_bytes(num_bytes: int = SECRET_BYTES) -> bytes:
     >>> len(a), a != b
     (32, True)
   """
-  if isinstance(num_bytes, bool) or not isinstance(num_bytes, int) or num_bytes < MIN_SECRET_BYTES:
-    raise ValueError(f"num_bytes must be an int >= {MIN_SECRET_BYTES}, got {num_bytes=!r}.")
-  return _secrets.token_bytes(num_bytes)
+  return _secrets.token_bytes(validation.check_int("num_bytes", num_bytes, MIN_SECRET_BYTES))
 
 
 def insecure_secret_from_seed(seed: int) -> bytes:
@@ -243,7 +244,7 @@ def insecure_secret_from_seed(seed: int) -> bytes:
   Args:
     seed: an int in ``[0, 2**63 - 1]``.
   """
-  _check_field("seed", seed)
+  validation.check_int("seed", seed, 0, _MAX_FIELD)
   return _hashlib.sha256(_INSECURE_SEED_DOMAIN + int(seed).to_bytes(8, "big")).digest()
 
 
@@ -255,13 +256,6 @@ def validate_secret(secret: bytes) -> bytes:
   return bytes(secret)
 
 
-def _check_field(name: str, value: int) -> int:
-  if isinstance(value, (bool, _np.bool_)) or not isinstance(value, (int, _np.integer)) or \
-      not 0 <= value <= _MAX_FIELD:
-    raise ValueError(f"{name} must be an int in [0, {_MAX_FIELD}], got {name}={value!r}.")
-  return int(value)
-
-
 def derive_bytes(secret: bytes, domain: bytes, step: int, *, generation: int = 0) -> bytes:
   """``HMAC-SHA256(secret, domain | 0x00 | generation | step)``: 32 bytes, a PRF of the secret.
 
@@ -269,8 +263,8 @@ def derive_bytes(secret: bytes, domain: bytes, step: int, *, generation: int = 0
   ``(domain, generation, step)`` never share an output.
   """
   secret = validate_secret(secret)
-  msg = bytes(domain) + b"\x00" + _check_field("generation", generation).to_bytes(8, "big") + \
-      _check_field("step", step).to_bytes(8, "big")
+  msg = bytes(domain) + b"\x00" + validation.check_int("generation", generation, 0, _MAX_FIELD).to_bytes(8, "big") + \
+      validation.check_int("step", step, 0, _MAX_FIELD).to_bytes(8, "big")
   return _hmac.new(secret, msg, _hashlib.sha256).digest()
 
 

@@ -21,10 +21,13 @@ could recompute would be public, and the accountant's amplification by
 sampling assumes it is not.
 
 The realized batch is cut into chunks of whole micro-batches for the jitted
-step (:func:`chunk_sizes`): full chunks of ``max_microbatches * m`` examples
-and one last chunk rounded up to ``m * 2^j`` examples with masked padding rows,
-so a whole run compiles at most ``1 + log2(max_microbatches)`` shapes whatever
-the batch sizes drawn (:func:`chunk_shapes`).
+step by ONE chunker for one or many processes (:func:`chunk_indices`,
+:func:`iterate_chunks`): each process takes its contiguous share of the step's
+global sample; full chunks of ``max_microbatches * m`` examples and one last
+chunk rounded up to ``m * 2^j`` examples with masked padding rows, sized by
+the largest share so every process has the same shapes; a whole run compiles
+at most ``1 + log2(max_microbatches)`` shapes whatever the batch sizes drawn
+(:func:`chunk_shapes`).
 
 Edge cases (mirrored by ``tests/test_sampling.py``):
 
@@ -34,29 +37,66 @@ input                      behaviour
 Poisson draws 0 examples   no chunks; the step still adds noise and counts
 ``B_t == N`` (Poisson)     ``q = 1``: every example, every step
 ``B_t > N`` or ``B_t<=0``  ``ValueError`` naming ``batch_size``
-padding rows               mask 0; their data repeats a real row of the chunk
+padding rows               mask 0; they repeat the step's first sampled index
+fewer rows than processes  a process may get only padding rows (mask 0):
+                           shapes stay the same on every process
 =========================  =================================================
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import enum
 from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
 from dpmega import noise
-from dpmega.accounting import SamplingScheme
 from dpmega.data.sources import RandomAccessSource
+from dpmega.validation import check_int
 
 
-def _check_int(name: str, value: Any, lo: int, hi: float = math.inf) -> int:
-  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-    raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {name}={value!r}.")
-  if not lo <= value <= hi:
-    raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {name}={value!r}.")
-  return int(value)
+class SamplingScheme(enum.Enum):
+  """How each logical batch is drawn; decides the accountant's event and the neighbouring relation.
+
+  The accountant (:mod:`dpmega.accounting`) maps a scheme to its dp-accounting
+  event and relation; what a scheme means for the noise is here:
+  :attr:`relation_label` and :attr:`sensitivity`.
+
+  Example:
+    >>> SamplingScheme.WITHOUT_REPLACEMENT.relation_label, SamplingScheme.WITHOUT_REPLACEMENT.sensitivity
+    ('replace-one', 2.0)
+  """
+
+  POISSON = "poisson"
+  WITHOUT_REPLACEMENT = "without_replacement"
+
+  @property
+  def relation_label(self) -> str:
+    """``"add/remove-one"`` (Poisson) or ``"replace-one"`` (without replacement), printed next to every ε."""
+    return "add/remove-one" if self is SamplingScheme.POISSON else "replace-one"
+
+  @property
+  def sensitivity(self) -> float:
+    """L2 sensitivity of the clipped sum under this scheme's relation, in units of C.
+
+    1 for add/remove-one (one clipped gradient appears or not), 2 for
+    replace-one (a clipped gradient ``g`` may become ``-g``). The accountant's
+    noise multiplier is ``σ / sensitivity`` and ``δ_tail`` shifts the noise by
+    ``sensitivity / σ`` standard deviations: both read it from here.
+    """
+    return 1.0 if self is SamplingScheme.POISSON else 2.0
+
+
+def as_scheme(value: Any, name: str = "scheme") -> SamplingScheme:
+  """``value`` as a :class:`SamplingScheme` (``"poisson"``, ``"without-replacement"``, ... or the enum)."""
+  if isinstance(value, SamplingScheme):
+    return value
+  try:
+    return SamplingScheme(str(value).lower().replace("-", "_"))
+  except ValueError:
+    raise ValueError(
+        f"{name} must be one of {[s.value for s in SamplingScheme]}, got {name}={value!r}.") from None
 
 
 def _rng(secret: bytes, generation: int, step: int) -> np.random.Generator:
@@ -113,20 +153,20 @@ class _Sampler:
   scheme: SamplingScheme
 
   def __init__(self, dataset_size: int, *, secret: bytes | None = None, generation: int = 0, position: int = 0):
-    self.dataset_size = _check_int("dataset_size", dataset_size, 1)
+    self.dataset_size = check_int("dataset_size", dataset_size, 1)
     self._secret = noise.secret_bytes() if secret is None else noise.validate_secret(secret)
-    self.generation = _check_int("generation", generation, 0, 2**63 - 1)
-    self.position = _check_int("position", position, 0)
+    self.generation = check_int("generation", generation, 0, 2**63 - 1)
+    self.position = check_int("position", position, 0)
 
   def __repr__(self) -> str:  # never the secret
     return f"{type(self).__name__}(dataset_size={self.dataset_size}, generation={self.generation}, " \
            f"position={self.position})"
 
   def _rng(self, step: int) -> np.random.Generator:
-    return _rng(self._secret, self.generation, _check_int("step", step, 0, 2**63 - 1))
+    return _rng(self._secret, self.generation, check_int("step", step, 0, 2**63 - 1))
 
   def _check_batch_size(self, batch_size: int) -> int:
-    return _check_int("batch_size", batch_size, 1, self.dataset_size)
+    return check_int("batch_size", batch_size, 1, self.dataset_size)
 
   def indices_at(self, step: int, batch_size: int) -> np.ndarray:
     raise NotImplementedError
@@ -153,7 +193,7 @@ class _Sampler:
       raise ValueError(
           f"sampler state is for (scheme, dataset_size)={tuple(map(str, theirs))}, "
           f"but this run has {tuple(map(str, mine))}.")
-    self.position = _check_int("position", state.position, 0)
+    self.position = check_int("position", state.position, 0)
 
 
 class PoissonSampler(_Sampler):
@@ -204,17 +244,10 @@ def make_sampler(scheme: SamplingScheme | str, dataset_size: int, *, secret: byt
   return cls(dataset_size, secret=secret, generation=generation, position=position)
 
 
-def sampler_from_state(state: SamplerState, *, secret: bytes,
-                       generation: int = 0) -> PoissonSampler | WithoutReplacementSampler:
-  """The sampler that continues ``state`` with the run's ``secret`` (from its checkpoint)."""
-  return make_sampler(state.scheme, state.dataset_size, secret=secret, generation=generation,
-                      position=state.position)
-
-
 def chunk_shapes(microbatch_size: int, max_microbatches: int) -> tuple[int, ...]:
   """Every chunk size :func:`chunk_sizes` can return: ``m * 2^j`` up to ``m * k``, and ``m * k``."""
-  m = _check_int("microbatch_size", microbatch_size, 1)
-  k = _check_int("max_microbatches", max_microbatches, 1)
+  m = check_int("microbatch_size", microbatch_size, 1)
+  k = check_int("max_microbatches", max_microbatches, 1)
   sizes = {m * k}
   j = 1
   while j < k:
@@ -236,7 +269,7 @@ def chunk_sizes(num_examples: int, *, microbatch_size: int, max_microbatches: in
     the smallest size in :func:`chunk_shapes` that holds them. Their sum is at
     least b and exceeds it by less than ``max(m, remainder)``.
   """
-  b = _check_int("num_examples", num_examples, 0)
+  b = check_int("num_examples", num_examples, 0)
   shapes = chunk_shapes(microbatch_size, max_microbatches)
   full_size = shapes[-1]
   full, rem = divmod(b, full_size)
@@ -244,6 +277,91 @@ def chunk_sizes(num_examples: int, *, microbatch_size: int, max_microbatches: in
   if rem:
     sizes.append(next(s for s in shapes if s >= rem))
   return tuple(sizes)
+
+
+def process_slice(num_examples: int, *, process_index: int, process_count: int) -> tuple[int, int]:
+  """``[start, stop)`` of one process's contiguous share of ``num_examples`` rows.
+
+  The shares are balanced (sizes differ by at most one) and tile
+  ``range(num_examples)`` exactly, in process order.
+
+  Example:
+    >>> [process_slice(5, process_index=p, process_count=2) for p in range(2)]
+    [(0, 3), (3, 5)]
+  """
+  b = check_int("num_examples", num_examples, 0)
+  count = check_int("process_count", process_count, 1)
+  index = check_int("process_index", process_index, 0, count - 1)
+  base, extra = divmod(b, count)
+  start = index * base + min(index, extra)
+  return start, start + base + (index < extra)
+
+
+class IndexChunk(NamedTuple):
+  """The dataset indices of one fixed-shape chunk of a process's share of a step's sample.
+
+  Attributes:
+    indices: ``[size]`` int64 dataset indices to read; padding rows repeat
+      the step's first sampled index.
+    mask: ``[size]`` float32, 1 for real examples, 0 for padding.
+    num_real: the number of real rows (they come first).
+  """
+
+  indices: np.ndarray
+  mask: np.ndarray
+  num_real: int
+
+
+def chunk_indices(indices: np.ndarray, *, microbatch_size: int, max_microbatches: int, process_index: int = 0,
+                  process_count: int = 1) -> tuple[IndexChunk, ...]:
+  """One process's share of a step's sample, cut into chunks whose shapes are the same on every process.
+
+  Every process holds the same global sample (a pure function of the shared
+  secret and the step), keeps the contiguous slice :func:`process_slice`
+  gives it, and cuts it into the chunk sizes :func:`chunk_sizes` gives the
+  LARGEST share, so every process makes the same number of chunks with the
+  same shapes and the global arrays line up. One process
+  (``process_count=1``, the default) is the case where the share is the
+  whole sample.
+
+  Fill rule (one, for any process count): padding rows have mask 0 and repeat
+  the step's first sampled index ``indices[0]`` -- a row of the dataset, so
+  the loss sees valid data; the mask makes its contribution exactly zero
+  (invariant 4).
+
+  Guarantee: over all processes, the real rows are exactly ``indices``, each
+  once, in order; an empty sample gives no chunks on any process.
+
+  Args:
+    indices: the step's whole sampled indices (1-D ints).
+    microbatch_size: rows of one micro-batch on this process (for a mesh, the
+      process's devices times the per-device micro-batch); chunk sizes are
+      multiples of it.
+    max_microbatches: micro-batches per chunk at most (one jitted call).
+    process_index: this process, ``jax.process_index()``.
+    process_count: ``jax.process_count()``.
+
+  Example:
+    >>> [c.indices.tolist() for c in chunk_indices(np.array([3, 8, 9]), microbatch_size=2, max_microbatches=1)]
+    [[3, 8], [9, 3]]
+  """
+  indices = np.asarray(indices)
+  if indices.ndim != 1 or not (np.issubdtype(indices.dtype, np.integer) or indices.size == 0):
+    raise ValueError(f"indices must be a 1-D int array, got shape {indices.shape} and dtype {indices.dtype}.")
+  indices = indices.astype(np.int64)
+  b = len(indices)
+  start, stop = process_slice(b, process_index=process_index, process_count=process_count)
+  mine = indices[start:stop]
+  sizes = chunk_sizes(-(-b // process_count), microbatch_size=microbatch_size, max_microbatches=max_microbatches)
+  chunks, pos = [], 0
+  for size in sizes:
+    real = mine[pos:pos + size]
+    pos += len(real)
+    n = len(real)
+    mask = np.zeros((size,), np.float32)
+    mask[:n] = 1.0
+    chunks.append(IndexChunk(np.concatenate([real, np.full((size - n,), indices[0], np.int64)]), mask, n))
+  return tuple(chunks)
 
 
 class Chunk(NamedTuple):
@@ -261,21 +379,16 @@ class Chunk(NamedTuple):
 
 
 def iterate_chunks(source: RandomAccessSource, indices: np.ndarray, *, microbatch_size: int,
-                   max_microbatches: int) -> Iterator[Chunk]:
-  """Reads the examples at ``indices`` chunk by chunk (never the whole batch at once).
+                   max_microbatches: int, process_index: int = 0, process_count: int = 1) -> Iterator[Chunk]:
+  """Reads this process's rows of ``indices`` chunk by chunk (never the whole batch at once).
 
-  Memory is bounded by one chunk of ``microbatch_size * max_microbatches``
-  examples whatever ``len(indices)``; padding rows repeat the chunk's first
-  real example and are masked out.
+  The chunks are :func:`chunk_indices`'s (same arguments), read with
+  ``source.take``. Memory is bounded by one chunk of ``microbatch_size *
+  max_microbatches`` examples whatever ``len(indices)``. With several
+  processes, each calls this with the SAME ``indices`` and reads only its own
+  share; pass each chunk (after any host-side preparation) to
+  :func:`dpmega.sharding.global_batch_from_process_local`.
   """
-  indices = np.asarray(indices, dtype=np.int64)
-  start = 0
-  for size in chunk_sizes(len(indices), microbatch_size=microbatch_size, max_microbatches=max_microbatches):
-    real = indices[start:start + size]
-    start += len(real)
-    n = len(real)
-    if n < size:
-      real = np.concatenate([real, np.full((size - n,), real[0], np.int64)])
-    mask = np.zeros((size,), np.float32)
-    mask[:n] = 1.0
-    yield Chunk(source.take(real), mask, n)
+  for c in chunk_indices(indices, microbatch_size=microbatch_size, max_microbatches=max_microbatches,
+                         process_index=process_index, process_count=process_count):
+    yield Chunk(source.take(c.indices), c.mask, c.num_real)

@@ -46,6 +46,8 @@ from typing import Any, Mapping, Union
 
 import numpy as np
 
+from dpmega import validation
+
 __all__ = [
     "Constant",
     "Steps",
@@ -63,31 +65,13 @@ __all__ = [
 _MAX_INT = 2**62
 
 
-def _check_positive_int(name: str, value: Any) -> int:
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    if isinstance(value, float) and value.is_integer():
-      value = int(value)
-    else:
-      raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-  if value <= 0 or value > _MAX_INT:
-    raise ValueError(f"{name} must be a positive integer in [1, 2**62], got {value!r}.")
-  return int(value)
+def _size(name: str, value: Any) -> int:
+  """A batch size or a step count of a schedule: an int in ``[1, 2**62]`` (``4096.0`` accepted)."""
+  return validation.check_int(name, value, 1, _MAX_INT, integral_floats=True)
 
 
-def _check_step(step: Any) -> int:
-  if isinstance(step, bool) or not isinstance(step, numbers.Integral):
-    raise ValueError(f"step must be a non-negative integer, got {step!r}.")
-  if step < 0:
-    raise ValueError(f"step must be a non-negative integer, got {step!r}.")
-  return int(step)
-
-
-def _check_num_steps(num_steps: Any) -> int:
-  if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
-    raise ValueError(f"num_steps must be a non-negative integer, got {num_steps!r}.")
-  if num_steps < 0 or num_steps > _MAX_INT:
-    raise ValueError(f"num_steps must be a non-negative integer in [0, 2**62], got {num_steps!r}.")
-  return int(num_steps)
+def _num_steps(num_steps: Any) -> int:
+  return validation.check_int("num_steps", num_steps, 0, _MAX_INT)
 
 
 def _round_to(x: np.ndarray, multiple: int) -> np.ndarray:
@@ -111,17 +95,17 @@ class Constant:
   size: int
 
   def __post_init__(self):
-    object.__setattr__(self, "size", _check_positive_int("batch_size", self.size))
+    object.__setattr__(self, "size", _size("batch_size", self.size))
 
   def batch_size(self, step: int) -> int:
-    _check_step(step)
+    validation.check_int("step", step, 0)
     return self.size
 
   def batch_sizes(self, num_steps: int) -> np.ndarray:
-    return np.full(_check_num_steps(num_steps), self.size, dtype=np.int64)
+    return np.full(_num_steps(num_steps), self.size, dtype=np.int64)
 
   def batch_size_counts(self, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
-    num_steps = _check_num_steps(num_steps)
+    num_steps = _num_steps(num_steps)
     if num_steps == 0:
       return np.zeros(0, np.int64), np.zeros(0, np.int64)
     return np.array([self.size], np.int64), np.array([num_steps], np.int64)
@@ -155,10 +139,8 @@ class Steps:
       raise ValueError("stages must hold at least one (first_step, batch_size) pair, got none.")
     checked = []
     for i, (start, size) in enumerate(stages):
-      if isinstance(start, bool) or not isinstance(start, numbers.Integral) or start < 0:
-        raise ValueError(
-            f"stages[{i}] first step must be a non-negative integer, got {start!r}.")
-      checked.append((int(start), _check_positive_int(f"stages[{i}] batch size", size)))
+      checked.append((validation.check_int(f"stages[{i}] first step", start, 0),
+                      _size(f"stages[{i}] batch size", size)))
     if checked[0][0] != 0:
       raise ValueError(f"stages[0] must start at step 0, got first step {checked[0][0]}.")
     for i in range(1, len(checked)):
@@ -169,7 +151,7 @@ class Steps:
     object.__setattr__(self, "stages", tuple(checked))
 
   def batch_size(self, step: int) -> int:
-    step = _check_step(step)
+    step = validation.check_int("step", step, 0)
     size = self.stages[0][1]
     for start, s in self.stages:
       if start > step:
@@ -178,14 +160,14 @@ class Steps:
     return size
 
   def batch_sizes(self, num_steps: int) -> np.ndarray:
-    num_steps = _check_num_steps(num_steps)
+    num_steps = _num_steps(num_steps)
     starts = np.array([s for s, _ in self.stages], dtype=np.int64)
     sizes = np.array([b for _, b in self.stages], dtype=np.int64)
     idx = np.searchsorted(starts, np.arange(num_steps, dtype=np.int64), side="right") - 1
     return sizes[idx]
 
   def batch_size_counts(self, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
-    num_steps = _check_num_steps(num_steps)
+    num_steps = _num_steps(num_steps)
     starts = np.array([st for st, _ in self.stages] + [num_steps], dtype=np.int64)
     sizes = np.array([b for _, b in self.stages], dtype=np.int64)
     lengths = np.clip(np.minimum(starts[1:], num_steps) - np.minimum(starts[:-1], num_steps), 0, None)
@@ -208,10 +190,10 @@ class _Ramp:
   round_to: int = 1
 
   def __post_init__(self):
-    object.__setattr__(self, "start", _check_positive_int("start", self.start))
-    object.__setattr__(self, "end", _check_positive_int("end", self.end))
-    object.__setattr__(self, "ramp_steps", _check_positive_int("ramp_steps", self.ramp_steps))
-    object.__setattr__(self, "round_to", _check_positive_int("round_to", self.round_to))
+    object.__setattr__(self, "start", _size("start", self.start))
+    object.__setattr__(self, "end", _size("end", self.end))
+    object.__setattr__(self, "ramp_steps", _size("ramp_steps", self.ramp_steps))
+    object.__setattr__(self, "round_to", _size("round_to", self.round_to))
 
   def _fraction(self, steps: np.ndarray) -> np.ndarray:
     if self.ramp_steps == 1:
@@ -222,7 +204,7 @@ class _Ramp:
     raise NotImplementedError
 
   def batch_size(self, step: int) -> int:
-    step = _check_step(step)
+    step = validation.check_int("step", step, 0)
     return int(self.batch_sizes_at(np.array([step], dtype=np.int64))[0])
 
   def batch_sizes_at(self, steps: np.ndarray) -> np.ndarray:
@@ -234,11 +216,11 @@ class _Ramp:
     return _round_to(values, self.round_to)
 
   def batch_sizes(self, num_steps: int) -> np.ndarray:
-    num_steps = _check_num_steps(num_steps)
+    num_steps = _num_steps(num_steps)
     return self.batch_sizes_at(np.arange(num_steps, dtype=np.int64))
 
   def batch_size_counts(self, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
-    num_steps = _check_num_steps(num_steps)
+    num_steps = _num_steps(num_steps)
     head = min(num_steps, self.ramp_steps)
     sizes = self.batch_sizes(head)
     counts = np.ones_like(sizes)
@@ -406,11 +388,9 @@ def steps_for_epochs(schedule: Schedule, epochs: float, dataset_size: int) -> in
   (MNIST: 60 epochs of 60000 at 256 is 14063 steps). ``epochs`` must be
   positive and finite; ``dataset_size`` a positive integer.
   """
-  dataset_size = _check_positive_int("dataset_size", dataset_size)
-  if isinstance(epochs, bool) or not isinstance(epochs, numbers.Real) or not (
-      0 < epochs < math.inf):
-    raise ValueError(f"epochs must be a positive finite number, got {epochs!r}.")
-  target = float(epochs) * dataset_size
+  dataset_size = _size("dataset_size", dataset_size)
+  epochs = validation.check_real("epochs", epochs, 0.0, math.inf, lo_open=True, hi_open=True)
+  target = epochs * dataset_size
   # Examples seen after n steps is increasing in n: double, then bisect.
   def seen(n: int) -> float:
     sizes, counts = schedule.batch_size_counts(n)

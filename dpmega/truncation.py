@@ -56,9 +56,14 @@ import math
 from typing import Iterable
 
 import numpy as np
-from scipy import stats
 
 __all__ = ["Support", "TailModel", "bad_mass", "tail_delta", "accountant_delta"]
+
+
+def _norm():
+  """``scipy.stats.norm``, imported on first use: importing the noise module must not load scipy."""
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  return stats.norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +89,7 @@ class Support:
   @property
   def log_inv_mass(self) -> float:
     """``-log Z₁``: the log of the truncated density's factor over the ideal one, per coordinate."""
-    return -math.log1p(-(float(stats.norm.sf(-self.lo)) + float(stats.norm.sf(self.hi))))
+    return -math.log1p(-(float(_norm().sf(-self.lo)) + float(_norm().sf(self.hi))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,11 +128,12 @@ def bad_mass(*, shift: float, num_coordinates: int, support: Support) -> float:
   m, d = support.half_width, int(num_coordinates)
   if shift >= m:
     return 1.0
-  z1 = 1.0 - float(stats.norm.sf(-support.lo)) - float(stats.norm.sf(support.hi))
-  g = float(stats.norm.sf(m - shift) - stats.norm.sf(m))  # mass of (m - Δ, m]
+  norm = _norm()
+  z1 = 1.0 - float(norm.sf(-support.lo)) - float(norm.sf(support.hi))
+  g = float(norm.sf(m - shift) - norm.sf(m))  # mass of (m - Δ, m]
   ts = shift * np.exp2(-np.arange(0, 64, 0.25))
   counts = np.minimum(float(d), np.floor(shift**2 / ts**2))
-  bounds = counts * g + math.sqrt(d) * shift * stats.norm.pdf(m - ts)
+  bounds = counts * g + math.sqrt(d) * shift * norm.pdf(m - ts)
   return float(min(1.0, bounds.min() / z1))
 
 

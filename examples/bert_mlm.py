@@ -28,7 +28,9 @@ sys.path.insert(0, str(ROOT))
 from dpmega.train import config as config_lib  # noqa: E402
 from dpmega import train  # noqa: E402
 from dpmega.data import text  # noqa: E402
+from dpmega.data import wordpiece  # noqa: E402
 from dpmega.models import bert  # noqa: E402
+from dpmega.tasks import bert as bert_task  # noqa: E402
 
 SENTENCES = (
     "Return a new list containing all items from the iterable in ascending order.",
@@ -40,8 +42,8 @@ def fill_masks(config, params, sentences=SENTENCES) -> list[tuple[str, str, str]
   """For each sentence, masks its middle word-piece and returns (sentence, masked piece, prediction)."""
   cache = pathlib.Path(config.task.cache_dir) if config.task.cache_dir else text.default_cache_dir()
   corpus = text.prepare_stdlib_corpus(cache / "text", vocab_size=config.task.vocab_size)
-  tok = text.WordPiece(corpus.vocab)
-  model = bert.BertMLM(bert.model_config(config.task, vocab_size=tok.vocab_size, pad_id=tok.special.pad))
+  tok = wordpiece.WordPiece(corpus.vocab)
+  model = bert.BertMLM(bert_task.model_config(config.task, vocab_size=tok.vocab_size, pad_id=tok.special.pad))
   out = []
   for sentence in sentences:
     ids = [tok.special.cls] + tok.encode([sentence])[0][:config.task.seq_len - 2] + [tok.special.sep]

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from dpmega.train import config as config_lib  # noqa: E402
 from dpmega import train as train_lib  # noqa: E402
-from dpmega.data import criteo  # noqa: E402
+from dpmega.data import criteo_tsv  # noqa: E402
 from dpmega.data import criteo_synthetic  # noqa: E402
 
 
@@ -32,7 +32,7 @@ def parse_args(argv):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", choices=["dlrm", "deepfm", "wide_deep"], default="dlrm")
   p.add_argument("--criteo", default="", help="directory of the Criteo release (empty: generate data)")
-  p.add_argument("--layout", choices=[l.value for l in criteo.Layout], default="kaggle")
+  p.add_argument("--layout", choices=[l.value for l in criteo_tsv.Layout], default="kaggle")
   p.add_argument("--days", type=int, nargs="*", default=None, help="terabyte layout: which day_N files")
   p.add_argument("--skip_malformed", action="store_true", help="skip (and count) malformed lines")
   p.add_argument("--config_variant", choices=["small", "kaggle"], default="small")
@@ -57,8 +57,8 @@ def prepare_data(args) -> tuple[pathlib.Path, pathlib.Path | None, float | None]
   if args.criteo:
     out = data_dir / f"criteo_{args.layout}"
     if not (out / "meta.json").exists():
-      files = criteo.layout_files(args.criteo, args.layout, args.days)
-      stats = criteo.convert(files, out, on_error="skip" if args.skip_malformed else "raise",
+      files = criteo_tsv.layout_files(args.criteo, args.layout, args.days)
+      stats = criteo_tsv.convert(files, out, on_error="skip" if args.skip_malformed else "raise",
                              layout=args.layout, progress=not args.quiet)
       print(f"converted {stats.rows:,} rows ({stats.skipped:,} malformed skipped) in {stats.seconds:.0f}s")
     return out, None, None

@@ -29,7 +29,6 @@ import argparse
 import dp_accounting
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx

@@ -13,7 +13,9 @@ on process 0 reaches every process (``sharding.broadcast_secret``), and (process
 ``OUT/multihost.npz`` + ``OUT/multihost.json``.
 
 The loop itself (:func:`train`) is imported by the tests to compute the
-single-process reference in their own process.
+single-process reference in their own process. Every check runs the trainer's
+own step (:func:`dpmega.train.step.make_private_step`): its chunker, sharded
+clipped sum and update with the one noise draw.
 """
 
 from __future__ import annotations
@@ -67,56 +69,49 @@ def fixed_secret():
   return noise.insecure_secret_from_seed(SEED)
 
 
+def make_step(mesh, optimizer, params, *, loss=None, min_shard_size=0):
+  """The trainer's step functions (:func:`dpmega.train.step.make_private_step`) for this file's model."""
+  from dpmega.train import step as step_lib
+  return step_lib.make_private_step(loss or loss_fn, optimizer, mesh, params, clip_norm=CLIP_NORM,
+                                    microbatch_size=MICROBATCH, max_microbatches=MAX_MICROBATCHES,
+                                    min_shard_size=min_shard_size)
+
+
+def initial_state(private_step, params, optimizer):
+  import jax.numpy as jnp
+
+  from dpmega.train import step as step_lib
+  return private_step.shard_state(step_lib.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params)))
+
+
 def train(mesh, *, steps=STEPS, min_shard_size=0, noise_multiplier=NOISE_MULTIPLIER, secret=None):
-  """The short private loop on ``mesh``; returns (params, opt_state) as global arrays.
+  """The short private loop on ``mesh``; returns (params, opt_state, per-step example counts) as global arrays.
 
   Poisson sample of the whole logical batch -> this process's share in fixed
-  chunks -> sharded clipped sums -> noise once -> adam.
+  chunks -> sharded clipped sums -> noise once -> adam, all by the trainer's step.
   """
-  import jax
   import optax
 
-  from dpmega import clipping
   from dpmega import noise
   from dpmega import sampling
-  from dpmega import sharding
   from dpmega.data.sources import ArraySource
 
   secret = fixed_secret() if secret is None else secret
-
   x, y = dataset()
   opt = optax.adam(1e-2)
   params0 = init_params()
-  p_sh = sharding.param_shardings(params0, mesh, min_size=min_shard_size)
-  o_sh = sharding.param_shardings(jax.eval_shape(opt.init, params0), mesh, min_size=min_shard_size)
-  params = sharding.shard(params0, p_sh)
-  opt_state = jax.jit(opt.init, out_shardings=o_sh)(params)
-  accumulate = sharding.make_accumulate_fn(loss_fn, mesh, p_sh, clip_norm=CLIP_NORM, microbatch_size=MICROBATCH)
-  privatize = sharding.make_privatize_fn(p_sh, clip_norm=CLIP_NORM)
-
-  @jax.jit
-  def update(grads, opt_state, params):
-    updates, opt_state = opt.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  update = jax.jit(update, out_shardings=(p_sh, o_sh), donate_argnums=(1, 2))
+  private_step = make_step(mesh, opt, params0, min_shard_size=min_shard_size)
+  state = initial_state(private_step, params0, opt)
   source = ArraySource({"x": x, "y": y})
   sampler = sampling.PoissonSampler(DATASET_SIZE, secret=secret)
   counts = []
   for step in range(steps):
     # Every process draws the same global sample, then reads only its share.
-    global_indices = sampler.indices_at(step, BATCH_SIZE)
-    grad_sum = sharding.zeros_like_sharded(params0, p_sh)
-    stats = clipping.ClipStats.zeros()
-    for c in sharding.iterate_process_chunks(source, global_indices, mesh, microbatch_size=MICROBATCH,
-                                             max_microbatches=MAX_MICROBATCHES):
-      batch = sharding.global_batch_from_process_local(c.batch, mesh)
-      mask = sharding.global_batch_from_process_local(c.mask, mesh)
-      grad_sum, stats = accumulate(params, grad_sum, stats, batch, mask)
-    counts.append(int(stats.num_examples))
-    grads = privatize(grad_sum, noise.step_key(secret, step), noise_multiplier, BATCH_SIZE)
-    params, opt_state = update(grads, opt_state, params)
-  return params, opt_state, counts
+    acc = private_step.clipped_sum(state.params, private_step.chunks(source, sampler.indices_at(step, BATCH_SIZE)))
+    counts.append(int(acc.stats.num_examples))
+    state, _ = private_step.update(state, acc.grad_sum, noise.step_key(secret, step), noise_multiplier, BATCH_SIZE,
+                                   acc.stats.num_clipped)
+  return state.params, state.opt_state, counts
 
 
 def _spec_strings(tree):
@@ -127,6 +122,7 @@ def _spec_strings(tree):
 def devices8(out_dir):
   import jax
   import jax.numpy as jnp
+  import optax
 
   from dpmega import clipping
   from dpmega import noise
@@ -159,9 +155,9 @@ def devices8(out_dir):
   # 2. Per-example clipping on every shard: one huge example per device at a time.
   mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=2))
   params0 = init_params()
-  p_sh = sharding.param_shardings(params0, mesh, min_size=0)
-  params = sharding.shard(params0, p_sh)
-  accumulate = sharding.make_accumulate_fn(loss_fn, mesh, p_sh, clip_norm=CLIP_NORM, microbatch_size=MICROBATCH)
+  private_step = make_step(mesh, optax.sgd(1.0), params0)
+  params = sharding.shard(params0, private_step.param_shardings)
+  accumulate = private_step.accumulate
   rows = 8 * MICROBATCH * 2
   rng = np.random.default_rng(5)
   big = {"x": (1e3 * rng.normal(size=(rows, D_IN))).astype(np.float32),
@@ -171,7 +167,7 @@ def devices8(out_dir):
   for d in range(8):
     mask = np.zeros((rows,), np.float32)
     mask[d * per_device + (d % per_device)] = 1.0
-    g, st = accumulate(params, sharding.zeros_like_sharded(params0, p_sh), clipping.ClipStats.zeros(),
+    g, st = accumulate(params, private_step.zero_accumulator(params0),
                        sharding.global_batch_from_process_local(big, mesh),
                        sharding.global_batch_from_process_local(mask, mesh))
     norms.append(float(jnp.sqrt(sum(jnp.sum(v ** 2) for v in jax.tree_util.tree_leaves(g)))))
@@ -180,7 +176,7 @@ def devices8(out_dir):
   # Whole chunk (half masked) vs the one-device clipped sum.
   mask = (rng.random(rows) < 0.5).astype(np.float32)
   small = {"x": big["x"] / 1e3, "y": big["y"]}
-  g, st = accumulate(params, sharding.zeros_like_sharded(params0, p_sh), clipping.ClipStats.zeros(),
+  g, st = accumulate(params, private_step.zero_accumulator(params0),
                      sharding.global_batch_from_process_local(small, mesh),
                      sharding.global_batch_from_process_local(mask, mesh))
   ref, _, ref_st = clipping.clipped_grad_sum(loss_fn, params0, small, mask, clip_norm=CLIP_NORM)
@@ -190,7 +186,8 @@ def devices8(out_dir):
   info["chunk_stats"] = {"sharded": [float(v) for v in st], "single": [float(v) for v in ref_st]}
   info["chunk_grad_specs"] = {k: str(v.sharding.spec) for k, v in g.items()}
 
-  # 3. Noise: one draw per step, not per device, the same on 1 and 8 devices.
+  # 3. Noise: one draw per step, not per device, the same on 1 and 8 devices. Read off the trainer's update
+  # with sgd(1) from zero parameters and a zero gradient sum: the new parameters are minus the noisy mean.
   n = 2**16
   big_params = {"w": np.zeros((n // 64, 64), np.float32), "v": np.zeros((64,), np.float32)}
   noise_loss = lambda p, ex: 0.0 * (jnp.sum(p["w"]) + jnp.sum(p["v"])) * ex["x"][0]
@@ -200,14 +197,15 @@ def devices8(out_dir):
   for name, cfg in {"d1": sharding.MeshConfig(data=1), "d8": sharding.MeshConfig(),
                     "d1f8": sharding.MeshConfig(fsdp=8)}.items():
     mesh = sharding.make_mesh(cfg)
-    sh = sharding.param_shardings(big_params, mesh, min_size=0)
-    acc = sharding.make_accumulate_fn(noise_loss, mesh, sh, clip_norm=CLIP_NORM, microbatch_size=MICROBATCH)
-    priv = sharding.make_privatize_fn(sh, clip_norm=CLIP_NORM)
-    p = sharding.shard(big_params, sh)
-    g, _ = acc(p, sharding.zeros_like_sharded(big_params, sh), clipping.ClipStats.zeros(),
-               sharding.global_batch_from_process_local(zero_batch, mesh),
-               sharding.global_batch_from_process_local(np.ones((8 * MICROBATCH,), np.float32), mesh))
-    noisy = priv(g, noise.step_key(fixed_secret(), 0), sigma, expected)
+    opt = optax.sgd(1.0)
+    private_step = make_step(mesh, opt, big_params, loss=noise_loss)
+    state = initial_state(private_step, big_params, opt)
+    acc = private_step.accumulate(state.params, private_step.zero_accumulator(big_params),
+                                  sharding.global_batch_from_process_local(zero_batch, mesh),
+                                  sharding.global_batch_from_process_local(np.ones((8 * MICROBATCH,), np.float32),
+                                                                           mesh))
+    state, _ = private_step.update(state, acc.grad_sum, noise.step_key(fixed_secret(), 0), sigma, expected)
+    noisy = jax.tree_util.tree_map(lambda p: -p, state.params)
     draws[name] = noisy
     arrays[f"noise_{name}/w"] = np.asarray(noisy["w"])
     arrays[f"noise_{name}/v"] = np.asarray(noisy["v"])

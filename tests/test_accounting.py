@@ -1,4 +1,4 @@
-"""Tests for dpmega/accounting/__init__.py.
+"""Tests for dpmega/accounting/ (accountants, events, ledger, calibrate, plan).
 
 The cross-checks build the dp-accounting events by hand here, independently of
 dpmega's own event construction, and compose them step-run by step-run.
@@ -6,6 +6,8 @@ dpmega's own event construction, and compose them step-run by step-run.
 
 import json
 import math
+import subprocess
+import sys
 
 import dp_accounting
 from dp_accounting.pld import pld_privacy_accountant
@@ -197,8 +199,8 @@ def test_ledger_refuses_mixed_schemes():
 def test_relation_labels():
   assert accounting.relation_label("poisson") == "add/remove-one"
   assert accounting.relation_label(WOR) == "replace-one"
-  assert POISSON.neighboring_relation is dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
-  assert WOR.neighboring_relation is dp_accounting.NeighboringRelation.REPLACE_ONE
+  assert accounting.neighboring_relation(POISSON) is dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+  assert accounting.neighboring_relation(WOR) is dp_accounting.NeighboringRelation.REPLACE_ONE
   line = accounting.describe(1.5, 1e-5, WOR, "rdp")
   assert "replace-one" in line and "RDP" in line and "1e-05" in line
 
@@ -288,15 +290,15 @@ def test_q_equal_one_is_allowed():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(batch_size=0), "batch_size must be an integer >= 1"),
-    (dict(batch_size=-3), "batch_size must be an integer >= 1"),
-    (dict(dataset_size=0), "dataset_size must be an integer >= 1"),
+    (dict(batch_size=0), r"batch_size must be an int in \[1, inf\]"),
+    (dict(batch_size=-3), r"batch_size must be an int in \[1, inf\]"),
+    (dict(dataset_size=0), r"dataset_size must be an int in \[1, inf\]"),
     (dict(batch_size=N + 1), r"batch_size \(60001\) must not exceed dataset_size .* q = .* \(0, 1\]"),
-    (dict(noise_multiplier=-0.5), "noise_multiplier must be a finite number >= 0"),
+    (dict(noise_multiplier=-0.5), r"noise_multiplier must be a number in \[0, inf\)"),
     (dict(noise_multiplier=float("nan")), "noise_multiplier"),
     (dict(noise_multiplier=float("inf")), "noise_multiplier"),
-    (dict(steps=-1), "steps must be an integer >= 0"),
-    (dict(steps=1.5), "steps must be an integer"),
+    (dict(steps=-1), r"steps must be an int in \[0, inf\]"),
+    (dict(steps=1.5), r"steps must be an int in \[0, inf\]"),
     (dict(scheme="shuffled"), "scheme must be one of"),
 ])
 def test_record_rejects_bad_input_naming_the_field(kwargs, match):
@@ -310,7 +312,7 @@ def test_record_rejects_bad_input_naming_the_field(kwargs, match):
 
 @pytest.mark.parametrize("delta", [0, 1, -0.1, 1.5, float("nan")])
 def test_delta_outside_open_unit_interval(delta):
-  with pytest.raises(ValueError, match=r"delta must be in the open interval \(0, 1\)"):
+  with pytest.raises(ValueError, match=r"delta must be a number in \(0, 1\)"):
     accounting.compute_epsilon(_ledger(), delta)
   with pytest.raises(ValueError, match="delta"):
     accounting.calibrate_noise_multiplier(target_epsilon=1, delta=delta, dataset_size=N,
@@ -320,11 +322,11 @@ def test_delta_outside_open_unit_interval(delta):
 def test_other_bad_arguments():
   with pytest.raises(ValueError, match="accountant must be one of"):
     accounting.compute_epsilon(_ledger(), DELTA, "moments")
-  with pytest.raises(ValueError, match="epsilon must be a finite number"):
+  with pytest.raises(ValueError, match=r"epsilon must be a number in \[0, inf\)"):
     accounting.compute_delta(_ledger(), -1.0)
   with pytest.raises(ValueError, match="pld_discretization"):
     accounting.compute_epsilon(_ledger(), DELTA, "pld", pld_discretization=0)
-  with pytest.raises(ValueError, match="target_epsilon must be a finite number in \\(0, inf\\)"):
+  with pytest.raises(ValueError, match=r"target_epsilon must be a number in \(0, inf\)"):
     accounting.calibrate_noise_multiplier(target_epsilon=0, delta=DELTA, dataset_size=N,
                                           batch_sizes=[256])
   with pytest.raises(ValueError, match="batch_sizes must be >= 1"):
@@ -673,3 +675,90 @@ def test_max_steps_and_fits_budget_with_a_tail_model():
              delta=DELTA)
   assert not accounting.fits_budget(ledger, tail=_TAIL, **fit)
   assert accounting.fits_budget(_ledger([(n - 1, 256, 1.0)]), tail=_TAIL, **fit)
+
+
+# ------------------------------------------------------------------- plan
+
+
+def _plan(**kw):
+  args = dict(dataset_size=N, schedule=schedules.parse_schedule("steps:256@0,512@40,1024@70"), num_steps=100,
+              delta=DELTA, tail=_TAIL)
+  args.update(kw)
+  return accounting.Plan(**args)
+
+
+def test_plan_epsilon_is_the_epsilon_of_the_ledger_it_expects():
+  plan = _plan()
+  for k in (1, 40, 71, 100):
+    ledger = plan.expected_ledger(1.1, k)
+    assert ledger.num_steps == k
+    assert plan.epsilon(1.1, k) == pytest.approx(accounting.compute_epsilon(ledger, DELTA, tail=_TAIL), rel=1e-12)
+    assert plan.tail_delta(1.1, k, floor=True) == pytest.approx(accounting.tail_delta_of(ledger, _TAIL), rel=1e-12)
+  stepwise = Ledger()  # what a training loop records, one step at a time
+  for t in range(100):
+    stepwise.record(batch_size=plan.schedule.batch_size(t), dataset_size=N, noise_multiplier=1.1, scheme="poisson")
+  assert plan.expected_ledger(1.1) == stepwise
+
+
+def test_plan_calibration_budget_and_max_steps_agree_with_the_functions():
+  plan = _plan()
+  sigma = plan.calibrate(2.0)
+  assert sigma == accounting.calibrate_noise_multiplier(
+      target_epsilon=2.0, delta=DELTA, dataset_size=N, batch_sizes=plan.batch_sizes(), tail=_TAIL)
+  assert plan.epsilon(sigma) <= 2.0
+  assert plan.max_steps(2.0, sigma) == 100
+  k = plan.max_steps(2.0, 0.8 * sigma)
+  assert 0 < k < 100 and plan.epsilon(0.8 * sigma, k) <= 2.0 < plan.epsilon(0.8 * sigma, k + 1)
+  ledger = plan.expected_ledger(0.8 * sigma, k - 1)
+  assert plan.fits_budget(ledger, step=k - 1, noise_multiplier=0.8 * sigma, target_epsilon=2.0)
+  ledger = plan.expected_ledger(0.8 * sigma, k)
+  assert not plan.fits_budget(ledger, step=k, noise_multiplier=0.8 * sigma, target_epsilon=2.0)
+  assert "add/remove-one" in plan.describe(1.0) and "RDP" in plan.describe(1.0)
+
+
+def test_one_rule_for_pld_without_replacement():
+  """PLD refuses sampling without replacement unless every batch is the dataset: the plan, the functions and the
+  ledger all apply :func:`accounting.check_supported`."""
+  with pytest.raises(accounting.UnsupportedAccountingError, match="without_replacement"):
+    _plan(scheme=WOR, accountant="pld")
+  with pytest.raises(accounting.UnsupportedAccountingError):
+    _plan(scheme=WOR).with_accountant("pld")
+  with pytest.raises(accounting.UnsupportedAccountingError):
+    _plan(scheme=WOR).epsilon(1.0, accountant="pld")
+  with pytest.raises(accounting.UnsupportedAccountingError):
+    accounting.check_supported(WOR, "pld")  # batch sizes unknown
+  accounting.check_supported(WOR, "rdp")
+  accounting.check_supported(POISSON, "pld")
+  full = _plan(scheme=WOR, accountant="pld", schedule=schedules.Constant(N), num_steps=3)
+  assert 0 < full.epsilon(2.0) == pytest.approx(
+      accounting.compute_epsilon(full.expected_ledger(2.0), DELTA, "pld", tail=_TAIL), rel=1e-12)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(num_steps=-1), r"num_steps must be an int in \[0, inf\]"),
+    (dict(dataset_size=0), r"dataset_size must be an int in \[1, inf\]"),
+    (dict(delta=1.0), r"delta must be a number in \(0, 1\)"),
+    (dict(accountant="moments"), "accountant must be one of"),
+    (dict(scheme="shuffle"), "scheme must be one of"),
+    (dict(q_grid=0), r"q_grid must be a number in \(0, 1\]"),
+    (dict(dataset_size=1000), "must not exceed dataset_size"),
+])
+def test_plan_rejects_bad_fields_naming_them(kw, match):
+  with pytest.raises(ValueError, match=match):
+    _plan(**kw)
+
+
+@pytest.mark.parametrize("module", ["dpmega.sampling", "dpmega.train.config", "dpmega.accounting",
+                                    "dpmega.accounting.accountants"])
+def test_light_modules_load_neither_dp_accounting_nor_scipy(module):
+  heavy = ("dp_accounting", "scipy")
+  code = f"import sys, {module}; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+  run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert run.stdout.strip() == "[]", run.stdout
+
+
+def test_using_the_accounting_loads_dp_accounting():  # so that the test above can fail
+  code = "import sys, dpmega.accounting as a; a.Ledger; print(sorted(m for m in ('dp_accounting', 'scipy') " \
+         "if m in sys.modules))"
+  run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert run.stdout.strip() == "['dp_accounting', 'scipy']", run.stdout

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 import dpmega
 from dpmega import clipping
 from dpmega.clipping import ghost
+from dpmega.clipping import gram
 
 MODES = dpmega.clipping_modes()
 BOUND = 1 + 1e-5
@@ -136,13 +137,13 @@ def _contribution(name, dtype_name, mode, batch, budget=None, i=0):
   fn, params, budget = _setup(name, dtype_name, mode, budget)
   if budget is None:
     return fn(params, batch, i)
-  saved = ghost._MATERIALIZE_BUDGET  # pylint: disable=protected-access
-  ghost._MATERIALIZE_BUDGET = budget  # pylint: disable=protected-access
+  saved = ghost._MATERIALIZE_BUDGET
+  ghost._MATERIALIZE_BUDGET = budget
   try:
     # A fresh trace under this budget: the cache above keys on it.
     return fn(params, batch, i)
   finally:
-    ghost._MATERIALIZE_BUDGET = saved  # pylint: disable=protected-access
+    ghost._MATERIALIZE_BUDGET = saved
 
 
 # ---------------------------------------------------------------- crafted inputs
@@ -257,11 +258,11 @@ def test_dense_shared_over_positions_with_cancelling_features_is_clipped(budget)
     if budget is None or mode == "vmap":
       grads = fn(params, batch, 0)
     else:
-      saved, ghost._MATERIALIZE_BUDGET = ghost._MATERIALIZE_BUDGET, budget  # pylint: disable=protected-access
+      saved, ghost._MATERIALIZE_BUDGET = ghost._MATERIALIZE_BUDGET, budget
       try:
         grads = fn(params, batch, 0)
       finally:
-        ghost._MATERIALIZE_BUDGET = saved  # pylint: disable=protected-access
+        ghost._MATERIALIZE_BUDGET = saved
     _assert_bounded(grads, 1.0, mode)
 
 
@@ -347,3 +348,104 @@ def test_scaled_norms_neither_underflow_nor_overflow():
   x = jnp.stack([jnp.full((1000,), 1e-20), jnp.full((1000,), 1e20), jnp.zeros(1000)])
   np.testing.assert_allclose(clipping.scaled_norms(x), [1e-20 * np.sqrt(1000), 1e20 * np.sqrt(1000), 0.0], rtol=1e-6)
   assert clipping.tree_gamma(10**6) < 5e-6
+
+
+# ---------------------------------------------------------------- the fast paths, forced each way
+
+def _gram_cases():
+  """Crafted ``(x [b, n, K], y [b, n, N])`` batches, the exact per-example norms (float64), and whether benign."""
+  rng = np.random.default_rng(7)
+  cases = []
+  for exp_x, exp_y, cancel, subnormal, big in [(0, 0, False, False, 0), (0, -3, True, False, 6), (-25, 20, True, False, 3),
+                                               (25, -20, False, True, 0), (-19, -19, False, False, 0), (18, 18, True, False, 4)]:
+    x = np.stack([_crafted(rng, (5, 4), exp_x, cancel, subnormal, big) for _ in range(3)])
+    y = np.stack([_crafted(rng, (5, 3), exp_y, False, False, 0) for _ in range(3)])
+    if cancel:
+      y[:, 1] = y[:, 0]  # the same output gradient at the cancelling pair
+    cases.append((x, y, not cancel and not subnormal and abs(exp_x) + abs(exp_y) <= 10))
+  # One row at 2^-40 beside a row at 2^100 whose output gradient is 0: per-example scaling flushes the small row,
+  # which carries the whole gradient (2^20 with these values: was bounded by 0 before the underflow term).
+  x = np.zeros((2, 2, 4), np.float32)
+  y = np.zeros((2, 2, 3), np.float32)
+  x[:, 0, 0], x[:, 1, 1], y[:, 1, 0] = 2.0**100, 2.0**-40, 2.0**60
+  x[1] = rng.normal(size=(2, 4))
+  y[1] = rng.normal(size=(2, 3))
+  cases.append((x, y, False))
+  out = []
+  for x, y, benign in cases:
+    g = np.einsum("bnk,bnm->bkm", x.astype(np.float64), y.astype(np.float64))
+    out.append((jnp.asarray(x), jnp.asarray(y), np.linalg.norm(g.reshape(g.shape[0], -1), axis=1), benign))
+  return out
+
+
+@pytest.mark.parametrize("path", ["fast", "scaled"])
+def test_dense_norm_bound_is_rigorous_on_either_path(path, monkeypatch):
+  """The Gram bound holds whichever branch the batch-level cond takes: forced here by its thresholds."""
+  if path == "fast":  # any finite unscaled bound is taken
+    monkeypatch.setattr(gram, "FAST_REL2", np.inf)
+  else:  # never taken
+    monkeypatch.setattr(gram, "FAST_REL2", -1.0)
+  for x, y, want, benign in _gram_cases():
+    est, upper = gram.dense_norm_bounds(x, y, None, None)
+    est, upper = np.asarray(est, np.float64), np.asarray(upper, np.float64)
+    assert np.all(~np.isfinite(upper) | (upper >= want)), (path, upper, want)
+    if benign:  # the estimate is vmap's norm; the bound is tight
+      np.testing.assert_allclose(est, want, rtol=1e-5, err_msg=path)
+      np.testing.assert_allclose(upper, want, rtol=1e-4, err_msg=path)
+
+
+def test_dense_norm_bound_takes_the_fast_path_only_when_it_is_as_tight():
+  """Benign operands: the unscaled bound equals the scaled one to rounding; with tiny or zero operands in a real
+  example the batch is scaled; a padding example (mask 0) is not asked."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(4, 6, 5)), jnp.float32)
+  y = jnp.asarray(rng.normal(size=(4, 6, 3)), jnp.float32)
+  for scale in (1.0, 1e-30, 0.0):
+    ys = y.at[1].multiply(scale)
+    got = gram.dense_norm_bounds(x, ys, None, None)
+    want = gram.dense_norm_bounds_scaled(x, ys, None, None)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+  # Padding with a zero gradient: the fast path stays on for the real examples (equal to the scaled bound there).
+  mask = jnp.array([1.0, 0.0, 1.0, 1.0])
+  got = gram.dense_norm_bounds(x, y.at[1].set(0.0), None, None, mask)
+  want = gram.dense_norm_bounds_scaled(x, y, None, None)
+  np.testing.assert_allclose(np.asarray(got)[:, [0, 2, 3]], np.asarray(want)[:, [0, 2, 3]], rtol=1e-6)
+
+
+def test_row_underflow_under_per_example_scaling_is_clipped():
+  """A row flushed by the example's scale carries the whole gradient: clipped by the bound, or materialized."""
+  class _Dense(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3, use_bias=False)(x)
+
+  model = _Dense()
+  loss = lambda p, ex: jnp.sum(model.apply(p, ex["x"]) * ex["c"])
+  params = jax.tree_util.tree_map(jnp.zeros_like, model.init(jax.random.key(0), jnp.zeros((2, 4))))
+  x = np.zeros((1, 2, 4), np.float32)
+  c = np.zeros((1, 2, 3), np.float32)
+  x[0, 0, 0], x[0, 1, 1], c[0, 1, 0] = 2.0**100, 2.0**-40, 2.0**60  # gradient norm 2^20, C = 1
+  batch = {"x": jnp.asarray(x), "c": jnp.asarray(c)}
+  for budget in (None, 0):
+    for mode in MODES:
+      saved = ghost._MATERIALIZE_BUDGET
+      if budget is not None:
+        ghost._MATERIALIZE_BUDGET = budget
+      try:
+        grads = _contribution_fn(loss, 1.0, mode)(params, batch, 0)
+      finally:
+        ghost._MATERIALIZE_BUDGET = saved
+      norm = _assert_bounded(grads, 1.0, (mode, budget))
+      if budget is None:
+        np.testing.assert_allclose(norm, 1.0, rtol=1e-5)  # materialized: clipped to C exactly, as vmap
+
+
+def test_scaled_norms_many_takes_one_path_for_all_and_equals_each():
+  rng = np.random.default_rng(0)
+  benign = [jnp.asarray(rng.normal(size=(3, 7)), jnp.float32), jnp.asarray(rng.normal(size=(3, 2, 5)), jnp.float32)]
+  tiny = jnp.asarray(rng.normal(size=(3, 4)) * 1e-25, jnp.float32)  # forces the scaled path for the whole call
+  for xs in (benign, benign + [tiny], [jnp.zeros((3, 0))] + benign):
+    got = clipping.scaled_norms_many(xs)
+    for g, x in zip(got, xs):
+      want = np.linalg.norm(np.asarray(x, np.float64).reshape(3, -1), axis=1)
+      np.testing.assert_allclose(g, want, rtol=1e-6)

@@ -1,4 +1,4 @@
-"""Tests for dpmega/audit.py: the statistics, the claims, and the audits' validity and power."""
+"""Tests for dpmega/audit/: the statistics, the claims, and the audits' validity and power."""
 
 import json
 import math

@@ -1,4 +1,5 @@
-"""Tests of dpmega/models/bert.py: the model, its per-example loss, the bert_mlm task, the configs."""
+"""Tests of dpmega/models/bert.py (the model, its per-example loss) and dpmega/tasks/bert.py (the bert_mlm
+task, the configs)."""
 
 import dataclasses
 import functools
@@ -18,10 +19,12 @@ from dpmega import clipping  # noqa: E402
 from dpmega.train import config as config_lib  # noqa: E402
 from dpmega import tasks  # noqa: E402
 from dpmega.data import text  # noqa: E402
+from dpmega.data import wordpiece  # noqa: E402
 from dpmega.models import bert  # noqa: E402
+from dpmega.tasks import bert as bert_task  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SPECIAL = text.SpecialIds(pad=0, unk=1, cls=2, sep=3, mask=4)
+SPECIAL = wordpiece.SpecialIds(pad=0, unk=1, cls=2, sep=3, mask=4)
 
 
 def _model(**overrides):
@@ -132,14 +135,14 @@ def test_bad_model_config_is_rejected_naming_the_field():
     bert.BertConfig(vocab_size=10, hidden_size=30, num_heads=4)
   with pytest.raises(ValueError, match="vocab_size must be a positive int"):
     bert.BertConfig(vocab_size=0)
-  task = bert.default_task_config()
+  task = bert_task.default_task_config()
   task.size = "giant"
   with pytest.raises(ValueError, match="task.size must be one of"):
-    bert.model_config(task, vocab_size=100)
-  task = bert.default_task_config()
+    bert_task.model_config(task, vocab_size=100)
+  task = bert_task.default_task_config()
   task.mask_rate = 0.9
   with pytest.raises(ValueError, match=r"task.mask_rate must be a number in \(0, 0.5\]"):
-    bert.masking_config(task)
+    bert_task.masking_config(task)
 
 
 def test_task_source_errors_name_the_field(tmp_path):
@@ -147,14 +150,14 @@ def test_task_source_errors_name_the_field(tmp_path):
   config.task.cache_dir = str(tmp_path)
   config.task.source = "text"
   with pytest.raises(ValueError, match="task.train_files and task.eval_files"):
-    bert.build_task(config)
+    bert_task.build_task(config)
   config.task.source = "tfds"
   config.task.tfds_name = "wikipedia"
   with pytest.raises(ValueError, match="task.vocab_path must be a BERT vocab.txt"):
-    bert.build_task(config)
+    bert_task.build_task(config)
   config.task.source = "books"
   with pytest.raises(ValueError, match="task.source must be one of"):
-    bert.build_task(config)
+    bert_task.build_task(config)
 
 
 def test_text_source_with_user_vocab_txt_builds_a_task(tmp_path):
@@ -197,7 +200,7 @@ def test_tiny_bert_trains_privately_above_the_unigram_baseline(tmp_path):
 def test_large_config_builds_abstract_shapes_and_privacy_plan_without_allocating():
   config = config_lib.load_config(str(ROOT / "configs" / "bert_large_megabatch.py"))
   cfg = config_lib.validate(config)
-  shapes = bert.abstract_params(config.task, vocab_size=config.task.vocab_size)
+  shapes = bert_task.abstract_params(config.task, vocab_size=config.task.vocab_size)
   leaves = jax.tree_util.tree_leaves(shapes)
   assert all(isinstance(x, jax.ShapeDtypeStruct) and x.dtype == jnp.float32 for x in leaves)
   n = bert.param_count(shapes)

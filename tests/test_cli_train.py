@@ -90,7 +90,7 @@ def test_readme_command_as_written(tmp_path, capsys):
     (["--noise_multiplier", "-1"], "noise_multiplier must be a number in (0.0, inf)"),
     (["--set", "workers"], "--set must look like field=value"),
     (["--set", "task.vocab_size=1"], "task.vocab_size must be an int in [2, "),
-    (["--set", "sampling='without_replacement'", "accountant='pld'"], "accountant must be 'rdp' with sampling"),
+    (["--set", "sampling='without_replacement'", "accountant='pld'"], "accountant 'pld' cannot account for sampling 'without_replacement'"),
 ])
 def test_bad_input_is_one_clear_line_and_no_compute(tmp_path, capsys, small_config, args, message):
   workdir = tmp_path / "never"

@@ -1,4 +1,5 @@
-"""Criteo-format reader, converter and random-access source (dpmega/data/criteo.py) and the generator."""
+"""Criteo TSV reader and converter (dpmega/data/criteo_tsv.py), the column store and random-access source
+(dpmega/data/criteo.py), and the generator (criteo_synthetic.py)."""
 
 import gzip
 
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 
 from dpmega.data import criteo
+from dpmega.data import criteo_tsv
 from dpmega.data import criteo_synthetic
 from dpmega.data.sources import RandomAccessSource
 from dpmega.errors import UsageError
@@ -28,7 +30,7 @@ def test_roundtrip_values_missing_fields_and_hashes(tmp_path):
   lines = [make_line("0", ints, cats), make_line("1")]
   src_path = write(tmp_path / "train.txt", lines)
   assert (src_path.read_bytes().split(b"\n")[0]).endswith(b"\t")
-  stats = criteo.convert(src_path, tmp_path / "out", progress=False)
+  stats = criteo_tsv.convert(src_path, tmp_path / "out", progress=False)
   assert (stats.rows, stats.skipped) == (2, 0)
   cols = criteo.open_columns(tmp_path / "out")
   assert cols.labels.tolist() == [0, 1]
@@ -49,7 +51,7 @@ def test_roundtrip_values_missing_fields_and_hashes(tmp_path):
 def test_crlf_line_endings_and_whitespace_are_not_stripped_as_fields(tmp_path):
   cats = ["aa"] * 25 + [""]
   path = write(tmp_path / "t.txt", [make_line("1", cats=cats)] * 3, newline="\r\n")
-  criteo.convert(path, tmp_path / "out", progress=False)
+  criteo_tsv.convert(path, tmp_path / "out", progress=False)
   cols = criteo.open_columns(tmp_path / "out")
   assert len(cols) == 3
   assert cols.cats[0, 25] == criteo.fnv1a32(np.array([b""]))[0]  # not b"\r"
@@ -68,8 +70,8 @@ def test_crlf_line_endings_and_whitespace_are_not_stripped_as_fields(tmp_path):
 def test_malformed_line_raises_naming_file_and_line(tmp_path, bad_line, reason):
   good = make_line()
   path = write(tmp_path / "day_0", [good] * 4 + [bad_line] + [good] * 3)
-  with pytest.raises(criteo.CriteoFormatError, match=reason) as e:
-    criteo.convert(path, tmp_path / "out", progress=False, chunk_rows=3)
+  with pytest.raises(criteo_tsv.CriteoFormatError, match=reason) as e:
+    criteo_tsv.convert(path, tmp_path / "out", progress=False, chunk_rows=3)
   assert e.value.line_number == 5 and e.value.path == str(path)
   assert f"{path}:5:" in str(e.value)
   assert isinstance(e.value, UsageError)
@@ -81,7 +83,7 @@ def test_skip_counts_malformed_lines_and_never_shifts_columns(tmp_path):
   rows[3] = make_line()[:-9]  # dropped column
   rows[7] = make_line(label="x")
   path = write(tmp_path / "t.txt", rows)
-  stats = criteo.convert(path, tmp_path / "out", progress=False, on_error="skip", chunk_rows=4)
+  stats = criteo_tsv.convert(path, tmp_path / "out", progress=False, on_error="skip", chunk_rows=4)
   assert (stats.rows, stats.skipped) == (8, 2)
   assert stats.first_skipped[0].startswith(f"{path}:4:") and stats.first_skipped[1].startswith(f"{path}:8:")
   cols = criteo.open_columns(tmp_path / "out")
@@ -97,32 +99,32 @@ def test_multiple_files_gzip_terabyte_layout_and_line_numbers(tmp_path):
   write(tmp_path / "day_1", [make_line("0")] * 2)
   with gzip.open(tmp_path / "day_0.gz", "wt") as f:
     f.write("".join(make_line("1") + "\n" for _ in range(3)))
-  files = criteo.layout_files(tmp_path, "terabyte")
+  files = criteo_tsv.layout_files(tmp_path, "terabyte")
   assert [p.name for p in files] == ["day_0.gz", "day_1"]
-  stats = criteo.convert(files, tmp_path / "out", progress=False, layout="terabyte")
+  stats = criteo_tsv.convert(files, tmp_path / "out", progress=False, layout="terabyte")
   cols = criteo.open_columns(tmp_path / "out")
   assert stats.rows == 5 and cols.labels.tolist() == [1, 1, 1, 0, 0] and cols.meta["layout"] == "terabyte"
   # Line numbers restart per file and name the file.
   write(tmp_path / "day_2", [make_line()] + ["oops"])
-  with pytest.raises(criteo.CriteoFormatError, match="day_2:2:"):
-    criteo.convert(criteo.layout_files(tmp_path, "terabyte"), tmp_path / "out2", progress=False)
+  with pytest.raises(criteo_tsv.CriteoFormatError, match="day_2:2:"):
+    criteo_tsv.convert(criteo_tsv.layout_files(tmp_path, "terabyte"), tmp_path / "out2", progress=False)
   with pytest.raises(UsageError, match="day file"):
-    criteo.layout_files(tmp_path, "terabyte", days=[5])
+    criteo_tsv.layout_files(tmp_path, "terabyte", days=[5])
   with pytest.raises(UsageError, match="train.txt"):
-    criteo.layout_files(tmp_path, "kaggle")
+    criteo_tsv.layout_files(tmp_path, "kaggle")
 
 
 def test_convert_refuses_to_overwrite_and_checks_arguments(tmp_path):
   path = write(tmp_path / "t.txt", [make_line()] * 5)
-  criteo.convert(path, tmp_path / "out", progress=False)
+  criteo_tsv.convert(path, tmp_path / "out", progress=False)
   with pytest.raises(UsageError, match="exists"):
-    criteo.convert(path, tmp_path / "out", progress=False)
-  assert criteo.convert(path, tmp_path / "out", progress=False, overwrite=True, max_rows=2).rows == 2
+    criteo_tsv.convert(path, tmp_path / "out", progress=False)
+  assert criteo_tsv.convert(path, tmp_path / "out", progress=False, overwrite=True, max_rows=2).rows == 2
   assert len(criteo.open_columns(tmp_path / "out")) == 2
   with pytest.raises(UsageError, match="chunk_rows"):
-    criteo.convert(path, tmp_path / "o2", chunk_rows=0)
+    criteo_tsv.convert(path, tmp_path / "o2", chunk_rows=0)
   with pytest.raises(UsageError, match="not a file"):
-    criteo.convert(tmp_path / "missing.txt", tmp_path / "o3")
+    criteo_tsv.convert(tmp_path / "missing.txt", tmp_path / "o3")
   (tmp_path / "out" / "cat.bin").write_bytes(b"\0" * 8)  # truncated
   with pytest.raises(UsageError, match="cat.bin"):
     criteo.open_columns(tmp_path / "out")
@@ -151,7 +153,7 @@ GOLDEN_BUCKETS = [854, 336, 474]  # recorded when the format was fixed (FORMAT_V
 
 def test_source_ranges_and_random_access(tmp_path):
   rows = [make_line(str(i % 2), ints=[str(i)] * 13) for i in range(20)]
-  criteo.convert(write(tmp_path / "t.txt", rows), tmp_path / "out", progress=False)
+  criteo_tsv.convert(write(tmp_path / "t.txt", rows), tmp_path / "out", progress=False)
   train = criteo.CriteoSource(tmp_path / "out", 100, stop=15)
   evaluation = criteo.CriteoSource(tmp_path / "out", 100, start=15)
   assert len(train) == 15 and len(evaluation) == 5
@@ -174,7 +176,7 @@ def test_source_ranges_and_random_access(tmp_path):
 def test_generator_output_reads_back_with_the_reader(tmp_path):
   spec = criteo_synthetic.small_spec(8)
   info = criteo_synthetic.write_synthetic_criteo(tmp_path / "g.tsv.gz", 3000, spec=spec, seed=1)
-  stats = criteo.convert(tmp_path / "g.tsv.gz", tmp_path / "g", progress=False)
+  stats = criteo_tsv.convert(tmp_path / "g.tsv.gz", tmp_path / "g", progress=False)
   cols = criteo.open_columns(tmp_path / "g")
   assert stats.rows == info.rows == 3000 and stats.skipped == 0
   assert cols.labels.mean() == pytest.approx(info.positive_rate)

@@ -122,8 +122,8 @@ def test_shipped_configs_validate_both_variants():
       assert mcfg.kind.value == name[4:]
       if variant == "kaggle":
         assert cfg.clipping == "auto" and config.task.data.train_dir
-  with pytest.raises(ValueError, match="variant"):
-    ctr_task.base_ctr_config("ctr_dlrm", "huge")
+  with pytest.raises(ValueError, match="config variant must be 'small' or 'kaggle', got 'huge'"):
+    config_lib.load_config(f"{CONFIGS / 'ctr_dlrm'}.py:huge")
 
 
 def test_task_splits_are_disjoint_and_eval_is_exact(tmp_path):

@@ -81,7 +81,7 @@ def test_matches_vmap_with_mask_and_microbatches(name, mode):
 
 
 @pytest.mark.parametrize("name, mode", [
-    # deepfm in "auto" and "vmap": tests/test_embeddings.py.
+    # deepfm in "auto" and "vmap": tests/test_rows.py.
     ("deepfm", "ghost"), ("encoder", "auto"),
     pytest.param("encoder", "ghost", marks=_slow), pytest.param("encoder", "vmap", marks=_slow)])
 def test_each_example_contribution_norm_at_most_clip(name, mode):

@@ -140,7 +140,7 @@ def test_dpmega_train_on_two_processes_matches_one_process(tmp_path):
                   "--process_id", str(i)] for i in range(NUM_PROCESSES)], tmp_path)
   with open(workdir / "summary.json") as f:
     summary = json.load(f)
-  # One process, one device, no mesh: the same run, keyed by the secret the two processes kept in the
+  # One process, one device (the default 1 x 1 mesh): the same run, keyed by the secret the two processes kept in the
   # checkpoint. Had process 1 used another secret, its share of the sample and its noise key would differ.
   config = cli_train.build_config(cli.build_parser().parse_args(flags + ["--workdir", str(tmp_path / "ref")]))
   config.mesh.enabled = False

@@ -4,7 +4,6 @@ import glob
 import json
 import os
 
-import ml_collections
 import pytest
 
 from dpmega import accounting
@@ -12,27 +11,17 @@ from dpmega.train import config as config_lib
 from dpmega import train as train_lib
 from dpmega.errors import UsageError
 
-from tests import test_resume_privacy  # noqa: F401 - registers the "test_resume" task
+from tests import train_configs
 
 RAW_KEYS = {"loss", "sampled", "clipped_fraction", "mean_grad_norm", "nonfinite", "seconds", "examples_per_s"}
 
 
+_RUN = ("num_steps=3", "clip_norm=0.5", "insecure_reproducible_seed=3", "optimizer.learning_rate=0.1",
+        "log_every=1", "tensorboard=True")
+
+
 def _config(tmp_path, *overrides, name="run"):
-  c = config_lib.base_config()
-  c.task = ml_collections.ConfigDict({"name": "test_resume", "n": 256, "d": 4, "kind": "linear", "data_seed": 0})
-  c.workdir = str(tmp_path / name)
-  c.num_steps = 3
-  c.batch_schedule = "constant:32"
-  c.microbatch_size = 16
-  c.max_microbatches = 2
-  c.noise_multiplier = 1.0
-  c.clip_norm = 0.5
-  c.insecure_reproducible_seed = 3
-  c.optimizer.name = "sgd"
-  c.optimizer.learning_rate = 0.1
-  c.log_every = 1
-  c.tensorboard = True
-  return config_lib.apply_overrides(c, list(overrides))
+  return train_configs.linear_task_config(tmp_path / name, *_RUN, *overrides)
 
 
 def _everything_written(workdir, lines):

@@ -7,9 +7,6 @@ recomputation), the spent-privacy journal, and the removed data-dependent halt.
 import json
 import os
 
-import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -21,52 +18,18 @@ from dpmega.train.checkpoint import Checkpointer
 from dpmega.train.checkpoint import CheckpointError
 from dpmega.data.sources import ArraySource
 from dpmega.data.sources import fingerprint
-from dpmega.tasks import Task
 from dpmega.tasks import build_task
-from dpmega.tasks import register_task
 
 from tests import train_configs
 
 
-def build_resume_task(config) -> Task:
-  """A linear task; ``task.kind``: ``linear`` (squared error), ``zero`` (every gradient 0: an update is pure
-  noise) or ``nan`` (every example's loss and gradient are NaN)."""
-  c = config.task
-  rng = np.random.default_rng(c.data_seed)
-  x = rng.normal(size=(c.n, c.d)).astype(np.float32)
-  y = (x @ np.linspace(-1, 1, c.d)).astype(np.float32)
-
-  def loss_fn(params, ex):
-    if c.kind == "zero":
-      return 0.0 * jnp.sum(params["w"])
-    if c.kind == "nan":
-      return jnp.nan * jnp.dot(params["w"], ex["x"])
-    return 0.5 * (jnp.dot(params["w"], ex["x"]) - ex["y"]) ** 2
-
-  return Task("test_resume", lambda key: {"w": jnp.zeros((c.d,), jnp.float32)}, loss_fn,
-              ArraySource({"x": x, "y": y}), lambda params: {"w0": float(params["w"][0])})
-
-
-register_task("test_resume", f"{__name__}:build_resume_task")
+# Runs compared bit for bit: a public seed (tests only).
+_RUN = ("num_steps=4", "checkpoint_every=1", "keep_checkpoints=10", "insecure_reproducible_seed=7",
+        "optimizer.learning_rate=0.5", "log_every=0", "tensorboard=False")
 
 
 def _config(tmp_path, *overrides, name="run"):
-  c = config_lib.base_config()
-  c.task = ml_collections.ConfigDict({"name": "test_resume", "n": 256, "d": 4, "kind": "linear", "data_seed": 0})
-  c.workdir = str(tmp_path / name)
-  c.num_steps = 4
-  c.batch_schedule = "constant:32"
-  c.microbatch_size = 16
-  c.max_microbatches = 2
-  c.noise_multiplier = 1.0
-  c.checkpoint_every = 1
-  c.keep_checkpoints = 10
-  c.insecure_reproducible_seed = 7  # tests compare runs bit for bit
-  c.optimizer.name = "sgd"
-  c.optimizer.learning_rate = 0.5
-  c.log_every = 0
-  c.tensorboard = False
-  return config_lib.apply_overrides(c, list(overrides))
+  return train_configs.linear_task_config(tmp_path / name, *_RUN, *overrides)
 
 
 def _params_at(config, step, directory="checkpoints"):

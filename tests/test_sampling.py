@@ -2,11 +2,14 @@
 
 import math
 
+import hypothesis.strategies as st
 import numpy as np
 import pytest
+from hypothesis import given
 
+from dpmega import noise
 from dpmega import sampling
-from dpmega.accounting import SamplingScheme
+from dpmega.sampling import SamplingScheme
 from dpmega.data.sources import ArraySource
 from dpmega.noise import insecure_secret_from_seed as _secret  # fixed secrets: reproducible test draws
 
@@ -185,3 +188,77 @@ def test_tfds_random_access_source_is_sampled_like_arrays():
       assert c.batch["label"].shape == (len(c.mask),)
     again = source.take(idx[:3])
     np.testing.assert_array_equal(again["image"], chunks[0].batch["image"][:3])
+
+
+# ----------------------------------------------------------------------------- one chunker, many processes
+
+
+@given(b=st.integers(0, 300), processes=st.integers(1, 5), rows_multiple=st.sampled_from([1, 2, 4, 6]),
+       k=st.integers(1, 5))
+def test_process_shares_tile_the_global_sample_exactly(b, processes, rows_multiple, k):
+  rng = np.random.default_rng(b)
+  global_indices = np.sort(rng.choice(10_000, size=b, replace=False)).astype(np.int64)
+  shares = [sampling.chunk_indices(global_indices, microbatch_size=rows_multiple, max_microbatches=k,
+                                   process_index=p, process_count=processes) for p in range(processes)]
+  # Same number of chunks, same shapes, on every process.
+  shapes = {tuple(len(c.indices) for c in chunks) for chunks in shares}
+  assert len(shapes) == 1
+  assert all(size % rows_multiple == 0 for size in shapes.pop())
+  real = []
+  for chunks in shares:
+    for c in chunks:
+      assert c.mask.dtype == np.float32 and len(c.mask) == len(c.indices)
+      assert np.all(c.mask[:c.num_real] == 1) and np.all(c.mask[c.num_real:] == 0)
+      assert np.all(c.indices[c.num_real:] == global_indices[0])  # the one fill rule
+      real.append(c.indices[:c.num_real])
+  real = np.concatenate(real) if real else np.zeros((0,), np.int64)
+  np.testing.assert_array_equal(real, global_indices)  # each once, none dropped, in order
+  if b == 0:
+    assert all(chunks == () for chunks in shares)
+
+
+def test_one_process_is_the_one_process_case_of_the_chunker():
+  idx = sampling.PoissonSampler(1000, secret=_secret(0)).indices_at(0, 300)
+  alone = sampling.chunk_indices(idx, microbatch_size=16, max_microbatches=8)
+  same = sampling.chunk_indices(idx, microbatch_size=16, max_microbatches=8, process_index=0, process_count=1)
+  assert [len(c.indices) for c in alone] == list(sampling.chunk_sizes(len(idx), microbatch_size=16,
+                                                                     max_microbatches=8))
+  for a, b in zip(alone, same, strict=True):
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_array_equal(a.mask, b.mask)
+
+
+def test_union_of_the_process_shares_is_the_samplers_batch():
+  secret = noise.secret_bytes()
+  for step in range(3):
+    want = sampling.PoissonSampler(1000, secret=secret).indices_at(step, 100)
+    # Each process draws the global sample itself, from the shared secret, and keeps its share.
+    got = np.concatenate([
+        c.indices[:c.num_real]
+        for p in range(3)
+        for c in sampling.chunk_indices(sampling.PoissonSampler(1000, secret=secret).indices_at(step, 100),
+                                        microbatch_size=4, max_microbatches=8, process_index=p, process_count=3)])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_fewer_sampled_rows_than_processes_pads_with_masked_rows():
+  shares = [sampling.chunk_indices(np.array([5, 9]), microbatch_size=2, max_microbatches=2, process_index=p,
+                                   process_count=4) for p in range(4)]
+  assert [len(s) for s in shares] == [1, 1, 1, 1]
+  assert [s[0].num_real for s in shares] == [1, 1, 0, 0]
+  assert all(len(s[0].indices) == 2 for s in shares)
+  assert shares[3][0].mask.sum() == 0
+  assert shares[3][0].indices.tolist() == [5, 5]  # padding repeats the step's first sampled index
+
+
+def test_chunker_validates_arguments():
+  with pytest.raises(ValueError, match="process_index must be an int in \\[0, 1\\]"):
+    sampling.process_slice(10, process_index=2, process_count=2)
+  with pytest.raises(ValueError, match="process_count must be an int in \\[1, inf\\]"):
+    sampling.process_slice(10, process_index=0, process_count=0)
+  with pytest.raises(ValueError, match="microbatch_size must be an int in \\[1, inf\\]"):
+    sampling.chunk_indices(np.arange(4), microbatch_size=0, max_microbatches=1)
+  with pytest.raises(ValueError, match="max_microbatches must be an int in \\[1, inf\\]"):
+    sampling.chunk_indices(np.arange(4), microbatch_size=1, max_microbatches=0)
+  with pytest.raises(ValueError, match="indices must be a 1-D int array"):
+    sampling.chunk_indices(np.zeros((2, 2), np.int64), microbatch_size=1, max_microbatches=1)

@@ -88,17 +88,17 @@ def test_parse_ramp_without_length_uses_num_steps():
 
 @pytest.mark.parametrize("spec,match", [
     ("", "non-empty"),
-    ("constant:0", "batch_size must be a positive integer"),
-    ("constant:-5", "batch_size must be a positive integer"),
+    ("constant:0", r"batch_size must be an int in \[1, "),
+    ("constant:-5", r"batch_size must be an int in \[1, "),
     ("constant:abc", "batch size .* must be an integer"),
     ("constant:1.5", "must be an integer"),
     ("steps:1000@5", r"stages\[0\] must start at step 0"),
     ("steps:1000@0,500@0", "strictly increase"),
     ("steps:1000", "BATCH@FIRST_STEP"),
-    ("steps:0@0", r"stages\[0\] batch size must be a positive integer"),
+    ("steps:0@0", r"stages\[0\] batch size must be an int in \[1, "),
     ("linear:1000", "START->END"),
-    ("linear:0->10@5", "start must be a positive integer"),
-    ("linear:1->10@0", "ramp_steps must be a positive integer"),
+    ("linear:0->10@5", r"start must be an int in \[1, "),
+    ("linear:1->10@0", r"ramp_steps must be an int in \[1, "),
     ("linear:1->10@5,foo=3", "unknown option"),
     ("cosine:1->10", "kind must be one of"),
 ])

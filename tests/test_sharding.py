@@ -1,4 +1,8 @@
-"""Tests of dpmega/sharding.py: meshes, FSDP rules, sharded clipped sums, noise, multi-host shares.
+"""Meshes and FSDP rules (dpmega/sharding.py), and the trainer's private step on them (dpmega/train/step.py).
+
+Every mesh check goes through the trainer's step builder,
+:func:`dpmega.train.step.make_private_step`: the functions tested here are the
+ones ``dpmega train`` runs.
 
 The 8-device checks run in one subprocess (``tests/mesh_worker.py devices8``)
 started with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``: JAX fixes
@@ -10,17 +14,15 @@ import os
 import subprocess
 import sys
 
-import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
 
 from dpmega import clipping
 from dpmega import noise
-from dpmega import sampling
 from dpmega import sharding
+from dpmega.train import step as step_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -162,65 +164,6 @@ def test_param_shardings_rule_depends_on_shape_only():
   assert all(isinstance(s, jax.sharding.NamedSharding) for s in jax.tree_util.tree_leaves(o_sh))
 
 
-@given(b=st.integers(0, 300), processes=st.integers(1, 5), rows_multiple=st.sampled_from([1, 2, 4, 6]),
-       k=st.integers(1, 5))
-def test_process_shares_tile_the_global_sample_exactly(b, processes, rows_multiple, k):
-  rng = np.random.default_rng(b)
-  global_indices = np.sort(rng.choice(10_000, size=b, replace=False)).astype(np.int64)
-  shares = [sharding.process_chunks(global_indices, process_index=p, process_count=processes,
-                                    rows_multiple=rows_multiple, max_multiples=k) for p in range(processes)]
-  # Same number of chunks, same shapes, on every process.
-  shapes = {tuple(len(c.indices) for c in chunks) for chunks in shares}
-  assert len(shapes) == 1
-  assert all(size % rows_multiple == 0 for size in shapes.pop())
-  real = []
-  for chunks in shares:
-    for c in chunks:
-      assert c.mask.dtype == np.float32 and len(c.mask) == len(c.indices)
-      assert np.all(c.mask[:c.num_real] == 1) and np.all(c.mask[c.num_real:] == 0)
-      real.append(c.indices[:c.num_real])
-  real = np.concatenate(real) if real else np.zeros((0,), np.int64)
-  np.testing.assert_array_equal(real, global_indices)  # each once, none dropped, in order
-  if b == 0:
-    assert all(chunks == () for chunks in shares)
-
-
-def test_process_poisson_chunks_union_is_the_samplers_batch():
-  secret = noise.secret_bytes()
-  sampler = sampling.PoissonSampler(1000, secret=secret)
-  for step in range(3):
-    want = sampler.indices_at(step, 100)
-    got = np.concatenate([
-        c.indices[:c.num_real]
-        for p in range(3)
-        for c in sharding.process_poisson_chunks(secret, step, 100, 1000, process_index=p, process_count=3,
-                                                 rows_multiple=4, max_multiples=8)])
-    np.testing.assert_array_equal(got, want)
-
-
-def test_fewer_sampled_rows_than_processes_pads_with_masked_rows():
-  shares = [sharding.process_chunks(np.array([5, 9]), process_index=p, process_count=4, rows_multiple=2,
-                                    max_multiples=2) for p in range(4)]
-  assert [len(s) for s in shares] == [1, 1, 1, 1]
-  assert [s[0].num_real for s in shares] == [1, 1, 0, 0]
-  assert all(len(s[0].indices) == 2 for s in shares)
-  assert shares[3][0].mask.sum() == 0
-
-
-def test_process_slice_validates_arguments():
-  with pytest.raises(ValueError, match="process_index"):
-    sharding.process_slice(10, process_index=2, process_count=2)
-  with pytest.raises(ValueError, match="process_count"):
-    sharding.process_slice(10, process_index=0, process_count=0)
-  with pytest.raises(ValueError, match="rows_multiple"):
-    sharding.process_chunks(np.arange(4), process_index=0, process_count=1, rows_multiple=0, max_multiples=1)
-  with pytest.raises(ValueError, match="max_multiples"):
-    sharding.process_chunks(np.arange(4), process_index=0, process_count=1, rows_multiple=1, max_multiples=0)
-  with pytest.raises(ValueError, match="global_indices"):
-    sharding.process_chunks(np.zeros((2, 2), np.int64), process_index=0, process_count=1, rows_multiple=1,
-                            max_multiples=1)
-
-
 def _one_device_setup():
   mesh = sharding.make_mesh(sharding.MeshConfig(data=1))
   params = mesh_worker.init_params()
@@ -232,10 +175,10 @@ def _one_device_setup():
 def test_accumulate_on_one_device_equals_clipped_grad_sum_and_adds_to_the_sum():
   mesh, params, sh, batch = _one_device_setup()
   mask = (np.arange(16) % 3 != 0).astype(np.float32)
-  acc = sharding.make_accumulate_fn(mesh_worker.loss_fn, mesh, sh, clip_norm=0.1, microbatch_size=4)
-  start = sharding.shard(jax.tree_util.tree_map(np.ones_like, params), sh)
-  g, stats = acc(sharding.shard(params, sh), start, clipping.ClipStats.zeros(),
-                 sharding.global_batch_from_process_local(batch, mesh),
+  acc = step_lib.make_accumulate_fn(mesh_worker.loss_fn, mesh, sh, clip_norm=0.1, microbatch_size=4)
+  start = step_lib.Accumulator(sharding.shard(jax.tree_util.tree_map(np.ones_like, params), sh),
+                               clipping.ClipStats.zeros())
+  g, stats = acc(sharding.shard(params, sh), start, sharding.global_batch_from_process_local(batch, mesh),
                  sharding.global_batch_from_process_local(mask, mesh))
   ref, _, ref_stats = clipping.clipped_grad_sum(mesh_worker.loss_fn, params, batch, mask, clip_norm=0.1)
   for k in params:
@@ -245,29 +188,39 @@ def test_accumulate_on_one_device_equals_clipped_grad_sum_and_adds_to_the_sum():
 
 def test_accumulate_rejects_rows_that_do_not_fill_micro_batches():
   mesh, params, sh, batch = _one_device_setup()
-  acc = sharding.make_accumulate_fn(mesh_worker.loss_fn, mesh, sh, clip_norm=0.1, microbatch_size=3)
+  acc = step_lib.make_accumulate_fn(mesh_worker.loss_fn, mesh, sh, clip_norm=0.1, microbatch_size=3)
+  zero = step_lib.Accumulator(sharding.zeros_like_sharded(params, sh), clipping.ClipStats.zeros())
   with pytest.raises(ValueError, match="multiple of mesh.size \\* microbatch_size = 3"):
-    acc(params, sharding.zeros_like_sharded(params, sh), clipping.ClipStats.zeros(), batch, np.ones(16))
+    acc(params, zero, batch, np.ones(16))
   with pytest.raises(ValueError, match="microbatch_size"):
-    sharding.make_accumulate_fn(mesh_worker.loss_fn, mesh, sh, clip_norm=0.1, microbatch_size=0)
+    step_lib.make_accumulate_fn(mesh_worker.loss_fn, mesh, sh, clip_norm=0.1, microbatch_size=0)
   with pytest.raises(ValueError, match="clip_norm"):
-    sharding.make_accumulate_fn(mesh_worker.loss_fn, mesh, sh, clip_norm=-1.0)
+    step_lib.make_accumulate_fn(mesh_worker.loss_fn, mesh, sh, clip_norm=-1.0, microbatch_size=1)
   with pytest.raises(ValueError, match="clipping"):
-    sharding.make_accumulate_fn(mesh_worker.loss_fn, mesh, sh, clip_norm=1.0, clipping="nope")
+    step_lib.make_accumulate_fn(mesh_worker.loss_fn, mesh, sh, clip_norm=1.0, microbatch_size=1, clipping="nope")
 
 
-def test_privatize_fn_validates_and_divides_by_expected_batch_size():
+def _sgd_state(params, sh, opt):
+  return step_lib.TrainState(jnp.zeros((), jnp.int32), sharding.shard(params, sh), opt.init(params))
+
+
+def test_update_fn_validates_and_divides_by_expected_batch_size():
+  import optax
   mesh, params, sh, _ = _one_device_setup()
-  priv = sharding.make_privatize_fn(sh, clip_norm=1.0)
+  opt = optax.sgd(1.0)  # new params = params - noisy mean: the noisy mean is read off exactly
+  o_sh = sharding.param_shardings(jax.eval_shape(opt.init, params), mesh, min_size=0)
+  update = step_lib.make_update_fn(opt, mesh, sh, o_sh, clip_norm=1.0)
   ones = sharding.shard(jax.tree_util.tree_map(np.ones_like, params), sh)
-  out = priv(ones, noise.step_key(noise.secret_bytes(), 0), 0.0, 4.0)
-  np.testing.assert_array_equal(np.asarray(out["w1"]), np.full(params["w1"].shape, 0.25, np.float32))
+  new, metrics = update(_sgd_state(params, sh, opt), ones, noise.step_key(noise.secret_bytes(), 0), 0.0, 4.0)
+  np.testing.assert_array_equal(np.asarray(new.params["w1"]), params["w1"] - np.float32(0.25))
+  assert int(new.step) == 1 and float(metrics["params_finite"]) == 1.0
   with pytest.raises(ValueError, match="noise_multiplier"):
-    priv(ones, noise.step_key(noise.secret_bytes(), 0), -1.0, 4.0)
+    update(_sgd_state(params, sh, opt), ones, noise.step_key(noise.secret_bytes(), 0), -1.0, 4.0)
   with pytest.raises(ValueError, match="expected_batch_size"):
-    priv(ones, noise.step_key(noise.secret_bytes(), 0), 1.0, 0.0)
+    update(_sgd_state(params, sh, opt), ones, noise.step_key(noise.secret_bytes(), 0), 1.0, 0.0)
   with pytest.raises(ValueError, match="clip_norm"):
-    sharding.make_privatize_fn(sh, clip_norm=float("inf"))(ones, noise.step_key(noise.secret_bytes(), 0), 1.0, 4.0)
+    step_lib.make_update_fn(opt, mesh, sh, o_sh, clip_norm=float("inf"))(
+        _sgd_state(params, sh, opt), ones, noise.step_key(noise.secret_bytes(), 0), 1.0, 4.0)
 
 
 def test_the_mesh_path_has_no_key_function_of_its_own():
@@ -282,12 +235,16 @@ def test_broadcast_secret_on_one_process_returns_it_and_validates():
     sharding.broadcast_secret(b"short")
 
 
-def test_check_partitionable_rng_raises_when_disabled():
+def test_check_partitionable_rng_raises_when_disabled_and_the_trainer_runs_it(tmp_path):
+  from dpmega import train as train_lib
   sharding.check_partitionable_rng()
   jax.config.update("jax_threefry_partitionable", False)
   try:
     with pytest.raises(RuntimeError, match="jax_threefry_partitionable"):
       sharding.check_partitionable_rng()
+    # Where training runs: building the trainer's step (1 x 1 mesh by default) checks it.
+    with pytest.raises(RuntimeError, match="jax_threefry_partitionable"):
+      train_lib.train(mesh_worker.trainer_config(str(tmp_path)), out=lambda s: None)
   finally:
     jax.config.update("jax_threefry_partitionable", True)
 
@@ -301,12 +258,15 @@ def test_global_batch_from_process_local_on_one_process_is_batch_sharded():
     sharding.global_batch_from_process_local({"x": np.float32(1.0)}, mesh)
 
 
-def test_iterate_process_chunks_reads_each_sampled_row_once():
+def test_the_private_steps_chunks_read_each_sampled_row_once():
+  import optax
   from dpmega.data.sources import ArraySource
   mesh = sharding.make_mesh()
   source = ArraySource({"i": np.arange(100, dtype=np.int64)})
   indices = np.array([3, 8, 9, 20, 41, 77, 99])
-  chunks = list(sharding.iterate_process_chunks(source, indices, mesh, microbatch_size=2, max_microbatches=2))
+  private_step = step_lib.make_private_step(mesh_worker.loss_fn, optax.sgd(1.0), mesh, mesh_worker.init_params(),
+                                            clip_norm=1.0, microbatch_size=2, max_microbatches=2)
+  chunks = list(private_step.chunks(source, indices))
   assert [len(c.mask) for c in chunks] == [4, 4]  # 2 full micro-batches, then a padded one
   real = np.concatenate([c.batch["i"][:c.num_real] for c in chunks])
   np.testing.assert_array_equal(real, indices)

@@ -1,4 +1,5 @@
-"""Tests of dpmega/data/text.py: WordPiece, corpus, packing, dynamic masking, sources."""
+"""Tests of the text pipeline: dpmega/data/wordpiece.py (WordPiece), text.py (corpus, packing, sources),
+masking.py (dynamic masking)."""
 
 import numpy as np
 import jax
@@ -6,9 +7,11 @@ import pytest
 
 pytest.importorskip("tokenizers")
 
+from dpmega.data import masking  # noqa: E402
 from dpmega.data import text  # noqa: E402
+from dpmega.data import wordpiece  # noqa: E402
 
-SPECIAL = text.SpecialIds(pad=0, unk=1, cls=2, sep=3, mask=4)
+SPECIAL = wordpiece.SpecialIds(pad=0, unk=1, cls=2, sep=3, mask=4)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +44,7 @@ def test_stdlib_corpus_is_english_prose_split_by_module_and_cached(corpus, tmp_p
 
 
 def test_trained_vocab_has_special_tokens_first_and_round_trips(corpus):
-  tok = text.WordPiece(corpus.vocab)
+  tok = wordpiece.WordPiece(corpus.vocab)
   assert tok.special == SPECIAL and tok.vocab_size == 512
   ids = tok.encode(["Return the number of items in the list."])[0]
   assert 1 not in ids  # no [UNK] for plain English
@@ -54,21 +57,22 @@ def test_user_supplied_bert_vocab_txt_is_used_as_given(tmp_path):
   words += ["the", "cat", "sat", "on", "mat", "##s", "."]
   path = tmp_path / "vocab.txt"
   path.write_text("\n".join(words) + "\n")
-  tok = text.WordPiece(path)
-  assert tok.special == text.SpecialIds(pad=0, unk=100, cls=101, sep=102, mask=103)
+  tok = wordpiece.WordPiece(path)
+  assert tok.special == wordpiece.SpecialIds(pad=0, unk=100, cls=101, sep=102, mask=103)
   assert tok.vocab_size == len(words)
   assert tok.encode(["The cats sat on the mat. Dog"])[0] == [104, 105, 109, 106, 107, 104, 108, 110, 100]
 
 
 def test_vocab_errors_name_the_argument(tmp_path):
   with pytest.raises(ValueError, match="vocab_path must be an existing vocab.txt"):
-    text.WordPiece(tmp_path / "missing.txt")
+    wordpiece.WordPiece(tmp_path / "missing.txt")
   bad = tmp_path / "vocab.txt"
   bad.write_text("[PAD]\n[UNK]\nhello\n")
-  with pytest.raises(ValueError, match=r"must contain the special tokens .* missing \['\[CLS\]', '\[SEP\]', '\[MASK\]'\]"):
-    text.WordPiece(bad)
+  missing = r"missing \['\[CLS\]', '\[SEP\]', '\[MASK\]'\]"
+  with pytest.raises(ValueError, match=r"must contain the special tokens .* " + missing):
+    wordpiece.WordPiece(bad)
   with pytest.raises(ValueError, match="vocab_size must be an int >= 6"):
-    text.train_wordpiece([bad], tmp_path / "v", vocab_size=3)
+    wordpiece.train_wordpiece([bad], tmp_path / "v", vocab_size=3)
 
 
 def test_read_documents_splits_on_blank_lines(tmp_path):
@@ -99,7 +103,7 @@ def test_pack_ids_drops_a_last_row_with_only_a_separator():
 
 
 def test_pack_to_file_round_trips_through_a_memmap_source(corpus, tmp_path):
-  tok = text.WordPiece(corpus.vocab)
+  tok = wordpiece.WordPiece(corpus.vocab)
   docs = ["Return the sum of a and b.", "Open the file and read it.", "x" * 3]
   n = text.pack_to_file(docs, tmp_path / "p.bin", tok, seq_len=16)
   src = text.packed_source(tmp_path / "p.bin", seq_len=16)
@@ -111,7 +115,7 @@ def test_pack_to_file_round_trips_through_a_memmap_source(corpus, tmp_path):
 
 
 def test_text_file_source_packs_once_into_the_cache(corpus, tmp_path):
-  tok = text.WordPiece(corpus.vocab)
+  tok = wordpiece.WordPiece(corpus.vocab)
   cache = tmp_path / "cache.bin"
   src = text.text_file_source([corpus.eval], tok, seq_len=32, cache_path=cache, max_rows=100)
   assert len(src) == 100 and cache.is_file()
@@ -120,7 +124,7 @@ def test_text_file_source_packs_once_into_the_cache(corpus, tmp_path):
 
 def test_tfds_text_source_reads_through_the_same_packing(corpus, tmp_path):
   tfds = pytest.importorskip("tensorflow_datasets")
-  tok = text.WordPiece(corpus.vocab)
+  tok = wordpiece.WordPiece(corpus.vocab)
   with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
     docs = list(text.tfds_documents("tiny_shakespeare", split="train", feature="text"))
   assert len(docs) >= 1 and all(isinstance(d, str) for d in docs)
@@ -143,8 +147,8 @@ def _rows(n=4000, t=64, vocab=100, seed=0):
 
 def test_masking_statistics_match_bert():
   ids = _rows()
-  cfg = text.MaskingConfig(max_predictions=12)
-  out = jax.device_get(text.mask_tokens(ids, jax.random.key(0), config=cfg, special=SPECIAL, vocab_size=100))
+  cfg = masking.MaskingConfig(max_predictions=12)
+  out = jax.device_get(masking.mask_tokens(ids, jax.random.key(0), config=cfg, special=SPECIAL, vocab_size=100))
   w = out["mlm_weights"] > 0
   maskable = (ids != SPECIAL.pad) & (ids != SPECIAL.cls) & (ids != SPECIAL.sep)
   n = maskable.sum(1)
@@ -183,10 +187,10 @@ def test_masking_statistics_match_bert():
 
 def test_masking_is_a_function_of_the_key():
   ids = _rows(n=64)
-  cfg = text.MaskingConfig(max_predictions=12)
-  a = text.mask_tokens(ids, jax.random.key(1), config=cfg, special=SPECIAL, vocab_size=100)
-  b = text.mask_tokens(ids, jax.random.key(1), config=cfg, special=SPECIAL, vocab_size=100)
-  c = text.mask_tokens(ids, jax.random.key(2), config=cfg, special=SPECIAL, vocab_size=100)
+  cfg = masking.MaskingConfig(max_predictions=12)
+  a = masking.mask_tokens(ids, jax.random.key(1), config=cfg, special=SPECIAL, vocab_size=100)
+  b = masking.mask_tokens(ids, jax.random.key(1), config=cfg, special=SPECIAL, vocab_size=100)
+  c = masking.mask_tokens(ids, jax.random.key(2), config=cfg, special=SPECIAL, vocab_size=100)
   np.testing.assert_array_equal(a["mlm_positions"], b["mlm_positions"])
   assert not np.array_equal(a["mlm_positions"], c["mlm_positions"])
 
@@ -194,7 +198,7 @@ def test_masking_is_a_function_of_the_key():
 def test_padding_row_gets_no_prediction_slots():
   ids = np.zeros((2, 16), np.int32)
   ids[1, :3] = [SPECIAL.cls, 7, SPECIAL.sep]
-  out = text.mask_tokens(ids, jax.random.key(0), config=text.MaskingConfig(max_predictions=4), special=SPECIAL,
+  out = masking.mask_tokens(ids, jax.random.key(0), config=masking.MaskingConfig(max_predictions=4), special=SPECIAL,
                          vocab_size=20)
   assert out["mlm_weights"].tolist() == [[0, 0, 0, 0], [1, 0, 0, 0]]
   assert int(out["mlm_positions"][1, 0]) == 1 and int(out["mlm_labels"][1, 0]) == 7
@@ -203,11 +207,11 @@ def test_padding_row_gets_no_prediction_slots():
 
 def test_masking_config_errors_name_the_field():
   with pytest.raises(ValueError, match="mask_rate must be in"):
-    text.MaskingConfig(mask_rate=0.0)
+    masking.MaskingConfig(mask_rate=0.0)
   with pytest.raises(ValueError, match="max_predictions must be an int >= 1"):
-    text.MaskingConfig(max_predictions=0)
+    masking.MaskingConfig(max_predictions=0)
   with pytest.raises(ValueError, match="sum <= 1"):
-    text.MaskingConfig(mask_token_prob=0.95, random_token_prob=0.1)
+    masking.MaskingConfig(mask_token_prob=0.95, random_token_prob=0.1)
   with pytest.raises(ValueError, match="max_predictions must be <= the sequence length 8"):
-    text.mask_tokens(np.zeros((1, 8), np.int32), jax.random.key(0), config=text.MaskingConfig(max_predictions=9),
+    masking.mask_tokens(np.zeros((1, 8), np.int32), jax.random.key(0), config=masking.MaskingConfig(max_predictions=9),
                      special=SPECIAL, vocab_size=20)

@@ -17,7 +17,9 @@ from dpmega import accounting
 from dpmega.train import config as config_lib
 from dpmega import noise as noise_lib
 from dpmega import sampling
+from dpmega import sharding
 from dpmega import train as train_lib
+from dpmega.clipping import ClipStats
 from dpmega.train.checkpoint import CheckpointError
 from dpmega.data.sources import ArraySource
 from dpmega.errors import UsageError
@@ -27,6 +29,8 @@ from dpmega.noise import sampler_support
 from dpmega.tasks import Task
 from dpmega.tasks import build_task
 from dpmega.tasks import register_task
+from dpmega.train import optim
+from dpmega.train import step as step_lib
 
 
 def build_tiny_task(config) -> Task:
@@ -170,8 +174,10 @@ def test_target_epsilon_calibrates_sigma_for_the_whole_schedule(tmp_path):
 
 
 def test_steps_that_draw_no_example_still_add_noise_and_count(tmp_path):
+  # A public seed whose Poisson draws include empty steps (steps 1, 2, 7, 8): with a fresh secret, all 8
+  # steps drew an example in 2.5% of the runs and the test failed by chance.
   config = _config(tmp_path, "batch_schedule='constant:1'", "num_steps=8", "task.kind='zero'",
-                   "optimizer.learning_rate=1.0")
+                   "optimizer.learning_rate=1.0", "insecure_reproducible_seed=0")
   result = train_lib.train(config, out=lambda s: None)
   assert 0 in [r["sampled"] for r in result.history]  # P(empty) = (1 - 1/512)^512 ~ 0.37 per step
   assert result.ledger.num_steps == 8
@@ -264,10 +270,12 @@ def test_schedule_larger_than_the_dataset_is_refused_before_compute(tmp_path):
 def test_every_optimizer_updates_params(name):
   cfg = config_lib.OptimizerConfig(name=config_lib.Optimizer(name), learning_rate=0.1,
                                    weight_decay=0.01 if name != "adam" else 0.0)
-  opt = train_lib.make_optimizer(cfg, num_steps=10)
+  opt = optim.make_optimizer(cfg, num_steps=10)
   params = {"w": jnp.ones(3)}
-  state = train_lib.TrainState(jnp.zeros((), jnp.int32), params, opt.init(params))
-  update = train_lib.make_update_fn(opt, clip_norm=1.0)
+  state = step_lib.TrainState(jnp.zeros((), jnp.int32), params, opt.init(params))
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=1))
+  shardings = [sharding.param_shardings(jax.eval_shape(lambda: t), mesh) for t in (params, state.opt_state)]
+  update = step_lib.make_update_fn(opt, mesh, *shardings, clip_norm=1.0)
   new, metrics = update(state, {"w": jnp.full((3,), 4.0)}, jax.random.key(0), 0.0, 4.0)
   assert int(new.step) == 1
   assert np.all(np.asarray(new.params["w"]) < 1.0)
@@ -277,7 +285,7 @@ def test_every_optimizer_updates_params(name):
 def test_learning_rate_warmup_then_cosine():
   cfg = config_lib.OptimizerConfig(name=config_lib.Optimizer.SGD, learning_rate=1.0,
                                    schedule=config_lib.LrSchedule.COSINE, warmup_steps=4, final_lr_fraction=0.1)
-  lr = train_lib.make_learning_rate(cfg, num_steps=14)
+  lr = optim.make_learning_rate(cfg, num_steps=14)
   assert float(lr(0)) == 0.0 and float(lr(2)) == pytest.approx(0.5)
   assert float(lr(4)) == pytest.approx(1.0)
   assert float(lr(14)) == pytest.approx(0.1)
@@ -306,9 +314,11 @@ def test_trainer_defaults_to_exact_fast_clipping_that_never_expands_a_table():
     return jnp.sum(jnp.tanh(p["table"][ex["ids"]]) @ p["w"])
 
   params = {"table": jnp.zeros((v, d)), "w": jnp.ones((d,))}
-  acc = train_lib.Accumulator(jax.tree_util.tree_map(jnp.zeros_like, params), train_lib.ClipStats.zeros())
-  fn = train_lib.make_accumulate_fn(loss, clip_norm=1.0, microbatch_size=b)
-  mem = fn.lower(params, acc, {"ids": jnp.zeros((b, 4), jnp.int32)}, jnp.ones((b,))).compile().memory_analysis()
+  acc = step_lib.Accumulator(jax.tree_util.tree_map(jnp.zeros_like, params), ClipStats.zeros())
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=1))  # the trainer's default: one device
+  fn = step_lib.make_accumulate_fn(loss, mesh, sharding.param_shardings(params, mesh), clip_norm=1.0,
+                                   microbatch_size=b)
+  mem = fn.jitted.lower(params, acc, {"ids": jnp.zeros((b, 4), jnp.int32)}, jnp.ones((b,))).compile().memory_analysis()
   if mem is None:
     pytest.skip("this backend reports no memory analysis")
   assert mem.temp_size_in_bytes < 0.05 * b * v * d * 4, mem.temp_size_in_bytes

@@ -2,7 +2,7 @@
 
     . .venv-bench/bin/activate   # see bench/peers/README.md for the install
     python bench/peers/run.py     # ~15 min; writes bench/RESULTS.md (peers section),
-                                  # bench/peers/results.json, bench/peers/peers.png
+                                  # bench/results/peers.json, bench/results/peers.png
 
 Every (implementation, workload) measurement is a fresh subprocess
 (``worker.py``), so its peak RSS is its own. Repeats go round all
@@ -224,7 +224,7 @@ def markdown(summary: dict, eps: dict | None, meta: dict, impls: list[str]) -> s
         lines.append(f"| {row['library']} | {row['accountant']} | {row['epsilon']:.4f} | "
                      f"{row['seconds']:.2f} |")
     lines.append("")
-  lines += ["![peers chart](peers/peers.png)", "", END]
+  lines += ["![peers chart](results/peers.png)", "", END]
   return "\n".join(lines) + "\n"
 
 
@@ -322,8 +322,8 @@ def main(argv=None) -> int:
   p.add_argument("--timeout", type=float, default=150.0)
   p.add_argument("--no-epsilon", action="store_true")
   p.add_argument("--results-md", default=os.path.join(ROOT, "bench", "RESULTS.md"))
-  p.add_argument("--json", default=os.path.join(HERE, "results.json"))
-  p.add_argument("--png", default=os.path.join(HERE, "peers.png"))
+  p.add_argument("--json", default=os.path.join(ROOT, "bench", "results", "peers.json"))
+  p.add_argument("--png", default=os.path.join(ROOT, "bench", "results", "peers.png"))
   p.add_argument("--render-only", action="store_true",
                  help="measure nothing: rewrite the markdown section and chart from --json")
   a = p.parse_args(argv)

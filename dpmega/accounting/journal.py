@@ -42,10 +42,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any
 
-from dpmega import accounting
 from dpmega.errors import UsageError
+from dpmega.sampling import SamplingScheme
+
+if TYPE_CHECKING:
+  from dpmega.accounting.ledger import Ledger
 
 FILENAME = "spent.jsonl"
 _STEP_FIELDS = ("generation", "step", "batch_size", "dataset_size", "noise_multiplier", "scheme")
@@ -133,7 +136,7 @@ class Journal:
                   "from_generation": from_generation, "fingerprint": fingerprint, "reason": reason})
 
   def record_step(self, *, generation: int, step: int, batch_size: int, dataset_size: int,
-                  noise_multiplier: float, scheme: accounting.SamplingScheme) -> bool:
+                  noise_multiplier: float, scheme: SamplingScheme) -> bool:
     """Records, durably, that step ``step`` of ``generation`` is about to be computed (call BEFORE the noise).
 
     Returns:
@@ -143,7 +146,7 @@ class Journal:
     new = (int(generation), int(step)) not in self._steps
     self._append({"kind": "step", "generation": int(generation), "step": int(step), "batch_size": int(batch_size),
                   "dataset_size": int(dataset_size), "noise_multiplier": float(noise_multiplier),
-                  "scheme": accounting.SamplingScheme(scheme).value})
+                  "scheme": SamplingScheme(scheme).value})
     return new
 
   # ----------------------------------------------------------------- reading
@@ -159,9 +162,11 @@ class Journal:
     """Distinct ``(generation, step)`` -> its record (the first one written); a copy."""
     return dict(self._steps)
 
-  def ledger(self) -> accounting.Ledger:
+  def ledger(self) -> Ledger:
     """Every distinct ``(generation, step)`` as one step of a :class:`dpmega.accounting.Ledger`."""
-    ledger = accounting.Ledger()
+    # Imported here: opening a journal (and importing the trainer, and its config) does not load dp-accounting.
+    from dpmega.accounting.ledger import Ledger  # pylint: disable=import-outside-toplevel
+    ledger = Ledger()
     for (g, t), r in sorted(self.steps().items()):
       try:
         ledger.record(batch_size=r["batch_size"], dataset_size=r["dataset_size"],

@@ -20,6 +20,7 @@ bounded support costs ``δ_tail`` (:mod:`dpmega.truncation`), which grows with
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -29,6 +30,7 @@ import numpy as np
 
 from dpmega import accounting
 from dpmega import noise
+from dpmega import sampling
 from dpmega import schedules
 from dpmega import truncation
 from dpmega.errors import UsageError
@@ -44,53 +46,32 @@ def _number(text: str) -> float:
     raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
 
 
-def _positive_int(text: str) -> int:
-  value = _number(text)
-  if not (math.isfinite(value) and value.is_integer() and value >= 1):
-    raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-  return int(value)
+def _int_flag(lo: int):
+  """An argparse type: an int >= ``lo`` (``1e6`` and ``1_000_000`` accepted)."""
+  def parse(text: str) -> int:
+    value = _number(text)
+    if not (math.isfinite(value) and value.is_integer() and value >= lo):
+      raise argparse.ArgumentTypeError(f"must be an int in [{lo}, inf], got {text!r}")
+    return int(value)
+  return parse
 
 
-def _non_negative_int(text: str) -> int:
-  value = _number(text)
-  if not (math.isfinite(value) and value.is_integer() and value >= 0):
-    raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-  return int(value)
+def _real_flag(lo: float, hi: float = math.inf, *, lo_open: bool = False, hi_open: bool = True):
+  """An argparse type: a finite number in the range (ends open or closed)."""
+  def parse(text: str) -> float:
+    value = _number(text)
+    if not (math.isfinite(value) and (value > lo if lo_open else value >= lo)
+            and (value < hi if hi_open else value <= hi)):
+      rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+      raise argparse.ArgumentTypeError(f"must be a number in {rng}, got {text!r}")
+    return value
+  return parse
 
 
-def _positive_float(text: str) -> float:
-  value = _number(text)
-  if not (math.isfinite(value) and value > 0):
-    raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-  return value
-
-
-def _non_negative_float(text: str) -> float:
-  value = _number(text)
-  if not (math.isfinite(value) and value >= 0):
-    raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-  return value
-
-
-def _open_unit(text: str) -> float:
-  value = _number(text)
-  if not 0 < value < 1:
-    raise argparse.ArgumentTypeError(f"must be in the open interval (0, 1), got {text!r}")
-  return value
-
-
-def _discretization(text: str) -> float:
-  value = _number(text)
-  if not 0 < value <= 1:
-    raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
-  return value
-
-
-def _grid(text: str) -> float:
-  value = _number(text)
-  if not 0 < value <= 1:
-    raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
-  return value
+_positive_int, _non_negative_int = _int_flag(1), _int_flag(0)
+_positive_float, _non_negative_float = _real_flag(0, lo_open=True), _real_flag(0)
+_open_unit = _real_flag(0, 1, lo_open=True)
+_unit = _real_flag(0, 1, lo_open=True, hi_open=False)  # (0, 1]: --pld_discretization, --q_grid
 
 
 # Each distinct batch size costs one dp-accounting evaluation per sigma tried.
@@ -119,7 +100,7 @@ def _add_common(p: argparse.ArgumentParser, *, both: bool) -> None:
   choices = ["rdp", "pld", "both"] if both else ["rdp", "pld"]
   p.add_argument("--accountant", choices=choices, default="rdp",
                  help="dp-accounting accountant (default: rdp)")
-  p.add_argument("--sampling", choices=[s.value for s in accounting.SamplingScheme],
+  p.add_argument("--sampling", choices=[s.value for s in sampling.SamplingScheme],
                  default="poisson",
                  help="poisson (add/remove-one neighbours, sensitivity C) or without_replacement: "
                  "fixed-size batches (replace-one neighbours, sensitivity 2C; RDP only, unless every "
@@ -132,10 +113,10 @@ def _add_common(p: argparse.ArgumentParser, *, both: bool) -> None:
   p.add_argument("--num_noised_coordinates", type=_positive_int, default=10**9, metavar="D",
                  help="how many model parameters get noise each step; delta_tail grows with it "
                  "(default: 1e9)")
-  p.add_argument("--pld_discretization", type=_discretization,
+  p.add_argument("--pld_discretization", type=_unit,
                  default=accounting.DEFAULT_PLD_DISCRETIZATION,
                  help="PLD value discretization interval (default: %(default)g)")
-  p.add_argument("--q_grid", type=_grid, default=None, metavar="R",
+  p.add_argument("--q_grid", type=_unit, default=None, metavar="R",
                  help="round every batch size UP to a geometric grid of relative spacing R "
                  "before accounting: an upper bound on epsilon, much faster for ramps with "
                  "thousands of distinct batch sizes (off: exact)")
@@ -167,117 +148,107 @@ def add_parser(subparsers) -> None:
 # ------------------------------------------------------------------ work
 
 
-class _Plan:
-  """The run the flags describe, validated before any accounting."""
+@dataclasses.dataclass(frozen=True)
+class _Request:
+  """The run the flags describe (an :class:`dpmega.accounting.Plan`) and how to print it."""
 
-  def __init__(self, args: argparse.Namespace):
-    self.dataset_size = args.dataset_size
-    self.scheme = accounting.SamplingScheme(args.sampling)
-    self.delta = args.delta
-    if args.accountant == "both":
-      self.accountants = [accounting.AccountantType.RDP, accounting.AccountantType.PLD]
-    else:
-      self.accountants = [accounting.AccountantType(args.accountant)]
-    self.pld_discretization = args.pld_discretization
-    self.sampler = noise.NoiseSampler(args.noise_sampler)
-    self.tail = truncation.TailModel(noise.sampler_support(self.sampler), args.num_noised_coordinates)
+  plan: accounting.Plan
+  accountants: tuple[accounting.AccountantType, ...]
+  sampler: noise.NoiseSampler
+  points: list[int]
 
-    if args.batch_size is not None:
-      self.schedule = schedules.Constant(args.batch_size)
-    else:
-      try:
-        self.schedule = schedules.parse_schedule(args.batch_schedule, num_steps=args.steps)
-      except ValueError as e:
-        if args.steps is None and "ramp length" in str(e):
-          raise UsageError(
-              f"--batch_schedule {args.batch_schedule!r} has no @RAMP_STEPS, so it needs "
-              "--steps (not --epochs) to know the ramp length.") from None
-        raise UsageError(f"--batch_schedule: {e}") from None
-    if args.steps is not None:
-      self.steps = args.steps
-    else:
-      try:
-        self.steps = schedules.steps_for_epochs(self.schedule, args.epochs, self.dataset_size)
-      except ValueError as e:
-        raise UsageError(f"--epochs: {e}") from None
-    sizes, _ = self.schedule.batch_size_counts(self.steps)
-    if sizes.size and sizes.max() > self.dataset_size:
-      flag = "--batch_size" if args.batch_size is not None else "--batch_schedule"
-      raise UsageError(
-          f"{flag} reaches batch size {int(sizes.max())}, larger than --dataset_size "
-          f"{self.dataset_size}: q = batch size / dataset size must be in (0, 1].")
-    if self.scheme is accounting.SamplingScheme.WITHOUT_REPLACEMENT and (
-        accounting.AccountantType.PLD in self.accountants) and (
-            sizes.size and sizes.min() < self.dataset_size):
-      raise UsageError(
-          f"--accountant {args.accountant} cannot account for --sampling without_replacement with "
-          "batches smaller than --dataset_size: dp-accounting 0.6 supports it only with RDP "
-          "(replace-one neighbours); use --accountant rdp.")
-    self.points = _points(self.steps, args.points)
-    self.q_grid = args.q_grid
-    if self.q_grid is None and sizes.size > _MANY_DISTINCT:
-      print(f"note: {sizes.size} distinct batch sizes, each accounted exactly (slow); "
-            "round_to=M in --batch_schedule or --q_grid 0.01 (an upper bound) are faster.",
-            file=sys.stderr)
 
-  def epsilon(self, sigma: float, accountant, num_steps: int) -> float:
-    return accounting.epsilon_for_schedule(
-        noise_multiplier=sigma, delta=self.delta, dataset_size=self.dataset_size,
-        batch_sizes=self.schedule, num_steps=num_steps, scheme=self.scheme,
-        accountant=accountant, pld_discretization=self.pld_discretization,
-        q_grid=self.q_grid, tail=self.tail)
+def _request(args: argparse.Namespace) -> _Request:
+  """Builds the plan from the flags, before any accounting; bad input is a UsageError naming the flag."""
+  if args.batch_size is not None:
+    schedule = schedules.Constant(args.batch_size)
+  else:
+    try:
+      schedule = schedules.parse_schedule(args.batch_schedule, num_steps=args.steps)
+    except ValueError as e:
+      if args.steps is None and "ramp length" in str(e):
+        raise UsageError(
+            f"--batch_schedule {args.batch_schedule!r} has no @RAMP_STEPS, so it needs "
+            "--steps (not --epochs) to know the ramp length.") from None
+      raise UsageError(f"--batch_schedule: {e}") from None
+  if args.steps is not None:
+    steps = args.steps
+  else:
+    try:
+      steps = schedules.steps_for_epochs(schedule, args.epochs, args.dataset_size)
+    except ValueError as e:
+      raise UsageError(f"--epochs: {e}") from None
+  sizes, _ = schedule.batch_size_counts(steps)
+  if sizes.size and sizes.max() > args.dataset_size:
+    flag = "--batch_size" if args.batch_size is not None else "--batch_schedule"
+    raise UsageError(
+        f"{flag} reaches batch size {int(sizes.max())}, larger than --dataset_size "
+        f"{args.dataset_size}: q = batch size / dataset size must be in (0, 1].")
+  sampler = noise.NoiseSampler(args.noise_sampler)
+  accountants = (("rdp", "pld") if args.accountant == "both" else (args.accountant,))
+  try:
+    plans = [accounting.Plan(
+        dataset_size=args.dataset_size, schedule=schedule, num_steps=steps, delta=args.delta,
+        scheme=args.sampling, accountant=a, pld_discretization=args.pld_discretization, q_grid=args.q_grid,
+        tail=truncation.TailModel(noise.sampler_support(sampler), args.num_noised_coordinates)) for a in accountants]
+  except accounting.UnsupportedAccountingError as e:
+    raise UsageError(f"--accountant {args.accountant} with --sampling {args.sampling}: {e}") from None
+  if args.q_grid is None and sizes.size > _MANY_DISTINCT:
+    print(f"note: {sizes.size} distinct batch sizes, each accounted exactly (slow); "
+          "round_to=M in --batch_schedule or --q_grid 0.01 (an upper bound) are faster.",
+          file=sys.stderr)
+  return _Request(plans[0], tuple(p.accountant for p in plans), sampler, _points(steps, args.points))
 
-  def delta_tail(self, sigma: float, num_steps: int, floor: bool = False) -> float:
-    """The share of --delta the sampler's support takes (``floor``: the part no δ removes)."""
-    return accounting.tail_delta_for_schedule(
-        noise_multiplier=sigma, dataset_size=self.dataset_size, batch_sizes=self.schedule,
-        num_steps=num_steps, scheme=self.scheme, tail=self.tail, delta=None if floor else self.delta)
 
-  def check_tail(self, sigma: float) -> float:
-    """``δ_tail`` of the whole run, or a UsageError naming the flags when it leaves nothing of --delta."""
-    share = self.delta_tail(sigma, self.steps)
-    if math.isinf(share):
-      floor = self.delta_tail(sigma, self.steps, floor=True)
-      support = self.tail.support
-      raise UsageError(
-          f"--noise_sampler {self.sampler.value}: its bounded support [{support.lo:.4g}, {support.hi:.4g}] "
-          f"(standard deviations) over --num_noised_coordinates {_count(self.tail.num_coordinates)} and "
-          f"{self.steps} steps costs delta_tail >= {floor:.3g}"
-          + " and scales the accountant's delta by the mass it cuts off"
-          + f", which leaves nothing of --delta {self.delta:g}: use --noise_sampler wide_tail (the default), "
-          "fewer --num_noised_coordinates, or a larger --delta.")
-    return share
+def _check_tail(req: _Request, sigma: float) -> float:
+  """``δ_tail`` of the whole run, or a UsageError naming the flags when it leaves nothing of --delta."""
+  plan = req.plan
+  share = plan.tail_delta(sigma)
+  if math.isinf(share):
+    floor = plan.tail_delta(sigma, floor=True)
+    support = plan.tail.support
+    raise UsageError(
+        f"--noise_sampler {req.sampler.value}: its bounded support [{support.lo:.4g}, {support.hi:.4g}] "
+        f"(standard deviations) over --num_noised_coordinates {_count(plan.tail.num_coordinates)} and "
+        f"{plan.num_steps} steps costs delta_tail >= {floor:.3g}"
+        + " and scales the accountant's delta by the mass it cuts off"
+        + f", which leaves nothing of --delta {plan.delta:g}: use --noise_sampler wide_tail (the default), "
+        "fewer --num_noised_coordinates, or a larger --delta.")
+  return share
 
-  def rows(self, sigma: float) -> list[dict[str, Any]]:
-    rows = []
-    for step in self.points:
-      sizes, counts = self.schedule.batch_size_counts(step)
-      batch = self.schedule.batch_size(step - 1)
-      rows.append({
-          "step": step,
-          "epochs": float(np.dot(sizes.astype(np.float64), counts)) / self.dataset_size,
-          "batch_size": batch,
-          "sampling_probability": batch / self.dataset_size,
-          "epsilon": {a.value: self.epsilon(sigma, a, step) for a in self.accountants},
-          "delta_tail": self.delta_tail(sigma, step),
-      })
-    return rows
 
-  def header(self) -> dict[str, Any]:
-    return {
-        "dataset_size": self.dataset_size,
-        "batch_schedule": self.schedule.to_spec(),
-        "steps": self.steps,
-        "delta": self.delta,
-        "sampling": self.scheme.value,
-        "neighbouring_relation": accounting.relation_label(self.scheme),
-        "accountants": [a.value for a in self.accountants],
-        "pld_discretization": self.pld_discretization,
-        "q_grid": self.q_grid,
-        "noise_sampler": self.sampler.value,
-        "noise_support": [self.tail.support.lo, self.tail.support.hi],
-        "num_noised_coordinates": self.tail.num_coordinates,
-    }
+def _rows(req: _Request, sigma: float) -> list[dict[str, Any]]:
+  plan, rows = req.plan, []
+  for step in req.points:
+    sizes, counts = plan.schedule.batch_size_counts(step)
+    batch = plan.schedule.batch_size(step - 1)
+    rows.append({
+        "step": step,
+        "epochs": float(np.dot(sizes.astype(np.float64), counts)) / plan.dataset_size,
+        "batch_size": batch,
+        "sampling_probability": batch / plan.dataset_size,
+        "epsilon": {a.value: plan.epsilon(sigma, step, accountant=a) for a in req.accountants},
+        "delta_tail": plan.tail_delta(sigma, step),
+    })
+  return rows
+
+
+def _header(req: _Request) -> dict[str, Any]:
+  plan = req.plan
+  return {
+      "dataset_size": plan.dataset_size,
+      "batch_schedule": plan.schedule.to_spec(),
+      "steps": plan.num_steps,
+      "delta": plan.delta,
+      "sampling": plan.scheme.value,
+      "neighbouring_relation": plan.scheme.relation_label,
+      "accountants": [a.value for a in req.accountants],
+      "pld_discretization": plan.pld_discretization,
+      "q_grid": plan.q_grid,
+      "noise_sampler": req.sampler.value,
+      "noise_support": [plan.tail.support.lo, plan.tail.support.hi],
+      "num_noised_coordinates": plan.tail.num_coordinates,
+  }
 
 
 def _points(steps: int, n: int) -> list[int]:
@@ -290,24 +261,25 @@ def _fmt_eps(x: float) -> str:
   return "inf" if math.isinf(x) else f"{x:.4f}"
 
 
-def _table(plan: _Plan, rows: list[dict[str, Any]]) -> str:
-  cols = ["step", "epochs", "batch_size", "q"] + [f"eps ({a.value.upper()})" for a in plan.accountants]
+def _table(req: _Request, rows: list[dict[str, Any]]) -> str:
+  cols = ["step", "epochs", "batch_size", "q"] + [f"eps ({a.value.upper()})" for a in req.accountants]
   lines = ["  ".join(f"{c:>12}" for c in cols)]
   for r in rows:
     cells = [str(r["step"]), f"{r['epochs']:.3f}", str(r["batch_size"]),
              f"{r['sampling_probability']:.4g}"]
-    cells += [_fmt_eps(r["epsilon"][a.value]) for a in plan.accountants]
+    cells += [_fmt_eps(r["epsilon"][a.value]) for a in req.accountants]
     lines.append("  ".join(f"{c:>12}" for c in cells))
   return "\n".join(lines)
 
 
-def _context(plan: _Plan) -> str:
+def _context(req: _Request) -> str:
+  plan = req.plan
   return (f"delta = {plan.delta:g}, {plan.scheme.value.replace('_', ' ')} sampling "
-          f"({accounting.relation_label(plan.scheme)} neighbours), dataset_size = "
-          f"{plan.dataset_size}, batch schedule {plan.schedule.to_spec()}, steps = {plan.steps}"
+          f"({plan.scheme.relation_label} neighbours), dataset_size = "
+          f"{plan.dataset_size}, batch schedule {plan.schedule.to_spec()}, steps = {plan.num_steps}"
           + (f", batch sizes rounded up to a {plan.q_grid:g} grid (upper bound)"
              if plan.q_grid else "")
-          + f", noise sampler {plan.sampler.value} on {_count(plan.tail.num_coordinates)} coordinates")
+          + f", noise sampler {req.sampler.value} on {_count(plan.tail.num_coordinates)} coordinates")
 
 
 def _count(n: int) -> str:
@@ -315,16 +287,17 @@ def _count(n: int) -> str:
   return f"{n:.3g}".replace("e+0", "e").replace("e+", "e")
 
 
-def _tail_line(plan: _Plan, delta_tail: float) -> str:
+def _tail_line(req: _Request, delta_tail: float) -> str:
   """A line on δ_tail when it is not negligible, else nothing."""
+  plan = req.plan
   if not delta_tail > accounting.TAIL_NEGLIGIBLE * plan.delta:
     return ""
-  return (f"\ndelta_tail = {delta_tail:.3g} of delta = {plan.delta:g} is the {plan.sampler.value} noise "
+  return (f"\ndelta_tail = {delta_tail:.3g} of delta = {plan.delta:g} is the {req.sampler.value} noise "
           f"sampler's bounded support over {_count(plan.tail.num_coordinates)} noised coordinates (it grows with "
           "--num_noised_coordinates and the steps); epsilon is computed at delta - delta_tail.")
 
 
-def _plot(path: str, plan: _Plan, sigma: float, title: str) -> None:
+def _plot(path: str, req: _Request, sigma: float, title: str) -> None:
   try:
     import matplotlib  # pylint: disable=import-outside-toplevel
     matplotlib.use("Agg")
@@ -333,14 +306,14 @@ def _plot(path: str, plan: _Plan, sigma: float, title: str) -> None:
     raise UsageError(
         "--plot needs matplotlib: pip install 'dpmega[plot]' (or matplotlib).") from None
   fig, ax = plt.subplots(figsize=(6, 4))
-  for accountant in plan.accountants:
+  for accountant in req.accountants:
     # RDP is cheap (cached per (q, sigma)); PLD recomposes, so fewer points.
-    n = 100 if accountant is accounting.AccountantType.RDP else len(plan.points)
-    xs = _points(plan.steps, n)
-    ys = [plan.epsilon(sigma, accountant, x) for x in xs]
+    n = 100 if accountant is accounting.AccountantType.RDP else len(req.points)
+    xs = _points(req.plan.num_steps, n)
+    ys = [req.plan.epsilon(sigma, x, accountant=accountant) for x in xs]
     ax.plot(xs, ys, label=accountant.value.upper())
   ax.set_xlabel("steps")
-  ax.set_ylabel(f"epsilon at delta={plan.delta:g}")
+  ax.set_ylabel(f"epsilon at delta={req.plan.delta:g}")
   ax.set_title(title, fontsize=9)
   ax.grid(True, alpha=0.3)
   ax.legend()
@@ -361,54 +334,48 @@ def _emit(args, payload: dict[str, Any], text: str) -> None:
 
 
 def run_epsilon(args: argparse.Namespace) -> int:
-  plan = _Plan(args)
-  sigma = args.noise_multiplier
-  delta_tail = plan.check_tail(sigma) if sigma > 0 else 0.0
-  rows = plan.rows(sigma)
-  final = rows[-1]["epsilon"] if rows else {a.value: 0.0 for a in plan.accountants}
+  req = _request(args)
+  plan, sigma = req.plan, args.noise_multiplier
+  delta_tail = _check_tail(req, sigma) if sigma > 0 else 0.0
+  rows = _rows(req, sigma)
+  final = rows[-1]["epsilon"] if rows else {a.value: 0.0 for a in req.accountants}
   if args.plot:
-    _plot(args.plot, plan, sigma, f"noise_multiplier={sigma:g}, "
-          f"{accounting.relation_label(plan.scheme)} neighbours")
-  payload = {"command": "epsilon", **plan.header(), "noise_multiplier": sigma,
+    _plot(args.plot, req, sigma, f"noise_multiplier={sigma:g}, {plan.scheme.relation_label} neighbours")
+  payload = {"command": "epsilon", **_header(req), "noise_multiplier": sigma,
              "epsilon": final, "delta_tail": delta_tail, "points": rows}
   summary = "; ".join(
-      accounting.describe(final[a.value], plan.delta, plan.scheme, a, delta_tail) for a in plan.accountants)
-  text = (f"dpmega epsilon: noise_multiplier = {sigma:g}, {_context(plan)}\n\n"
-          f"{_table(plan, rows)}\n\nfinal: {summary}{_tail_line(plan, delta_tail)}")
+      accounting.describe(final[a.value], plan.delta, plan.scheme, a, delta_tail) for a in req.accountants)
+  text = (f"dpmega epsilon: noise_multiplier = {sigma:g}, {_context(req)}\n\n"
+          f"{_table(req, rows)}\n\nfinal: {summary}{_tail_line(req, delta_tail)}")
   _emit(args, payload, text)
   return 0
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-  plan = _Plan(args)
-  accountant = plan.accountants[0]
-  if plan.steps == 0:
+  req = _request(args)
+  plan = req.plan
+  if plan.num_steps == 0:
     raise UsageError("--steps must be >= 1 to calibrate a noise multiplier.")
   try:
-    sigma = accounting.calibrate_noise_multiplier(
-        target_epsilon=args.target_epsilon, delta=plan.delta, dataset_size=plan.dataset_size,
-        batch_sizes=plan.schedule, num_steps=plan.steps, scheme=plan.scheme,
-        accountant=accountant, pld_discretization=plan.pld_discretization, q_grid=plan.q_grid,
-        tail=plan.tail)
+    sigma = plan.calibrate(args.target_epsilon)
   except UsageError as e:
     if "delta_tail" not in str(e):
       raise
-    plan.check_tail(1e6)  # names the flags when the sampler alone is the reason
+    _check_tail(req, 1e6)  # names the flags when the sampler alone is the reason
     raise
-  delta_tail = plan.check_tail(sigma)
-  rows = plan.rows(sigma)
-  achieved = rows[-1]["epsilon"][accountant.value]
+  delta_tail = _check_tail(req, sigma)
+  rows = _rows(req, sigma)
+  achieved = rows[-1]["epsilon"][plan.accountant.value]
   if args.plot:
-    _plot(args.plot, plan, sigma, f"calibrated noise_multiplier={sigma:.4g} for "
+    _plot(args.plot, req, sigma, f"calibrated noise_multiplier={sigma:.4g} for "
           f"target epsilon {args.target_epsilon:g}")
-  payload = {"command": "calibrate", **plan.header(), "target_epsilon": args.target_epsilon,
-             "noise_multiplier": sigma, "epsilon": {accountant.value: achieved}, "delta_tail": delta_tail,
+  payload = {"command": "calibrate", **_header(req), "target_epsilon": args.target_epsilon,
+             "noise_multiplier": sigma, "epsilon": {plan.accountant.value: achieved}, "delta_tail": delta_tail,
              "points": rows}
-  text = (f"dpmega calibrate: target epsilon = {args.target_epsilon:g}, {_context(plan)}\n\n"
-          f"noise_multiplier = {sigma:.6g}  ->  "
-          f"{accounting.describe(achieved, plan.delta, plan.scheme, accountant, delta_tail)}"
-          f"{_tail_line(plan, delta_tail)}\n\n"
-          f"{_table(plan, rows)}")
+  text = (f"dpmega calibrate: target epsilon = {args.target_epsilon:g}, {_context(req)}\n\n"
+          f"noise_multiplier = {sigma:.6g}  ->  {plan.describe(achieved, delta_tail)}"
+          f"{_tail_line(req, delta_tail)}\n\n"
+          f"{_table(req, rows)}")
   _emit(args, payload, text)
   return 0
 

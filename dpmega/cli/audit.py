@@ -30,6 +30,7 @@ import math
 import os
 import sys
 
+from dpmega import validation
 from dpmega.errors import UsageError
 
 
@@ -44,23 +45,18 @@ def _number(text: str) -> float:
 
 
 def _int_in(lo: int, hi: int):
+  """An argparse type: an int in ``[lo, hi]`` (``1e4`` accepted); argparse names the flag."""
   def parse(text: str) -> int:
-    value = _number(text)
-    if not (value.is_integer() and lo <= value <= hi):
-      raise argparse.ArgumentTypeError(f"must be an integer in [{lo}, {hi}], got {text!r}")
-    return int(value)
+    return validation.check_int("value", _number(text), lo, hi, integral_floats=True,
+                                error=argparse.ArgumentTypeError)
   return parse
 
 
 def _float_in(lo: float, hi: float, *, lo_open: bool, hi_open: bool):
-  allowed = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-
+  """An argparse type: a finite number in the range; argparse names the flag."""
   def parse(text: str) -> float:
-    value = _number(text)
-    ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-    if not ok:
-      raise argparse.ArgumentTypeError(f"must be a number in {allowed}, got {text!r}")
-    return value
+    return validation.check_real("value", _number(text), lo, hi, lo_open=lo_open, hi_open=hi_open,
+                                 error=argparse.ArgumentTypeError)
   return parse
 
 

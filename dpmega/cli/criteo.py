@@ -18,7 +18,7 @@ def add_parser(subparsers) -> None:
   p = subparsers.add_parser(
       "criteo-convert", help="convert Criteo-format TSV to the memory-mapped columns the trainer reads",
       description="Read Criteo-format text (label, I1..I13, C1..C26; .gz allowed) once, streaming, and write "
-      "memory-mapped columns (see dpmega.data.criteo). Malformed lines stop the conversion with the file and "
+      "memory-mapped columns (see dpmega.data.criteo_tsv). Malformed lines stop the conversion with the file and "
       "line, unless --skip_malformed.")
   p.add_argument("--layout", choices=["kaggle", "terabyte"], default=None,
                  help="find the files under --root: kaggle = train.txt, terabyte = day_N[.gz]")
@@ -34,21 +34,21 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  from dpmega.data import criteo  # noqa: PLC0415 - keeps the CLI start light
+  from dpmega.data import criteo_tsv  # noqa: PLC0415 - keeps the CLI start light
 
   if bool(args.files) == bool(args.layout):
     raise UsageError("give either --files or --layout with --root, not both and not neither.")
   if args.layout:
     if not args.root:
       raise UsageError("--layout needs --root (the directory holding the release's files).")
-    files = criteo.layout_files(args.root, args.layout, args.days)
+    files = criteo_tsv.layout_files(args.root, args.layout, args.days)
   else:
     files = args.files
   empty = [f for f in files if os.path.isfile(f) and os.path.getsize(f) == 0]
   if empty:
     raise UsageError(f"input file(s) {empty} are empty: nothing to convert.")
   try:
-    stats = criteo.convert(files, args.out, on_error="skip" if args.skip_malformed else "raise",
+    stats = criteo_tsv.convert(files, args.out, on_error="skip" if args.skip_malformed else "raise",
                            max_rows=args.max_rows, progress=not args.no_progress, overwrite=args.overwrite,
                            layout=args.layout)
   except (OSError, EOFError, zlib.error) as e:  # unreadable/corrupt input (bad gzip), unwritable --out

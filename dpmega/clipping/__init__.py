@@ -1,6 +1,6 @@
-"""Per-example clipping: per-example gradients, global L2 norms, clip, masked sum.
+"""Per-example clipping: the micro-batch driver, its input checks and the table of clipping modes.
 
-The one job of this module is to compute
+The one job of this package is to compute
 
     clipped_sum = sum_i mask_i * finite_i * min(1, C / ||g_i||) * g_i
 
@@ -11,7 +11,7 @@ Guarantee: whatever the micro-batching and whatever the values, each
 example's contribution to the returned float32 sum has L2 norm at most
 ``clip_norm * (1 + 1e-5)`` over the whole parameter pytree (the ``1e-5`` is
 float32 rounding: norms are scaled and summed by trees of bounded depth, see
-:func:`sum_nonneg`); padding rows (``mask == 0``) and examples whose gradient
+:func:`dpmega.clipping.floats.sum_nonneg`); padding rows (``mask == 0``) and examples whose gradient
 is not finite contribute exactly zero. Every params leaf must be a float
 array (:func:`validate_params`).
 
@@ -29,70 +29,69 @@ entries ``1e-20``      scaled norm, no underflow (clipped as usual)
 integer params leaf    ``ValueError`` naming the leaf, in every mode
 ``mask_i == 0``        zero contribution, even if ``g_i`` is NaN
 =====================  ==============================================
+
+Modules (imports go one way, down this list; this ``__init__`` imports them all):
+
+=================  ==========================================================
+``floats``         rounding bounds (gamma), summation trees, power-of-two
+                   scaling, scaled norms
+``stats``          ``ClipStats``, clip factors, ``combine`` (shared weights)
+``vmap``           per-example gradients, global norms, the vmap clipped sum
+``jaxpr``          which parameters take the fast path (``plan_layers``)
+``rows``           row (lookup) gradients: dedup, norms, scatter
+``gram``           Gram norms with a rigorous bound; materialized fallback
+``ghost``          the fast clipped sum ("auto", "ghost"): book-keeping
+=================  ==========================================================
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
+from dpmega import validation
+from dpmega.clipping import ghost
+from dpmega.clipping import vmap as vmap_lib
+# Public names, kept importable from dpmega.clipping.
+from dpmega.clipping.floats import gamma
+from dpmega.clipping.floats import scaled_norms
+from dpmega.clipping.floats import scaled_norms_many
+from dpmega.clipping.floats import sum_nonneg
+from dpmega.clipping.floats import tree_gamma
+from dpmega.clipping.stats import ClipStats
+from dpmega.clipping.stats import clip_factors
+from dpmega.clipping.stats import combine
+from dpmega.clipping.vmap import clipped_sum_vmap
+from dpmega.clipping.vmap import global_norms
+from dpmega.clipping.vmap import per_example_grads
+from dpmega.clipping.vmap import weighted_sum
+
+__all__ = [
+    "ClipStats", "check_batch", "clip_factors", "clipped_grad_sum", "clipped_sum_vmap", "clipping_modes", "combine",
+    "gamma", "global_norms", "leading_size", "per_example_grads", "scaled_norms", "scaled_norms_many", "sum_nonneg",
+    "tree_gamma", "validate_clip_norm", "validate_microbatch_size", "validate_params", "weighted_sum",
+]
+
 PyTree = Any
 
-# Per-micro-batch clipped-sum implementations, by the name `clipping=` takes.
-# Each has the signature of `clipped_sum_vmap`.
-_MICROBATCH_IMPLS: dict[str, Callable[..., Any]] = {}
+# The clipped sum of one micro-batch, by the name `clipping=` takes; each has the signature of `clipped_sum_vmap`.
+_MODES: dict[str, Callable[..., Any]] = {
+    "auto": ghost.clipped_sum_ghost,  # ghost norms + book-keeping, per-layer Gram vs materialized; vmap for the rest
+    "ghost": ghost.clipped_sum_gram,  # the same with Gram norms only
+    "vmap": vmap_lib.clipped_sum_vmap,  # every per-example gradient materialized
+}
 
 
-class ClipStats(NamedTuple):
-  """What clipping did to a batch (sums, so they add across micro-batches).
-
-  Attributes:
-    num_examples: examples that took part (``mask == 1``), finite or not.
-    num_clipped: examples whose norm exceeded ``clip_norm``.
-    num_nonfinite: examples whose gradient had a NaN or Inf (zeroed).
-    norm_sum: sum of the finite per-example norms before clipping.
-    norm_max: largest finite per-example norm before clipping.
-    loss_sum: sum of the per-example losses of the examples that took part.
-  """
-
-  num_examples: jax.Array
-  num_clipped: jax.Array
-  num_nonfinite: jax.Array
-  norm_sum: jax.Array
-  norm_max: jax.Array
-  loss_sum: jax.Array
-
-  @classmethod
-  def zeros(cls) -> "ClipStats":
-    i0 = jnp.zeros((), jnp.int32)
-    f0 = jnp.zeros((), jnp.float32)
-    return cls(i0, i0, i0, f0, f0, f0)
-
-  def merge(self, other: "ClipStats") -> "ClipStats":
-    return ClipStats(
-        self.num_examples + other.num_examples,
-        self.num_clipped + other.num_clipped,
-        self.num_nonfinite + other.num_nonfinite,
-        self.norm_sum + other.norm_sum,
-        jnp.maximum(self.norm_max, other.norm_max),
-        self.loss_sum + other.loss_sum,
-    )
-
-  @property
-  def mean_norm(self) -> jax.Array:
-    finite = self.num_examples - self.num_nonfinite
-    return self.norm_sum / jnp.maximum(finite, 1)
-
-  @property
-  def mean_loss(self) -> jax.Array:
-    return self.loss_sum / jnp.maximum(self.num_examples, 1)
+def clipping_modes() -> tuple[str, ...]:
+  """The names ``clipping=`` accepts."""
+  return tuple(sorted(_MODES))
 
 
 def validate_clip_norm(clip_norm: float) -> None:
-  """Raises ``ValueError`` unless ``clip_norm`` is a non-negative number (inf allowed)."""
+  """Raises ``ValueError`` unless ``clip_norm`` is a non-negative number (inf allowed, so not ``check_real``)."""
   if isinstance(clip_norm, jax.core.Tracer):
     return
   try:
@@ -101,158 +100,6 @@ def validate_clip_norm(clip_norm: float) -> None:
     raise ValueError(f"clip_norm must be a non-negative number, got {clip_norm=!r}.") from None
   if math.isnan(value) or value < 0:
     raise ValueError(f"clip_norm must be a non-negative number (inf disables clipping), got {clip_norm=}.")
-
-
-# Unit roundoff of float32: every norm and sum here is accumulated in float32.
-UNIT_ROUNDOFF = 2.0 ** -24
-# Fan-in of the summation trees of non-negative terms (see `sum_nonneg`).
-_TREE_FAN_IN = 16
-
-
-def gamma(n: int) -> float:
-  """Bound on the relative error of ``n`` successive float32 roundings: ``n u / (1 - n u)`` (Higham, Lemma 3.1).
-
-  The error of any float32 sum of ``n + 1`` terms (any order, any tree, FMA or not) is at most
-  ``gamma(n) * sum |terms|``.
-  """
-  nu = max(int(n), 0) * UNIT_ROUNDOFF
-  if nu >= 0.5:
-    raise ValueError(f"n is too large for a float32 rounding-error bound, got {n=}.")
-  return nu / (1.0 - nu)
-
-
-def tree_levels(length: int) -> int:
-  """Levels of the summation tree that :func:`sum_nonneg` uses for ``length`` terms."""
-  levels, length = 1, max(int(length), 1)
-  while length > _TREE_FAN_IN:
-    length = -(-length // _TREE_FAN_IN)
-    levels += 1
-  return levels
-
-
-def tree_gamma(length: int) -> float:
-  """Relative error bound of :func:`sum_nonneg` on ``length`` terms: ``gamma(15 * levels)``."""
-  return gamma((_TREE_FAN_IN - 1) * tree_levels(length))
-
-
-def sum_nonneg(x: jax.Array) -> jax.Array:
-  """Sum over the last axis as a tree of fan-in 16, in float32.
-
-  A plain ``jnp.sum`` leaves the order to XLA, and the only bound that holds
-  for every order is ``gamma(n - 1)`` (0.06 for a million terms): a crafted
-  gradient could then hide a visible part of its norm in rounding. With at most
-  16 terms per level and an optimization barrier between levels (so that XLA
-  cannot merge the levels back into one reduction), the error is at most
-  :func:`tree_gamma` ``(n) * sum |x|`` whatever XLA does inside a level:
-  ``gamma(75) = 4.5e-6`` up to a million terms.
-  """
-  x = x.astype(jnp.float32)
-  while x.shape[-1] > _TREE_FAN_IN:
-    pad = -x.shape[-1] % _TREE_FAN_IN
-    if pad:
-      x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
-    x = jnp.sum(x.reshape(x.shape[:-1] + (-1, _TREE_FAN_IN)), axis=-1)
-    x = jax.lax.optimization_barrier(x)
-  return jnp.sum(x, axis=-1)
-
-
-def _exact_pow2(p: jax.Array) -> jax.Array:
-  """``2.0 ** p`` as float32 for integer ``p`` in ``[-126, 127]``, built from its bits (exact on every backend)."""
-  return jax.lax.bitcast_convert_type(((p.astype(jnp.int32) + 127) << 23).astype(jnp.int32), jnp.float32)
-
-
-def _pow2(e: jax.Array, x: jax.Array, steps: int) -> jax.Array:
-  """``x * 2**e`` exactly, in steps of normal powers of two (monotone, so no step under/overflows early)."""
-  e = e.astype(jnp.int32)
-  for _ in range(steps):
-    p = jnp.clip(e, -126, 127)
-    x = x * _exact_pow2(p)
-    e = e - p
-  return x
-
-
-def exponent(x: jax.Array, axes) -> jax.Array:
-  """Per-slice ``e`` with ``max |x| < 2**e`` (0 for an all-zero slice; NaN/Inf propagate via the caller)."""
-  m = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=axes)
-  _, e = jnp.frexp(jnp.where(jnp.isfinite(m), m, 1.0))
-  return e.astype(jnp.int32)
-
-
-def scale_pow2(x: jax.Array, e: jax.Array, steps: int = 3) -> jax.Array:
-  """``x * 2**-e`` with ``e`` broadcast over the trailing axes of ``x``; exact (tiny entries may flush to 0)."""
-  e = e.reshape(e.shape + (1,) * (x.ndim - e.ndim))
-  return _pow2(-e, x.astype(jnp.float32), steps)  # 3 steps: |e| up to 378, a sum of float32 exponents
-
-
-def unscale_pow2(x: jax.Array, e: jax.Array) -> jax.Array:
-  """``x * 2**e`` exactly (Inf where the result overflows float32); ``|e|`` up to 378 (a sum of exponents)."""
-  return _pow2(e, x, 3)
-
-
-# Fast path of `scaled_norms`: an unscaled sum of squares s >= n * 2**-96 has lost at most 2n * 2**-126 <= 2**-29 s
-# to underflow (each of its 2n float32 operations flushes at most 2**-126), and a finite one has not overflowed.
-_FAST_SQ_MIN_PER_TERM = 2.0 ** -96
-
-
-def _scaled_norms_slow(x: jax.Array) -> jax.Array:
-  """:func:`scaled_norms` by explicit per-example scaling (any finite values)."""
-  e = exponent(x, 1)
-  xs = scale_pow2(x, e, steps=2)  # one float32 exponent: |e| <= 149
-  return _pow2(e, jnp.sqrt(sum_nonneg(jnp.square(xs))), 2)
-
-
-def scaled_norms(x: jax.Array) -> jax.Array:
-  """``[b]`` L2 norms of the rows of ``x [b, ...]`` with no under- or overflow, in float32.
-
-  Each example is scaled by the power of two of its largest entry (exact), its
-  squares summed by :func:`sum_nonneg`, and the norm scaled back: a gradient of
-  entries ``1e-20`` (whose squares flush to 0) or ``1e20`` (whose squares
-  overflow) gets its true norm to ``tree_gamma / 2`` relative error. NaN or Inf
-  anywhere in a row gives a non-finite norm.
-
-  Guarantee: the scaling is skipped (one pass instead of three) only when the
-  unscaled sum of squares proves it unnecessary for the whole batch: every row's
-  sum is finite (nothing overflowed: all terms are non-negative) and at least
-  ``n * 2**-96`` (underflow cost at most ``2**-29`` relative, on top of
-  ``tree_gamma``), or NaN (a NaN row is NaN either way). Otherwise (an all-zero,
-  tiny or huge row anywhere in the batch) the batch takes the scaled path, so the
-  result meets the bound above for every input; only the speed depends on it.
-  """
-  x = x.astype(jnp.float32).reshape(x.shape[0], -1)
-  if x.shape[1] == 0:
-    return jnp.zeros((x.shape[0],), jnp.float32)
-  s = sum_nonneg(jnp.square(x))
-  lo = x.shape[1] * _FAST_SQ_MIN_PER_TERM
-  safe = jnp.all(((s >= lo) & (s <= jnp.finfo(jnp.float32).max)) | jnp.isnan(s))
-  return jax.lax.cond(safe, lambda: jnp.sqrt(s), lambda: _scaled_norms_slow(x))
-
-
-def hypot(norms: list[jax.Array]) -> jax.Array:
-  """``sqrt(sum_j norms_j**2)`` over a list of ``[b]`` norms, scaled (no under- or overflow)."""
-  if len(norms) == 1:
-    return norms[0]
-  return scaled_norms(jnp.stack(norms, axis=1))
-
-
-def global_norms(per_example_grads: PyTree) -> jax.Array:
-  """L2 norm of each example's gradient over the whole pytree, in float32.
-
-  Scaled per example and leaf, and summed by trees of bounded depth
-  (:func:`scaled_norms`), so the norm is the true norm of these float32
-  gradients to a few ``1e-6`` relative for any values: no underflow, overflow
-  or long-sum rounding can hide part of it.
-
-  Args:
-    per_example_grads: pytree whose leaves have a leading batch axis ``[b, ...]``.
-
-  Returns:
-    ``[b]`` float32 norms (NaN or Inf where a leaf is not finite).
-  """
-  leaves = jax.tree_util.tree_leaves(per_example_grads)
-  if not leaves:
-    raise ValueError("per_example_grads has no leaves: nothing to differentiate.")
-  return hypot([scaled_norms(x) for x in leaves])
-
 
 def validate_params(params: PyTree) -> None:
   """Raises ``ValueError`` naming the first params leaf that is not a float array.
@@ -266,116 +113,6 @@ def validate_params(params: PyTree) -> None:
       raise ValueError(
           f"params leaf {jax.tree_util.keystr(path)!r} has dtype {dtype}: only float leaves can be differentiated "
           "privately; close over it or split it out (nnx.split(model, nnx.Param, ...)).")
-
-
-def clip_factors(norms: jax.Array, clip_norm: float | jax.Array) -> jax.Array:
-  """``min(1, clip_norm / norm)``, safe for ``norm == 0`` and ``clip_norm in {0, inf}``."""
-  clip_norm = jnp.asarray(clip_norm, jnp.float32)
-  safe = jnp.where(norms > 0, norms, 1.0)
-  return jnp.where(norms > clip_norm, clip_norm / safe, 1.0).astype(jnp.float32)
-
-
-def combine(
-    norms: jax.Array,
-    mask: jax.Array,
-    clip_norm: float | jax.Array,
-    losses: jax.Array,
-) -> tuple[jax.Array, ClipStats]:
-  """Per-example weights (clip factor, 0 for padding and non-finite) and stats.
-
-  Shared by every clipping implementation so that the weights and counts mean
-  exactly the same thing whichever way the norms were computed.
-
-  Args:
-    norms: ``[b]`` per-example global gradient norms.
-    mask: ``[b]`` 1 for real examples, 0 for padding.
-    clip_norm: the L2 bound C.
-    losses: ``[b]`` per-example losses (for the stats only).
-
-  Returns:
-    ``(weights [b] float32, ClipStats)``.
-  """
-  mask = mask.astype(bool)
-  finite = jnp.isfinite(norms)
-  ok = mask & finite
-  weights = jnp.where(ok, clip_factors(jnp.where(finite, norms, 0.0), clip_norm), 0.0)
-  clean_norms = jnp.where(ok, norms, 0.0)
-  stats = ClipStats(
-      num_examples=jnp.sum(mask, dtype=jnp.int32),
-      num_clipped=jnp.sum(ok & (norms > jnp.asarray(clip_norm, jnp.float32)), dtype=jnp.int32),
-      num_nonfinite=jnp.sum(mask & ~finite, dtype=jnp.int32),
-      norm_sum=jnp.sum(clean_norms),
-      norm_max=jnp.max(clean_norms, initial=0.0),
-      loss_sum=jnp.sum(jnp.where(mask, losses.astype(jnp.float32), 0.0)),
-  )
-  return weights, stats
-
-
-def weighted_sum(per_example_grads: PyTree, weights: jax.Array) -> PyTree:
-  """``sum_i weights_i * g_i`` in float32; rows with weight 0 are dropped even if NaN."""
-
-  def leaf_sum(g):
-    w = weights.reshape((-1,) + (1,) * (g.ndim - 1))
-    return jnp.sum(jnp.where(w > 0, g.astype(jnp.float32) * w, 0.0), axis=0)
-
-  return jax.tree_util.tree_map(leaf_sum, per_example_grads)
-
-
-def per_example_grads(
-    loss_fn: Callable[..., Any],
-    params: PyTree,
-    batch: PyTree,
-    *,
-    has_aux: bool = False,
-) -> tuple[jax.Array, Any, PyTree]:
-  """Per-example losses, aux and gradients by ``vmap(value_and_grad)``.
-
-  Args:
-    loss_fn: ``loss_fn(params, example) -> loss`` (or ``(loss, aux)``) for ONE example.
-    params: the pytree to differentiate.
-    batch: pytree whose leaves have a leading batch axis.
-    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-
-  Returns:
-    ``(losses [b], aux (batched) or None, grads with a leading [b] axis)``.
-  """
-  vg = jax.value_and_grad(loss_fn, has_aux=has_aux)
-  out, grads = jax.vmap(vg, in_axes=(None, 0))(params, batch)
-  losses, aux = out if has_aux else (out, None)
-  return losses, aux, grads
-
-
-def clipped_sum_vmap(
-    loss_fn: Callable[..., Any],
-    params: PyTree,
-    batch: PyTree,
-    mask: jax.Array,
-    clip_norm: float | jax.Array,
-    has_aux: bool = False,
-) -> tuple[PyTree, Any, ClipStats]:
-  """Clipped, masked sum of one micro-batch by materializing per-example grads.
-
-  The general fallback: works for any differentiable ``loss_fn``; memory is
-  ``b x |params|``.
-
-  Returns:
-    ``(grad_sum (float32, like params), aux (batched) or None, ClipStats)``.
-  """
-  losses, aux, grads = per_example_grads(loss_fn, params, batch, has_aux=has_aux)
-  weights, stats = combine(global_norms(grads), mask, clip_norm, losses)
-  return weighted_sum(grads, weights), aux, stats
-
-
-_MICROBATCH_IMPLS["vmap"] = clipped_sum_vmap
-
-
-def register_clipping(name: str, impl: Callable[..., Any]) -> None:
-  """Makes ``impl`` (same signature as :func:`clipped_sum_vmap`) available as ``clipping=name``."""
-  _MICROBATCH_IMPLS[name] = impl
-
-
-def clipping_modes() -> tuple[str, ...]:
-  return tuple(sorted(_MICROBATCH_IMPLS))
 
 
 def leading_size(batch: PyTree) -> int:
@@ -392,10 +129,8 @@ def leading_size(batch: PyTree) -> int:
 
 def validate_microbatch_size(microbatch_size: int | None) -> None:
   """Raises ``ValueError`` unless ``microbatch_size`` is None or a positive int."""
-  if microbatch_size is not None and (
-      isinstance(microbatch_size, bool) or not isinstance(microbatch_size, int) or microbatch_size <= 0):
-    raise ValueError(f"microbatch_size must be a positive int or None, got {microbatch_size=!r}.")
-
+  if microbatch_size is not None:
+    validation.check_int("microbatch_size", microbatch_size, 1)
 
 def check_batch(batch: PyTree, mask: jax.Array | None, microbatch_size: int | None) -> int:
   """Validates batch, mask and micro-batch size; returns the batch size.
@@ -446,7 +181,7 @@ def clipped_grad_sum(
     microbatch_size: examples per scan step (must divide the batch); None: one step.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``; aux is returned per example.
     clipping: ``"auto"`` (default: ghost norms + book-keeping for the layers
-      :mod:`dpmega.clipping.ghost` recognises, per-layer choice of Gram vs materialized
+      :mod:`dpmega.clipping.jaxpr` recognises, per-layer choice of Gram vs materialized
       norms, ``vmap`` for the other parameters), ``"ghost"`` (the same with
       Gram norms only), ``"vmap"`` (materialize every per-example gradient).
       All modes give the same result to float tolerance.
@@ -467,11 +202,10 @@ def clipped_grad_sum(
     8
   """
   validate_clip_norm(clip_norm)
-  if clipping not in _MICROBATCH_IMPLS:
-    raise ValueError(f"clipping must be one of {clipping_modes()}, got {clipping=!r}.")
+  validation.check_choice("clipping", clipping, clipping_modes())
   validate_params(params)
   b = check_batch(batch, mask, microbatch_size)
-  impl = _MICROBATCH_IMPLS[clipping]
+  impl = _MODES[clipping]
   mask = jnp.ones((b,), jnp.float32) if mask is None else jnp.asarray(mask)
   m = b if microbatch_size is None else microbatch_size
   k = b // m
@@ -494,7 +228,3 @@ def clipped_grad_sum(
   if has_aux:
     aux = jax.tree_util.tree_map(lambda x: jnp.reshape(x, (b,) + x.shape[2:]), aux)
   return grad_sum, aux, stats
-
-
-# Registers "auto" and "ghost" (dpmega.clipping.ghost imports this module, so it comes last).
-from dpmega.clipping import ghost as _ghost  # noqa: E402,F401  pylint: disable=g-import-not-at-top,unused-import

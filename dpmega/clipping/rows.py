@@ -44,7 +44,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dpmega import clipping as clipping_lib
+from dpmega.clipping import floats
 
 # Up to this many lookups per example, duplicate ids are found by rank (pairwise compares), beyond by sorting.
 _RANK_MAX_LOOKUPS = 64
@@ -131,7 +131,7 @@ def row_grad_sq_norms(ids: jax.Array, rows: jax.Array, valid: jax.Array | None =
   if n == 0 or d == 0:
     return jnp.zeros((b,), jnp.float32)
   summed, _ = dedup_rows(ids, rows, valid)
-  return jnp.square(clipping_lib.scaled_norms(summed))
+  return jnp.square(floats.scaled_norms(summed))
 
 
 def scatter_add_rows(

@@ -1,7 +1,7 @@
 """Learnable Criteo-format data: labels drawn from a hidden model with interactions.
 
 Tests, the demo and the utility benchmark write these files and then read them
-with exactly the reader used for the real release (:mod:`dpmega.data.criteo`),
+with exactly the reader used for the real release (:mod:`dpmega.data.criteo_tsv`),
 so the whole path -- text, conversion, hashing, random access -- is exercised.
 
 The hidden model (fixed by ``seed``), for one row with categorical values
@@ -222,12 +222,12 @@ def generate_dataset(out_dir: str | os.PathLike, num_rows: int, *, spec: Synthet
 
   Returns the :class:`SyntheticInfo` of the TSV; the columns are at ``out_dir``.
   """
-  from dpmega.data import criteo  # pylint: disable=g-import-not-at-top
+  from dpmega.data import criteo_tsv  # pylint: disable=g-import-not-at-top
 
   out_dir = Path(out_dir)
   tsv = out_dir.with_name(out_dir.name + ".tsv")
   info = write_synthetic_criteo(tsv, num_rows, spec=spec, seed=seed, row_seed=row_seed)
-  criteo.convert(tsv, out_dir, progress=progress, overwrite=True)
+  criteo_tsv.convert(tsv, out_dir, progress=progress, overwrite=True)
   return info
 
 

@@ -1,19 +1,16 @@
-"""Text for masked-LM pretraining: WordPiece, packing, dynamic masking, sources.
+"""Text for masked-LM pretraining: documents in, packed rows of token ids out, read at random.
 
 The pipeline, one way::
 
   documents (text files | TFDS | stdlib docstrings)
-    -> WordPiece ids (HuggingFace ``tokenizers``; a BERT ``vocab.txt`` works)
+    -> WordPiece ids (:mod:`dpmega.data.wordpiece`; a BERT ``vocab.txt`` works)
     -> packed rows [n, seq_len]: [CLS] doc [SEP] doc [SEP] ... (no row padding
        except the last row), written once to a flat int32 file
     -> ``ArraySource({"input_ids": memmap})``  (what the samplers read at random)
-    -> per micro-batch, from the step's key: :func:`mask_tokens` picks 15% of
-       the real tokens; 80% become [MASK], 10% a random token, 10% stay.
+    -> per micro-batch, from the step's key: dynamic masking
+       (:func:`dpmega.data.masking.mask_tokens`).
 
-Privacy: one packed row is one example (the unit DP protects). Masking is
-drawn independently for each row from a key that does not depend on the data,
-so it is part of the per-example loss, not a release; rows that are padding of
-the sampler (all [PAD]) get no prediction slots and contribute zero.
+Privacy: one packed row is one example (the unit DP protects).
 
 The demo and test corpus (:func:`prepare_stdlib_corpus`) is the English prose
 of the running Python's standard-library docstrings, harvested on the fly into
@@ -24,7 +21,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import functools
 import hashlib
 import os
 import pathlib
@@ -32,116 +28,18 @@ import sys
 import sysconfig
 from typing import Iterable, Iterator, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dpmega.data.sources import ArraySource
-
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+from dpmega.data.wordpiece import SpecialIds
+from dpmega.data.wordpiece import WordPiece
+from dpmega.data.wordpiece import train_wordpiece
 
 # Packages of the standard library that hold tests, demos or GUI code rather
 # than documented APIs; their docstrings are not prose worth learning from.
 _STDLIB_SKIP = frozenset({
     "test", "idlelib", "lib2to3", "tkinter", "turtledemo", "ensurepip", "pydoc_data", "this", "antigravity",
 })
-
-
-# ----------------------------------------------------------------------------- tokenizer
-
-
-@dataclasses.dataclass(frozen=True)
-class SpecialIds:
-  """Ids of the special tokens in a vocabulary."""
-
-  pad: int
-  unk: int
-  cls: int
-  sep: int
-  mask: int
-
-  @property
-  def all(self) -> tuple[int, ...]:
-    return (self.pad, self.unk, self.cls, self.sep, self.mask)
-
-
-class WordPiece:
-  """A BERT WordPiece tokenizer (HuggingFace ``tokenizers``) and its special ids.
-
-  Args:
-    vocab_path: a BERT ``vocab.txt`` (one token per line, the id is the line
-      number); must contain ``[PAD] [UNK] [CLS] [SEP] [MASK]``.
-    lowercase: lower-case and strip accents (``True`` for "uncased" vocabularies).
-
-  Raises:
-    ValueError: naming ``vocab_path`` if the file is missing or lacks a special token.
-  """
-
-  def __init__(self, vocab_path: str | os.PathLike, *, lowercase: bool = True):
-    path = pathlib.Path(vocab_path)
-    if not path.is_file():
-      raise ValueError(f"vocab_path must be an existing vocab.txt file, got {str(path)!r}.")
-    from tokenizers import BertWordPieceTokenizer  # pylint: disable=g-import-not-at-top
-
-    # vocab.txt: the id of a token is its line number.
-    with open(path, encoding="utf-8") as f:
-      vocab = {line.rstrip("\n"): i for i, line in reversed(list(enumerate(f)))}
-    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
-    if missing:
-      raise ValueError(f"vocab_path {str(path)!r} must contain the special tokens {SPECIAL_TOKENS}, missing {missing}.")
-    self.vocab_path = path
-    self.lowercase = lowercase
-    self._tok = BertWordPieceTokenizer(str(path), lowercase=lowercase)
-    self.special = SpecialIds(*(self._tok.token_to_id(t) for t in SPECIAL_TOKENS))
-    self.vocab_size = self._tok.get_vocab_size()
-
-  def encode(self, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each text, without [CLS]/[SEP] (packing adds them)."""
-    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
-
-  def decode(self, ids: Sequence[int]) -> str:
-    return self._tok.decode(list(map(int, ids)), skip_special_tokens=False)
-
-  def id_to_token(self, i: int) -> str:
-    return self._tok.id_to_token(int(i))
-
-
-def train_wordpiece(
-    files: Sequence[str | os.PathLike],
-    out_dir: str | os.PathLike,
-    *,
-    vocab_size: int,
-    min_frequency: int = 2,
-    lowercase: bool = True,
-) -> pathlib.Path:
-  """Trains a WordPiece vocabulary on text files and writes ``out_dir/vocab.txt``.
-
-  The five special tokens get ids 0..4 in :data:`SPECIAL_TOKENS` order.
-
-  .. warning::
-     A vocabulary trained on the private corpus is itself a function of the
-     private data and is not covered by the DP guarantee of training. For a
-     formal guarantee, train it on public text (as the demo does) or use a
-     public ``vocab.txt``.
-
-  Returns:
-    The path of the written ``vocab.txt``.
-  """
-  if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < len(SPECIAL_TOKENS) + 1:
-    raise ValueError(f"vocab_size must be an int >= {len(SPECIAL_TOKENS) + 1}, got {vocab_size=!r}.")
-  files = [str(f) for f in files]
-  for f in files:
-    if not os.path.isfile(f):
-      raise ValueError(f"files must be existing text files, got {f!r}.")
-  from tokenizers import BertWordPieceTokenizer  # pylint: disable=g-import-not-at-top
-
-  out = pathlib.Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  tok = BertWordPieceTokenizer(lowercase=lowercase)
-  tok.train(files, vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
-            special_tokens=list(SPECIAL_TOKENS))
-  tok.save_model(str(out))
-  return out / "vocab.txt"
 
 
 # ----------------------------------------------------------------------------- documents
@@ -416,125 +314,3 @@ def tfds_documents(
 def cache_name(*parts: object) -> str:
   """A short stable file-name stem for a cache keyed by ``parts``."""
   return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------- masking
-
-
-@dataclasses.dataclass(frozen=True)
-class MaskingConfig:
-  """Dynamic masking as in BERT (Devlin et al. 2019, section 3.1).
-
-  Attributes:
-    mask_rate: fraction of the maskable tokens of a row chosen for prediction
-      (rounded; at least 1 if the row has any; at most ``max_predictions``).
-    max_predictions: prediction slots per row (BERT: 20 for length 128).
-    mask_token_prob: of the chosen tokens, the fraction replaced by [MASK].
-    random_token_prob: the fraction replaced by a uniformly random non-special
-      token; the rest are left unchanged (but still predicted).
-  """
-
-  mask_rate: float = 0.15
-  max_predictions: int = 20
-  mask_token_prob: float = 0.8
-  random_token_prob: float = 0.1
-
-  def __post_init__(self):
-    if not 0.0 < self.mask_rate <= 1.0:
-      raise ValueError(f"mask_rate must be in (0, 1], got {self.mask_rate=}.")
-    if isinstance(self.max_predictions, bool) or not isinstance(self.max_predictions, int) or self.max_predictions < 1:
-      raise ValueError(f"max_predictions must be an int >= 1, got {self.max_predictions=!r}.")
-    if not (0.0 <= self.mask_token_prob <= 1.0 and 0.0 <= self.random_token_prob <= 1.0
-            and self.mask_token_prob + self.random_token_prob <= 1.0):
-      raise ValueError(
-          "mask_token_prob and random_token_prob must be in [0, 1] with a sum <= 1, got "
-          f"{self.mask_token_prob=}, {self.random_token_prob=}.")
-
-
-@functools.partial(jax.jit, static_argnames=("config", "special", "vocab_size"))
-def mask_tokens(
-    input_ids: jax.Array,
-    key: jax.Array,
-    *,
-    config: MaskingConfig,
-    special: SpecialIds,
-    vocab_size: int,
-) -> dict[str, jax.Array]:
-  """Chooses and corrupts the tokens to predict in each row; one key for the whole batch.
-
-  Maskable tokens are those other than [PAD], [CLS] and [SEP]. In a row with
-  ``n`` of them, exactly ``k = min(max_predictions, max(1, round(mask_rate *
-  n)))`` distinct positions are chosen uniformly at random (``k = 0`` when
-  ``n = 0``, e.g. a padding row). Each chosen token independently becomes
-  [MASK] with probability ``mask_token_prob``, a uniformly random non-special
-  token with probability ``random_token_prob``, and stays otherwise.
-
-  Args:
-    input_ids: ``[..., T]`` int token ids (packed rows).
-    key: PRNG key (a fresh one per step and micro-batch).
-    config: :class:`MaskingConfig`; ``max_predictions <= T``.
-    special: the vocabulary's :class:`SpecialIds`.
-    vocab_size: ids are in ``[0, vocab_size)``.
-
-  Returns:
-    ``{"input_ids": [..., T] corrupted ids, "mlm_positions": [..., P],
-    "mlm_labels": [..., P] original ids, "mlm_weights": [..., P] float32 1 for a
-    used slot, 0 for an unused one}`` with ``P = max_predictions``; unused
-    slots have position 0 and label 0.
-
-  Example:
-    >>> import jax, numpy as np
-    >>> ids = SpecialIds(pad=0, unk=1, cls=2, sep=3, mask=4)
-    >>> row = np.array([[2] + list(range(5, 25)) + [3, 0, 0]])  # 20 maskable tokens
-    >>> out = mask_tokens(row, jax.random.key(0), config=MaskingConfig(max_predictions=5),
-    ...                   special=ids, vocab_size=30)
-    >>> out["mlm_weights"].tolist()  # round(0.15 * 20) = 3 slots used
-    [[1.0, 1.0, 1.0, 0.0, 0.0]]
-  """
-  ids = jnp.asarray(input_ids).astype(jnp.int32)
-  t = ids.shape[-1]
-  p = config.max_predictions
-  if p > t:
-    raise ValueError(f"max_predictions must be <= the sequence length {t}, got {config.max_predictions=}.")
-  k_select, k_mode, k_random = jax.random.split(key, 3)
-  maskable = (ids != special.pad) & (ids != special.cls) & (ids != special.sep)
-  n = jnp.sum(maskable, axis=-1)
-  k = jnp.round(config.mask_rate * n.astype(jnp.float32)).astype(jnp.int32)
-  k = jnp.where(n > 0, jnp.clip(k, 1, p), 0)
-  # Uniform scores on maskable tokens, -1 elsewhere: the top p scores are a
-  # uniformly random ordering of the maskable positions (then the others);
-  # the first k of them are a uniformly random k-subset.
-  scores = jnp.where(maskable, jax.random.uniform(k_select, ids.shape), -1.0)
-  _, positions = jax.lax.top_k(scores, p)
-  weights = (jnp.arange(p) < k[..., None]).astype(jnp.float32)
-  used = weights > 0
-  labels = jnp.take_along_axis(ids, positions, axis=-1)
-
-  normal = np.setdiff1d(np.arange(vocab_size), np.asarray(special.all))
-  if normal.size == 0:
-    raise ValueError(f"vocab_size must leave at least one non-special token, got {vocab_size=}.")
-  random_tokens = jnp.asarray(normal, jnp.int32)[jax.random.randint(k_random, positions.shape, 0, normal.size)]
-  u = jax.random.uniform(k_mode, positions.shape)
-  new_tokens = jnp.where(
-      u < config.mask_token_prob, special.mask,
-      jnp.where(u < config.mask_token_prob + config.random_token_prob, random_tokens, labels))
-  # Positions are distinct, so a one-hot scatter over [P, T] is exact.
-  hit = (positions[..., :, None] == jnp.arange(t)) & used[..., :, None]
-  replaced = jnp.sum(jnp.where(hit, new_tokens[..., :, None], 0), axis=-2)
-  corrupted = jnp.where(jnp.any(hit, axis=-2), replaced, ids)
-  return {
-      "input_ids": corrupted,
-      "mlm_positions": jnp.where(used, positions, 0).astype(jnp.int32),
-      "mlm_labels": jnp.where(used, labels, 0).astype(jnp.int32),
-      "mlm_weights": weights,
-  }
-
-
-def unigram_counts(source: ArraySource, *, vocab_size: int, special: SpecialIds, chunk: int = 4096) -> np.ndarray:
-  """Counts of each maskable token id over a packed source (specials counted 0)."""
-  counts = np.zeros((vocab_size,), np.int64)
-  ids = source.arrays["input_ids"]
-  for start in range(0, len(source), chunk):
-    counts += np.bincount(np.asarray(ids[start:start + chunk]).ravel(), minlength=vocab_size)[:vocab_size]
-  counts[[special.pad, special.cls, special.sep]] = 0
-  return counts

@@ -1,11 +1,14 @@
-"""CTR models in Flax Linen: Wide & Deep, DeepFM and a DLRM-style model.
+"""CTR models in Flax Linen: Wide & Deep, DeepFM, a DLRM-style model, and a small embeddings + MLP.
 
-All three read one example (or a batch: any leading axes) as ``dense``
+Wide & Deep, DeepFM and DLRM read one example (or a batch: any leading axes) as ``dense``
 ``[..., num_dense]`` float32 and ``sparse`` ``[..., F]`` int32 hashed ids (the
 output of :class:`dpmega.data.criteo.CriteoSource`), and return one logit
 ``[...]``. Categorical feature ``f`` owns ``buckets[f]`` rows of an
 ``nn.Embed`` table, so the tables are plain Linen parameters that per-example
 clipping sees (:mod:`dpmega.clipping.rows` clips their lookups sparsely).
+The task that trains them on Criteo data is :mod:`dpmega.tasks.ctr`.
+:class:`CtrMlp` (``cat``, ``dense`` -> logit, one table per feature) is the
+small model of the built-in ``synthetic_ctr`` task.
 
 Parameter names (stable, for sharding rules and tests): ``embed/table``
 (the deep ``[sum(buckets), d]`` table shared by all features, see
@@ -272,6 +275,30 @@ class Dlrm(nn.Module):
     return nn.Dense(1, name="logit")(x)[..., 0]
 
 
+class CtrMlp(nn.Module):
+  """Embeddings of the categorical features, concatenated with the dense ones, then an MLP to one logit.
+
+  The small model of the built-in ``synthetic_ctr`` task (:mod:`dpmega.tasks.builtin`): one
+  ``nn.Embed`` table per feature (``embed_{i}``), ``dense_{i}`` layers, ``logit``.
+
+  Works on one example (``cat [F]``, ``dense [D]``) or a batch (leading axes).
+  """
+
+  num_categorical: int
+  vocab_size: int
+  embed_dim: int
+  hidden: Sequence[int]
+
+  @nn.compact
+  def __call__(self, cat: jax.Array, dense: jax.Array) -> jax.Array:
+    embs = [nn.Embed(self.vocab_size, self.embed_dim, name=f"embed_{i}")(cat[..., i])
+            for i in range(self.num_categorical)]
+    x = jnp.concatenate(embs + [dense.astype(jnp.float32)], axis=-1)
+    for i, width in enumerate(self.hidden):
+      x = nn.relu(nn.Dense(width, name=f"dense_{i}")(x))
+    return nn.Dense(1, name="logit")(x)[..., 0]
+
+
 _MODELS = {ModelKind.WIDE_DEEP: WideDeep, ModelKind.DEEPFM: DeepFM, ModelKind.DLRM: Dlrm}
 
 
@@ -285,21 +312,5 @@ def default_crosses(num_sparse: int, num_pairs: int = 8) -> tuple[tuple[int, int
   return tuple((2 * i, 2 * i + 1) for i in range(min(num_pairs, num_sparse // 2)))
 
 
-# ---------------------------------------------------------------------------
-# The task (what the trainer sees).
-
-TASK_NAMES = {"ctr_wide_deep": ModelKind.WIDE_DEEP, "ctr_deepfm": ModelKind.DEEPFM, "ctr_dlrm": ModelKind.DLRM}
-
-
-def build_task(config: Any):
-  """Builds the CTR task ``config.task.name`` (``ctr_wide_deep``, ``ctr_deepfm``, ``ctr_dlrm``).
-
-  See :mod:`dpmega.tasks.ctr` for the fields of ``config.task``.
-  """
-  from dpmega.tasks import ctr as ctr_task  # pylint: disable=g-import-not-at-top
-
-  return ctr_task.build_task(config)
-
-
-__all__ = ["ModelKind", "CtrModelConfig", "WideDeep", "DeepFM", "Dlrm", "make_model", "cross_ids",
-           "default_crosses", "build_task", "TASK_NAMES"]
+__all__ = ["ModelKind", "CtrModelConfig", "WideDeep", "DeepFM", "Dlrm", "CtrMlp", "GroupedEmbed", "make_model",
+           "cross_ids", "default_crosses"]

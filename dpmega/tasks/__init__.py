@@ -1,8 +1,16 @@
 """What the trainer trains: a model, its per-example loss, its data, its evaluation.
 
 A config names a task (``config.task.name``); :func:`build_task` imports the
-module that knows how to build it and calls its ``build_task(config)``. Model
-modules stay independent of the trainer; the trainer only sees :class:`Task`.
+module that knows how to build it (the literal table ``_BUILDERS``) and calls
+its ``build_task(config)``. The trainer only sees :class:`Task`.
+
+One shape for every task module (``builtin``: ``synthetic_ctr``; ``ctr``:
+``ctr_wide_deep``, ``ctr_deepfm``, ``ctr_dlrm``; ``bert``: ``bert_mlm``):
+``default_task_config()`` gives every field of ``config.task`` with its
+default, and ``build_task(config) -> Task`` validates them and joins a Flax
+module of :mod:`dpmega.models` to the data of :mod:`dpmega.data`. Imports go
+one way: ``data``, ``models`` <- ``tasks`` <- ``train``; the run's values
+(steps, batch sizes, table sizes, learning rates) live in ``configs/``.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from typing import Any, Callable
 
 import jax
 
+from dpmega import validation
 from dpmega.data.sources import RandomAccessSource
 
 PyTree = Any
@@ -23,7 +32,7 @@ _BUILDERS: dict[str, str] = {
     "ctr_wide_deep": "dpmega.tasks.ctr:build_task",
     "ctr_deepfm": "dpmega.tasks.ctr:build_task",
     "ctr_dlrm": "dpmega.tasks.ctr:build_task",
-    "bert_mlm": "dpmega.models.bert:build_task",
+    "bert_mlm": "dpmega.tasks.bert:build_task",
 }
 
 
@@ -62,8 +71,6 @@ def task_names() -> tuple[str, ...]:
 
 def build_task(config: Any) -> Task:
   """Builds the task ``config.task.name`` from the whole config."""
-  name = config.task.name
-  if name not in _BUILDERS:
-    raise ValueError(f"task.name must be one of {task_names()}, got {name!r}.")
+  name = validation.check_choice("task.name", config.task.name, task_names())
   module_name, fn_name = _BUILDERS[name].split(":")
   return getattr(importlib.import_module(module_name), fn_name)(config)

@@ -8,9 +8,10 @@ embeddings + MLP model can learn it and a linear-only model cannot fully.
 The evaluation split is generated from the same distribution with another
 stream and is disjoint from training.
 
-The model is a Flax Linen module: one embedding table per categorical feature,
-concatenated with the dense features, then an MLP to one logit; the loss is the
-logistic (sigmoid cross-entropy) loss of ONE example, as the trainer wants.
+The model is :class:`dpmega.models.ctr.CtrMlp`: one embedding table per
+categorical feature, concatenated with the dense features, then an MLP to one
+logit; the loss is the logistic (sigmoid cross-entropy) loss of ONE example, as
+the trainer wants.
 
 Config fields (``config.task``), with their defaults in :func:`default_task_config`:
 ``num_train``, ``num_eval``, ``num_categorical``, ``vocab_size``, ``num_dense``,
@@ -19,17 +20,17 @@ Config fields (``config.task``), with their defaults in :func:`default_task_conf
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
 from dpmega import metrics as metrics_lib
+from dpmega import validation
 from dpmega.data.sources import ArraySource
+from dpmega.models import ctr
 from dpmega.tasks import Task
 
 NAME = "synthetic_ctr"
@@ -48,13 +49,6 @@ def default_task_config() -> ml_collections.ConfigDict:
       "hidden": (32, 16),
       "data_seed": 1234,
   })
-
-
-def _check(cfg, name: str, lo: int, hi: int) -> int:
-  value = cfg[name]
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
-    raise ValueError(f"task.{name} must be an int in [{lo}, {hi}], got {value!r}.")
-  return int(value)
 
 
 def _hash(raw: np.ndarray, vocab_size: int) -> np.ndarray:
@@ -79,13 +73,13 @@ class _Truth:
 
 def generate(cfg: Any, split: str) -> dict[str, np.ndarray]:
   """The ``"train"`` or ``"eval"`` split as arrays ``cat [n, F] int32``, ``dense [n, D]``, ``label [n]``."""
-  if split not in ("train", "eval"):
-    raise ValueError(f"split must be 'train' or 'eval', got {split!r}.")
-  f = _check(cfg, "num_categorical", 1, 64)
-  v = _check(cfg, "vocab_size", 2, 10_000_000)
-  d = _check(cfg, "num_dense", 0, 4096)
-  n = _check(cfg, "num_train" if split == "train" else "num_eval", 1, 10**9)
-  seed = _check(cfg, "data_seed", 0, 2**63 - 1)
+  validation.check_choice("split", split, ("train", "eval"))
+  f = validation.check_int("task.num_categorical", cfg["num_categorical"], 1, 64)
+  v = validation.check_int("task.vocab_size", cfg["vocab_size"], 2, 10_000_000)
+  d = validation.check_int("task.num_dense", cfg["num_dense"], 0, 4096)
+  rows = "num_train" if split == "train" else "num_eval"
+  n = validation.check_int(f"task.{rows}", cfg[rows], 1, 10**9)
+  seed = validation.check_int("task.data_seed", cfg["data_seed"], 0, 2**63 - 1)
   truth = _Truth(np.random.default_rng([seed, 0]), f, v, d)
   rng = np.random.default_rng([seed, 1 if split == "train" else 2])
   raw = np.minimum(rng.zipf(1.3, size=(n, f)), _RAW_ID_SPACE) + np.arange(f) * 7919
@@ -96,37 +90,16 @@ def generate(cfg: Any, split: str) -> dict[str, np.ndarray]:
   return {"cat": cat, "dense": dense, "label": label}
 
 
-class CtrMlp(nn.Module):
-  """Embeddings of the categorical features, concatenated with the dense ones, then an MLP to one logit.
-
-  Works on one example (``cat [F]``, ``dense [D]``) or a batch (leading axes).
-  """
-
-  num_categorical: int
-  vocab_size: int
-  embed_dim: int
-  hidden: Sequence[int]
-
-  @nn.compact
-  def __call__(self, cat: jax.Array, dense: jax.Array) -> jax.Array:
-    embs = [nn.Embed(self.vocab_size, self.embed_dim, name=f"embed_{i}")(cat[..., i])
-            for i in range(self.num_categorical)]
-    x = jnp.concatenate(embs + [dense.astype(jnp.float32)], axis=-1)
-    for i, width in enumerate(self.hidden):
-      x = nn.relu(nn.Dense(width, name=f"dense_{i}")(x))
-    return nn.Dense(1, name="logit")(x)[..., 0]
-
-
 def build_task(config: Any) -> Task:
   """The ``synthetic_ctr`` task from ``config.task`` (see :func:`default_task_config`)."""
   cfg = config.task
   hidden = tuple(cfg.hidden)
   if not all(isinstance(h, int) and 1 <= h <= 65536 for h in hidden):
     raise ValueError(f"task.hidden must be a tuple of ints in [1, 65536], got {cfg.hidden!r}.")
-  _check(cfg, "embed_dim", 1, 4096)
+  validation.check_int("task.embed_dim", cfg["embed_dim"], 1, 4096)
   train = generate(cfg, "train")
   evaluation = generate(cfg, "eval")
-  model = CtrMlp(cfg.num_categorical, cfg.vocab_size, cfg.embed_dim, hidden)
+  model = ctr.CtrMlp(cfg.num_categorical, cfg.vocab_size, cfg.embed_dim, hidden)
 
   def init_params(key):
     return model.init(key, train["cat"][0], train["dense"][0])["params"]

@@ -22,6 +22,9 @@
 
 The evaluation split is never part of ``train_source``; its metrics are exact
 (:mod:`dpmega.metrics`) and not private with respect to the evaluation rows.
+
+The models are :mod:`dpmega.models.ctr`; the runs (trainer settings, table
+sizes, the Criteo Kaggle variant) are ``configs/ctr_*.py``.
 """
 
 from __future__ import annotations
@@ -38,16 +41,20 @@ import ml_collections
 import numpy as np
 import optax
 
-from dpmega.clipping import ghost  # noqa: F401 - registers the "auto" (sparse/ghost) clipping modes the configs use
 from dpmega import metrics as metrics_lib
+from dpmega import validation
 from dpmega.data import criteo
 from dpmega.data import criteo_synthetic
 from dpmega.models import ctr
 from dpmega.tasks import Task
 
+# task name -> the architecture it trains.
+TASK_NAMES = {"ctr_wide_deep": ctr.ModelKind.WIDE_DEEP, "ctr_deepfm": ctr.ModelKind.DEEPFM,
+              "ctr_dlrm": ctr.ModelKind.DLRM}
+
 
 def default_task_config(name: str = "ctr_dlrm") -> ml_collections.ConfigDict:
-  """Small defaults that train in a minute on a laptop CPU."""
+  """``config.task`` of the CTR task ``name``, every field with its default (small: a minute on a laptop CPU)."""
   return ml_collections.ConfigDict({
       "name": name,
       "model": {
@@ -74,84 +81,15 @@ def default_task_config(name: str = "ctr_dlrm") -> ml_collections.ConfigDict:
   })
 
 
-def base_ctr_config(name: str, variant: str | None = None) -> ml_collections.ConfigDict:
-  """Trainer + task fields shared by ``configs/ctr_*.py``; the model files set the rest.
-
-  Args:
-    name: the task name (``ctr_wide_deep``, ``ctr_deepfm``, ``ctr_dlrm``).
-    variant: None or ``"small"``: generated data, small tables, about a minute
-      on 2 CPU cores. ``"kaggle"``: Criteo Kaggle (``train.txt`` converted with
-      ``dpmega.data.criteo.convert`` to ``data/criteo_kaggle``; the last 1/7,
-      one day, is the evaluation split), hashed tables of 2**20 rows per
-      feature, sparse ("auto") clipping, mega-batches. Not run here.
-  """
-  from dpmega.train import config as config_lib  # pylint: disable=g-import-not-at-top
-
-  if variant not in (None, "", "small", "kaggle"):
-    raise ValueError(f"config variant must be 'small' or 'kaggle', got {variant!r}.")
-  c = config_lib.base_config()
-  c.task = default_task_config(name)
-  c.workdir = f"runs/{name}"
-  c.clip_norm = 1.0
-  c.target_epsilon = 3.0
-  c.delta = 1e-6
-  c.sampling = "poisson"
-  c.accountant = "rdp"
-  c.clipping = "auto"  # sparse per-example clipping of the lookups: no B x V x d tensor
-  c.optimizer.name = "adam"
-  c.optimizer.schedule = "cosine"
-  c.log_every = 10
-  if variant == "kaggle":
-    c.task.data.train_dir = "data/criteo_kaggle"
-    c.task.data.eval_fraction = 1 / 7
-    c.task.data.eval_max_rows = 0
-    c.task.data.eval_batch_size = 65_536
-    c.task.model.buckets = 2**20
-    c.task.model.cross_buckets = 2**22
-    c.num_steps = 1_800  # ~3 epochs of the ~39.3M training rows at 65,536 per step
-    c.batch_schedule = "constant:65536"
-    c.microbatch_size = 2_048
-    c.max_microbatches = 8
-    c.delta = 1e-8  # < 1 / 39.3M training rows
-    c.optimizer.learning_rate = 1e-3
-    c.optimizer.warmup_steps = 50
-    c.eval_every = 300
-    c.checkpoint_every = 300
-  else:
-    c.task.data.synthetic_rows = 50_000
-    c.task.data.synthetic_eval_rows = 10_000
-    c.task.data.synthetic_vocab = 0
-    c.task.model.buckets = 1_000
-    c.task.model.cross_buckets = 4_096
-    c.num_steps = 60
-    c.batch_schedule = "constant:2048"
-    c.microbatch_size = 256
-    c.max_microbatches = 8
-    c.delta = 1e-5  # < 1 / 50,000 training rows
-    # SGD with momentum, not Adam: Adam rescales every coordinate's update to
-    # about the learning rate, so coordinates that only see noise (most
-    # embedding rows, most MLP weights at small batch sizes) random-walk at the
-    # learning rate; measured here, Adam lost 0.1-0.3 AUC at epsilon = 3.
-    c.optimizer.name = "momentum"
-    c.optimizer.momentum = 0.9
-    c.optimizer.learning_rate = 1.0  # per model in configs/ctr_*.py
-    c.optimizer.warmup_steps = 5
-    c.eval_every = 0
-  return c
-
-
 def model_config(cfg: Any) -> ctr.CtrModelConfig:
   """The :class:`dpmega.models.ctr.CtrModelConfig` of ``config.task``."""
-  if cfg.name not in ctr.TASK_NAMES:
-    raise ValueError(f"task.name must be one of {sorted(ctr.TASK_NAMES)}, got {cfg.name!r}.")
+  kind = TASK_NAMES[validation.check_choice("task.name", cfg.name, sorted(TASK_NAMES))]
   m = cfg.model
   buckets = criteo.validate_buckets(m.buckets, criteo.NUM_CAT, "task.model.buckets")
-  num_crosses = int(m.get("num_crosses", 0))
-  if not 0 <= num_crosses <= criteo.NUM_CAT // 2:
-    raise ValueError(f"task.model.num_crosses must be in [0, {criteo.NUM_CAT // 2}], got {num_crosses}.")
+  num_crosses = validation.check_int("task.model.num_crosses", m.get("num_crosses", 0), 0, criteo.NUM_CAT // 2)
   try:
     return ctr.CtrModelConfig(
-        kind=ctr.TASK_NAMES[cfg.name],
+        kind=kind,
         buckets=buckets,
         embed_dims=m.embed_dim if isinstance(m.embed_dim, int) else tuple(m.embed_dim),
         num_dense=criteo.NUM_INT,
@@ -167,12 +105,10 @@ def model_config(cfg: Any) -> ctr.CtrModelConfig:
 
 def _synthetic_dirs(d: Any) -> tuple[Path, Path]:
   """Generates (or reuses) the synthetic train and evaluation directories."""
-  rows, eval_rows = int(d.synthetic_rows), int(d.synthetic_eval_rows)
-  if rows < 1 or eval_rows < 1:
-    raise ValueError(f"task.data.synthetic_rows and synthetic_eval_rows must be >= 1, got {rows}, {eval_rows}.")
-  vocab, seed = int(d.synthetic_vocab), int(d.synthetic_seed)
-  if vocab < 0:
-    raise ValueError(f"task.data.synthetic_vocab must be >= 0 (0: default vocabularies), got {vocab}.")
+  rows = validation.check_int("task.data.synthetic_rows", d.synthetic_rows, 1)
+  eval_rows = validation.check_int("task.data.synthetic_eval_rows", d.synthetic_eval_rows, 1)
+  vocab = validation.check_int("task.data.synthetic_vocab", d.synthetic_vocab, 0)  # 0: the default vocabularies
+  seed = validation.check_int("task.data.synthetic_seed", d.synthetic_seed, 0)
   spec = criteo_synthetic.small_spec(vocab) if vocab else criteo_synthetic.SyntheticSpec()
   key = json.dumps({"rows": rows, "eval_rows": eval_rows, "spec": repr(spec), "seed": seed}, sort_keys=True)
   tag = hashlib.sha256(key.encode()).hexdigest()[:12]
@@ -196,9 +132,7 @@ def sources(cfg: Any) -> tuple[criteo.CriteoSource, criteo.CriteoSource]:
   columns = criteo.open_columns(d.train_dir)
   if d.eval_dir:
     return criteo.CriteoSource(columns, buckets), criteo.CriteoSource(d.eval_dir, buckets)
-  frac = float(d.eval_fraction)
-  if not 0 < frac < 1:
-    raise ValueError(f"task.data.eval_fraction must be in (0, 1) when eval_dir is empty, got {frac}.")
+  frac = validation.check_real("task.data.eval_fraction", d.eval_fraction, 0, 1, lo_open=True, hi_open=True)
   n = len(columns)
   cut = n - max(1, int(round(frac * n)))
   if cut < 1:
@@ -211,9 +145,9 @@ def make_evaluate(model, source: criteo.CriteoSource, *, batch_size: int = 4096,
 
   Batches are padded to ``batch_size`` so the prediction compiles once.
   """
-  if batch_size < 1:
-    raise ValueError(f"eval_batch_size must be >= 1, got {batch_size}.")
-  n = len(source) if not max_rows else min(int(max_rows), len(source))
+  batch_size = validation.check_int("task.data.eval_batch_size", batch_size, 1)
+  max_rows = validation.check_int("task.data.eval_max_rows", max_rows, 0)
+  n = len(source) if not max_rows else min(max_rows, len(source))
   predict = jax.jit(lambda params, dense, sparse: model.apply({"params": params}, dense, sparse))
 
   def evaluate(params) -> dict[str, float]:
@@ -252,6 +186,6 @@ def build_task(config: Any) -> Task:
     sparse = jnp.zeros((criteo.NUM_CAT,), jnp.int32)
     return model.init(key, dense, sparse)["params"]
 
-  evaluate = make_evaluate(model, evaluation, batch_size=int(d.get("eval_batch_size", 4096)),
-                           max_rows=int(d.get("eval_max_rows", 0)))
+  evaluate = make_evaluate(model, evaluation, batch_size=d.get("eval_batch_size", 4096),
+                           max_rows=d.get("eval_max_rows", 0))
   return Task(cfg.name, init_params, per_example_loss(model), train, evaluate)

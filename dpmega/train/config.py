@@ -1,12 +1,20 @@
-"""Training configs: Python files returning a ``ConfigDict``, overrides, validation.
+"""Training configs: the trainer's fields, each declared once; config files, overrides, validation.
+
+Each trainer field is declared once, as a field of :class:`TrainConfig` (or of
+its groups :class:`OptimizerConfig` and :class:`MeshSettings`) that carries
+what a config file writes by default, the allowed range or choices and the help
+text (:mod:`dpmega.train.fields`). From those declarations :func:`base_config`
+builds the ``ml_collections.ConfigDict`` that config files start from,
+:func:`validate` checks a ConfigDict and returns the frozen, typed
+:class:`TrainConfig` (enums for choices, a schedule object), and
+:func:`describe_fields` prints the table of fields. Every error is a
+:class:`UsageError` naming the field's dotted path and its allowed range,
+raised before any compute.
 
 A run is described by a Python file under ``configs/`` whose ``get_config()``
-returns an ``ml_collections.ConfigDict`` built on :func:`base_config` (every
-trainer field, with its default) plus the task's own fields under ``task``.
-:func:`apply_overrides` applies ``field.sub=value`` strings from the command
-line; :func:`validate` checks every trainer field and returns a frozen
-:class:`TrainConfig` (enums for choices), raising :class:`UsageError` that
-names the field and its allowed range -- before any compute.
+returns :func:`base_config` plus the task's own fields under ``task``;
+:func:`load_config` runs it and :func:`apply_overrides` applies
+``field.sub=value`` strings from the command line.
 
 Budget fields (exactly what :mod:`dpmega.train` does with them):
 
@@ -29,17 +37,17 @@ import dataclasses
 import enum
 import importlib.util
 import math
-import numbers
 import os
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import ml_collections
-from ml_collections import config_dict
 
 from dpmega import schedules
-from dpmega.accounting import AccountantType
-from dpmega.accounting import SamplingScheme
+from dpmega.accounting import accountants
+from dpmega.accounting.accountants import AccountantType
 from dpmega.errors import UsageError
+from dpmega.sampling import SamplingScheme
+from dpmega.train import fields
 
 
 class Optimizer(enum.Enum):
@@ -66,63 +74,190 @@ class LrSchedule(enum.Enum):
   EXPONENTIAL = "exponential"
 
 
+# Choices read from the modules that define them, imported only when a config is validated.
+def _task_names() -> list[str]:
+  from dpmega import tasks  # noqa: PLC0415 - keeps `import dpmega.train.config` light
+  return list(tasks.task_names())
+
+
+def _clipping_modes() -> list[str]:
+  from dpmega import clipping  # noqa: PLC0415 - keeps `import dpmega.train.config` light
+  return list(clipping.clipping_modes())
+
+
+def _noise_samplers() -> list[str]:
+  from dpmega import noise  # noqa: PLC0415 - keeps `import dpmega.train.config` light
+  return [s.value for s in noise.NoiseSampler]
+
+
+def _accountants() -> list[str]:
+  return [a.value for a in AccountantType]
+
+
+# ---------------------------------------------------------------------------------------------- the fields
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """Which optax optimizer and learning-rate schedule (:func:`dpmega.train.optim.make_optimizer`); ``optimizer.*``."""
+
+  name: Optimizer = fields.choice("adam", Optimizer, doc="the optax optimizer")
+  learning_rate: float = fields.positive(1e-3, doc="peak learning rate (after the warmup)")
+  schedule: LrSchedule = fields.choice("constant", LrSchedule, doc="decay after the warmup (optax)")
+  warmup_steps: int = fields.integer(0, 0, "num_steps", doc="steps of linear warmup from 0")
+  final_lr_fraction: float = fields.real(0.0, 0.0, 1.0, doc="final / peak learning rate (cosine, linear, exponential)")
+  momentum: float = fields.real(0.9, 0.0, 1.0, hi_open=True, doc="momentum of 'momentum'")
+  nesterov: bool = fields.flag(False, doc="Nesterov momentum for 'momentum'")
+  b1: float = fields.real(0.9, 0.0, 1.0, hi_open=True, doc="first-moment decay (adam, adamw, lamb)")
+  b2: float = fields.real(0.999, 0.0, 1.0, hi_open=True, doc="second-moment decay (adam, adamw, lamb)")
+  eps: float = fields.real(1e-8, 0.0, math.inf, hi_open=True, doc="epsilon of adam, adamw, lamb")
+  weight_decay: float = fields.real(0.0, 0.0, math.inf, hi_open=True, doc="weight decay (sgd, momentum: added to "
+                                    "the gradient; adamw, lamb: decoupled); must be 0 for adam")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSettings:
+  """The device-mesh fields ``mesh.*`` (:mod:`dpmega.sharding`); :attr:`TrainConfig.mesh` is built from them."""
+
+  enabled: bool = fields.flag(False, doc="run on a device mesh (off: one device)")
+  data: int = fields.integer(0, 0, 2**20, doc="data-parallel axis size; 0: every device not used by fsdp "
+                             "(microbatch_size is then per device)")
+  fsdp: int = fields.integer(1, 1, 2**20, doc="parameter-sharding axis size")
+  min_shard_size: int = fields.integer(2**18, 0, 2**62, doc="leaves with fewer elements stay replicated")
+
+
+def _mesh(settings: MeshSettings) -> Any:
+  """A :class:`dpmega.sharding.MeshConfig` from the checked ``mesh.*`` fields, or None (one device)."""
+  if not settings.enabled:
+    return None
+  from dpmega import sharding  # noqa: PLC0415 - keeps `import dpmega.train.config` light
+  return sharding.MeshConfig(data=settings.data or None, fsdp=settings.fsdp, min_shard_size=settings.min_shard_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The validated trainer fields (the task's own fields stay in the ConfigDict).
+
+  Each field is declared once below: its default in a config file, its allowed values and its help
+  (:func:`describe_fields` prints them). Build one with :func:`validate`. ``mesh`` is a
+  :class:`dpmega.sharding.MeshConfig`, or None for one device.
+  """
+
+  task_name: str = fields.choice("", _task_names, key="task.name", doc="registered task "
+                                 "(dpmega.tasks.task_names()); the task's own fields sit beside it under task")
+  # Public: parameter initialization only (data-independent, so it may be known). The noise and the sampling
+  # come from a secret drawn from the OS CSPRNG per run and kept in the checkpoints.
+  init_seed: int = fields.integer(0, 0, 2**31 - 1, doc="public seed of the parameter initialization only")
+  insecure_reproducible_seed: int | None = fields.integer(
+      None, 0, 2**63 - 1, optional=True,
+      doc="None: the noise and the sampling come from a fresh OS CSPRNG secret kept in the checkpoints. An int: "
+      "that secret is derived from this PUBLIC seed, so anyone who knows it can subtract the noise: NOT a "
+      "private release (printed and recorded); for tests and debugging only")
+  workdir: str = fields.path("runs/default", doc="checkpoints, metrics.jsonl and summary.json go here")
+  num_steps: int = fields.integer(100, 1, 10**9, doc="logical steps to run (the whole schedule is accounted)")
+  batch_schedule: schedules.Schedule = fields.schedule(
+      "constant:4096", doc="expected logical batch size per step: 'constant:4096', 'steps:1024@0,8192@50', "
+      "'linear:1024->65536@100', 'geometric:1024->65536' (ramp over the whole run)")
+  microbatch_size: int = fields.integer(256, 1, 2**20, doc="examples per vmapped micro-batch (bounds memory)")
+  max_microbatches: int = fields.integer(8, 1, 2**16, doc="micro-batches per jitted call (scan length)")
+  clipping: str = fields.choice("auto", _clipping_modes, doc="clipping mode (dpmega.clipping.clipped_grad_sum); "
+                                "auto: ghost norms where a layer allows, sparse rows for lookups, vmap elsewhere")
+  clip_norm: float = fields.positive(1.0, doc="L2 bound C of each example's gradient")
+  noise_multiplier: float | None = fields.positive(None, optional=True, doc="sigma; None: calibrate to "
+                                                   "target_epsilon")
+  target_epsilon: float | None = fields.positive(None, optional=True, doc="the privacy budget; None: no cap")
+  delta: float = fields.real(1e-6, 0.0, 1.0, lo_open=True, hi_open=True, doc="delta of (epsilon, delta)-DP")
+  accountant: str = fields.choice("rdp", _accountants, doc="accountant of epsilon")
+  sampling: SamplingScheme = fields.choice("poisson", SamplingScheme, doc="Poisson (add/remove-one neighbours) "
+                                           "or fixed-size without replacement (replace-one)")
+  noise_sampler: str = fields.choice("wide_tail", _noise_samplers, doc="Gaussian sampler (dpmega.noise."
+                                     "NoiseSampler); its support's truncation term delta_tail is added to the "
+                                     "reported delta; jax_bounded (jax.random.normal bit for bit) has a delta floor")
+  metrics: MetricsMode = fields.choice("raw", MetricsMode, doc="raw: logs carry raw statistics of the private "
+                                       "batch (operator only, NOT releasable); private: only privatized "
+                                       "quantities (docs/privacy.md)")
+  clipped_count_noise: float | None = fields.positive(
+      None, optional=True, doc="private metrics: std of the Gaussian added to the count of clipped examples "
+      "(sensitivity 1, accounted in the ledger); None: no clip fraction logged")
+  optimizer: OptimizerConfig = fields.group(OptimizerConfig, doc="optimizer and learning-rate schedule")
+  mesh: Any = fields.group(MeshSettings, build=_mesh, doc="device mesh")
+  log_every: int = fields.integer(1, 0, 10**9, doc="steps between progress lines (0: only at the end)")
+  eval_every: int = fields.integer(0, 0, 10**9, doc="steps between evaluations (0: only at the end)")
+  checkpoint_every: int = fields.integer(0, 0, 10**9, doc="steps between checkpoints (0: only at the end)")
+  keep_checkpoints: int = fields.integer(3, 2, 10**6, doc="checkpoints kept (>= 2, so a good one survives a "
+                                         "bad one)")
+  tensorboard: bool = fields.flag(True, doc="also write TensorBoard summaries when a writer is installed")
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Every trainer field with its default; config files start from this."""
-  c = ml_collections.ConfigDict()
-  c.task = ml_collections.ConfigDict({"name": ""})
-  # Public: parameter initialization only (data-independent, so it may be known). The noise and the
-  # sampling come from a secret drawn from the OS CSPRNG per run and kept in the checkpoints.
-  c.init_seed = 0
-  # Debugging / tests only: derive that secret from this PUBLIC int, making the noise reproducible by
-  # anyone who knows it -- the run is then NOT a private release (printed and recorded).
-  c.insecure_reproducible_seed = config_dict.placeholder(int)
-  c.workdir = "runs/default"
-  c.num_steps = 100
-  # dpmega.schedules syntax: "constant:4096", "steps:1024@0,8192@50",
-  # "linear:1024->65536@100", "geometric:1024->65536" (ramp over the whole run).
-  c.batch_schedule = "constant:4096"
-  c.microbatch_size = 256
-  c.max_microbatches = 8
-  c.clipping = "auto"  # exact: ghost norms where a layer allows, sparse rows for lookups, vmap elsewhere
-  c.clip_norm = 1.0
-  c.noise_multiplier = config_dict.placeholder(float)
-  c.target_epsilon = config_dict.placeholder(float)
-  c.delta = 1e-6
-  c.accountant = "rdp"
-  c.sampling = "poisson"
-  # The Gaussian sampler (dpmega.noise.NoiseSampler); its bounded support costs delta_tail, which is
-  # added to the reported delta. "jax_bounded" (jax.random.normal bit for bit) has a delta floor.
-  c.noise_sampler = "wide_tail"
-  # "raw": metrics.jsonl / TensorBoard / progress lines carry raw statistics of the private batch (loss,
-  # clipped fraction, realized batch size...): for the operator only, NOT releasable. "private": only
-  # privatized quantities (docs/privacy.md). clipped_count_noise (private mode): std of the Gaussian added
-  # to the count of clipped examples (sensitivity 1), accounted in the ledger; None logs no clip fraction.
-  c.metrics = "raw"
-  c.clipped_count_noise = config_dict.placeholder(float)
-  c.optimizer = ml_collections.ConfigDict({
-      "name": "adam",
-      "learning_rate": 1e-3,
-      "schedule": "constant",
-      "warmup_steps": 0,
-      "final_lr_fraction": 0.0,
-      "momentum": 0.9,
-      "nesterov": False,
-      "b1": 0.9,
-      "b2": 0.999,
-      "eps": 1e-8,
-      "weight_decay": 0.0,
-  })
-  # Device mesh (dpmega.sharding). Off: one device. data = 0: every device not used by fsdp;
-  # microbatch_size is then per device.
-  c.mesh = ml_collections.ConfigDict({"enabled": False, "data": 0, "fsdp": 1, "min_shard_size": 2**18})
-  c.log_every = 1
-  c.eval_every = 0
-  c.checkpoint_every = 0
-  c.keep_checkpoints = 3
-  c.tensorboard = True
-  return c
+  return fields.config_dict(TrainConfig)
 
 
+def describe_fields() -> str:
+  """One line per trainer field: ``key = default  allowed  help``.
+
+  >>> print(describe_fields().splitlines()[4])
+  num_steps = 100  [1, 1000000000]  logical steps to run (the whole schedule is accounted)
+  """
+  return fields.describe(TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def _check_together(v: Mapping[str, Any]) -> None:
+  """The rules that tie fields together."""
+  if v["noise_multiplier"] is None and v["target_epsilon"] is None:
+    raise UsageError("set noise_multiplier (fixed sigma) or target_epsilon (calibrate sigma to a budget), "
+                     "or both (fixed sigma, stop at the budget); got neither.")
+  # The batches are not known before the dataset is: refuses PLD with without-replacement sampling at any size.
+  accountants.check_supported(v["sampling"], v["accountant"])
+  o = v["optimizer"]
+  if o.schedule == LrSchedule.EXPONENTIAL and o.final_lr_fraction == 0:
+    raise UsageError("optimizer.final_lr_fraction must be in (0, 1] for the exponential schedule, got 0.0.")
+  if o.weight_decay and o.name == Optimizer.ADAM:
+    raise UsageError("optimizer.weight_decay must be 0 for adam (use adamw for decoupled weight decay), "
+                     f"got {o.weight_decay}.")
+  if v["clipped_count_noise"] is not None and v["metrics"] is not MetricsMode.PRIVATE:
+    raise UsageError("clipped_count_noise must be None unless metrics='private' (raw mode logs the exact "
+                     f"clipped fraction), got {v['clipped_count_noise']!r} with metrics={v['metrics'].value!r}.")
+
+
+def validate(config: ml_collections.ConfigDict) -> TrainConfig:
+  """Checks every trainer field; returns the frozen :class:`TrainConfig`.
+
+  Raises:
+    UsageError: naming the first bad field (its dotted path), its allowed range and the value.
+  """
+  base = base_config()
+  missing = [k for k in base.keys() if k not in config]
+  if missing:
+    raise UsageError(f"config is missing field(s) {missing}; start config files from "
+                     "dpmega.train.config.base_config().")
+  for group in ("optimizer", "mesh"):
+    missing = [k for k in base[group].keys() if not isinstance(config[group], ml_collections.ConfigDict)
+               or k not in config[group]]
+    if missing:
+      raise UsageError(f"config.{group} is missing field(s) {missing}.")
+  if "seed" in config:
+    raise UsageError("seed is no longer a field: the noise and the sampling come from a secret drawn per run from "
+                     "the OS CSPRNG. Use init_seed for the (public) parameter initialization, and "
+                     "insecure_reproducible_seed only for a reproducible, non-private run; "
+                     f"got seed={config.seed!r}.")
+  values = fields.checked(TrainConfig, config)
+  _check_together(values)
+  return TrainConfig(**values)
+
+
+def validate_against_dataset(cfg: TrainConfig, dataset_size: int) -> None:
+  """Every scheduled batch size must be in ``[1, dataset_size]`` (q_t <= 1); checked before compute."""
+  sizes = cfg.batch_schedule.batch_sizes(cfg.num_steps)
+  bad = sizes[sizes > dataset_size]
+  if bad.size:
+    step = int((sizes > dataset_size).argmax())
+    raise UsageError(
+        f"batch_schedule must stay within the dataset size {dataset_size:,} (sampling probability <= 1), "
+        f"got batch size {int(bad[0]):,} at step {step}.")
+
+
+# ---------------------------------------------------------------------------------------------- config files
 def load_config(path: str) -> ml_collections.ConfigDict:
   """Runs ``path`` (a Python file) and returns its ``get_config()``.
 
@@ -205,245 +340,3 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
                        f"{type(node[leaf]).__name__} ({e}).") from None
   return config
 
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-  """Which optax optimizer and learning-rate schedule (see :func:`dpmega.train.make_optimizer`)."""
-
-  name: Optimizer
-  learning_rate: float
-  schedule: LrSchedule = LrSchedule.CONSTANT
-  warmup_steps: int = 0
-  final_lr_fraction: float = 0.0
-  momentum: float = 0.9
-  nesterov: bool = False
-  b1: float = 0.9
-  b2: float = 0.999
-  eps: float = 1e-8
-  weight_decay: float = 0.0
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """The validated trainer fields (the task's own fields stay in the ConfigDict).
-
-  Attributes:
-    task_name: registered task name (:func:`dpmega.tasks.task_names`).
-    init_seed: public seed of the parameter initialization only (data-independent).
-    insecure_reproducible_seed: None (default): the noise and the sampling
-      come from a fresh secret from the OS CSPRNG, kept in the checkpoints.
-      An int: that secret is derived from this public seed, so anyone who knows
-      it can regenerate and subtract the noise -- NOT a private release; for
-      reproducible tests and debugging only.
-    workdir: where checkpoints, ``metrics.jsonl`` and ``summary.json`` go.
-    num_steps: logical steps to run (the whole schedule that is accounted).
-    batch_schedule: expected logical batch size per step.
-    microbatch_size: examples per vmapped micro-batch (bounds memory).
-    max_microbatches: micro-batches per jitted call (scan length).
-    clipping: clipping mode passed to :func:`dpmega.clipping.clipped_grad_sum`.
-    clip_norm: L2 bound C per example.
-    noise_multiplier: sigma, or None to calibrate it to ``target_epsilon``.
-    target_epsilon: the privacy budget, or None for no cap.
-    delta: the delta of (epsilon, delta)-DP.
-    accountant: "rdp" or "pld".
-    sampling: Poisson or sampling without replacement (fixed size).
-    optimizer: optimizer and learning-rate schedule.
-    noise_sampler: the Gaussian sampler (:class:`dpmega.noise.NoiseSampler` value); its support's
-      truncation term ``delta_tail`` is part of the reported delta.
-    metrics: :class:`MetricsMode`: "raw" (operator-only statistics of the private batch) or "private"
-      (only privatized quantities are logged).
-    clipped_count_noise: in private mode, the std ``sigma_b`` of the Gaussian added to the number of
-      clipped examples (sensitivity 1); the step is then accounted at ``(sigma^-2 + sigma_b^-2)^(-1/2)``.
-      None: no clip-fraction estimate.
-    log_every, eval_every, checkpoint_every: intervals in steps (0: only at the end).
-    keep_checkpoints: how many checkpoints to keep (>= 2 so a good one survives a bad one).
-    tensorboard: also write TensorBoard summaries when a writer is installed.
-    mesh: a :class:`dpmega.sharding.MeshConfig`, or None for one device.
-  """
-
-  task_name: str
-  init_seed: int
-  insecure_reproducible_seed: int | None
-  workdir: str
-  num_steps: int
-  batch_schedule: schedules.Schedule
-  microbatch_size: int
-  max_microbatches: int
-  clipping: str
-  clip_norm: float
-  noise_multiplier: float | None
-  target_epsilon: float | None
-  delta: float
-  accountant: str
-  sampling: SamplingScheme
-  optimizer: OptimizerConfig
-  log_every: int = 1
-  eval_every: int = 0
-  checkpoint_every: int = 0
-  keep_checkpoints: int = 3
-  tensorboard: bool = True
-  mesh: Any = None
-  noise_sampler: str = "wide_tail"
-  metrics: MetricsMode = MetricsMode.RAW
-  clipped_count_noise: float | None = None
-
-
-def _int(c, name: str, lo: int, hi: float = math.inf) -> int:
-  value = c[name.rsplit(".", 1)[-1]]
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= value <= hi:
-    raise UsageError(f"{name} must be an int in [{lo}, {hi}], got {value!r}.")
-  return int(value)
-
-
-def _float(c, name: str, lo: float, hi: float = math.inf, *, lo_open: bool = False, hi_open: bool = False,
-           optional: bool = False) -> float | None:
-  value = c[name.rsplit(".", 1)[-1]]
-  if value is None and optional:
-    return None
-  ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
-  if ok:
-    value = float(value)
-    ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-  if not ok:
-    rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-    raise UsageError(f"{name} must be a number in {rng}{' or None' if optional else ''}, got {value!r}.")
-  return value
-
-
-def _choice(c, name: str, enum_cls=None, choices=None):
-  value = c[name.rsplit(".", 1)[-1]]
-  allowed = [e.value for e in enum_cls] if enum_cls else list(choices)
-  if value not in allowed:
-    raise UsageError(f"{name} must be one of {allowed}, got {value!r}.")
-  return enum_cls(value) if enum_cls else value
-
-
-def _bool(c, name: str) -> bool:
-  value = c[name.rsplit(".", 1)[-1]]
-  if not isinstance(value, bool):
-    raise UsageError(f"{name} must be True or False, got {value!r}.")
-  return value
-
-
-def validate(config: ml_collections.ConfigDict) -> TrainConfig:
-  """Checks every trainer field; returns the frozen :class:`TrainConfig`.
-
-  Raises:
-    UsageError: naming the first bad field, its allowed range and the value.
-  """
-  from dpmega import clipping as clipping_lib  # noqa: PLC0415 - keeps `import dpmega.train.config` light
-  from dpmega import tasks as tasks_lib  # noqa: PLC0415
-
-  base = base_config()
-  missing = [k for k in base.keys() if k not in config]
-  if missing:
-    raise UsageError(f"config is missing field(s) {missing}; start config files from dpmega.train.config.base_config().")
-  if "optimizer" in config:
-    missing = [k for k in base.optimizer.keys() if k not in config.optimizer]
-    if missing:
-      raise UsageError(f"config.optimizer is missing field(s) {missing}.")
-  task_name = config.task.get("name", "")
-  if task_name not in tasks_lib.task_names():
-    raise UsageError(f"task.name must be one of {list(tasks_lib.task_names())}, got {task_name!r}.")
-  c = config
-  if "seed" in c:
-    raise UsageError("seed is no longer a field: the noise and the sampling come from a secret drawn per run from "
-                     "the OS CSPRNG. Use init_seed for the (public) parameter initialization, and "
-                     "insecure_reproducible_seed only for a reproducible, non-private run; "
-                     f"got seed={c.seed!r}.")
-  init_seed = _int(c, "init_seed", 0, 2**31 - 1)
-  insecure_seed = c.insecure_reproducible_seed
-  if insecure_seed is not None:
-    insecure_seed = _int(c, "insecure_reproducible_seed", 0, 2**63 - 1)
-  if not isinstance(c.workdir, str) or not c.workdir:
-    raise UsageError(f"workdir must be a non-empty path, got {c.workdir!r}.")
-  num_steps = _int(c, "num_steps", 1, 10**9)
-  try:
-    schedule = schedules.as_schedule(c.batch_schedule, num_steps=num_steps)
-  except ValueError as e:
-    raise UsageError(f"batch_schedule: {e}") from None
-  microbatch_size = _int(c, "microbatch_size", 1, 2**20)
-  max_microbatches = _int(c, "max_microbatches", 1, 2**16)
-  clipping = _choice(c, "clipping", choices=clipping_lib.clipping_modes())
-  clip_norm = _float(c, "clip_norm", 0.0, math.inf, lo_open=True, hi_open=True)
-  noise_multiplier = _float(c, "noise_multiplier", 0.0, math.inf, lo_open=True, hi_open=True, optional=True)
-  target_epsilon = _float(c, "target_epsilon", 0.0, math.inf, lo_open=True, hi_open=True, optional=True)
-  if noise_multiplier is None and target_epsilon is None:
-    raise UsageError("set noise_multiplier (fixed sigma) or target_epsilon (calibrate sigma to a budget), "
-                     "or both (fixed sigma, stop at the budget); got neither.")
-  delta = _float(c, "delta", 0.0, 1.0, lo_open=True, hi_open=True)
-  accountant = _choice(c, "accountant", choices=[a.value for a in AccountantType])
-  sampling = _choice(c, "sampling", SamplingScheme)
-  if sampling == SamplingScheme.WITHOUT_REPLACEMENT and accountant == AccountantType.PLD.value:
-    raise UsageError("accountant must be 'rdp' with sampling 'without_replacement' (dp-accounting's PLD "
-                     "accountant cannot account for it), got 'pld'.")
-  o = c.optimizer
-  optimizer = OptimizerConfig(
-      name=_choice(o, "optimizer.name", Optimizer),
-      learning_rate=_float(o, "optimizer.learning_rate", 0.0, math.inf, lo_open=True, hi_open=True),
-      schedule=_choice(o, "optimizer.schedule", LrSchedule),
-      warmup_steps=_int(o, "optimizer.warmup_steps", 0, num_steps),
-      final_lr_fraction=_float(o, "optimizer.final_lr_fraction", 0.0, 1.0),
-      momentum=_float(o, "optimizer.momentum", 0.0, 1.0, hi_open=True),
-      nesterov=_bool(o, "optimizer.nesterov"),
-      b1=_float(o, "optimizer.b1", 0.0, 1.0, hi_open=True),
-      b2=_float(o, "optimizer.b2", 0.0, 1.0, hi_open=True),
-      eps=_float(o, "optimizer.eps", 0.0, math.inf, hi_open=True),
-      weight_decay=_float(o, "optimizer.weight_decay", 0.0, math.inf, hi_open=True),
-  )
-  if optimizer.schedule == LrSchedule.EXPONENTIAL and optimizer.final_lr_fraction == 0:
-    raise UsageError("optimizer.final_lr_fraction must be in (0, 1] for the exponential schedule, got 0.0.")
-  if optimizer.weight_decay and optimizer.name == Optimizer.ADAM:
-    raise UsageError("optimizer.weight_decay must be 0 for adam (use adamw for decoupled weight decay), "
-                     f"got {optimizer.weight_decay}.")
-  from dpmega import noise as noise_lib  # noqa: PLC0415 - keeps `import dpmega.train.config` light
-  noise_sampler = _choice(c, "noise_sampler", noise_lib.NoiseSampler).value
-  metrics = _choice(c, "metrics", MetricsMode)
-  clipped_count_noise = _float(c, "clipped_count_noise", 0.0, math.inf, lo_open=True, hi_open=True, optional=True)
-  if clipped_count_noise is not None and metrics is not MetricsMode.PRIVATE:
-    raise UsageError("clipped_count_noise must be None unless metrics='private' (raw mode logs the exact "
-                     f"clipped fraction), got {clipped_count_noise!r} with metrics={metrics.value!r}.")
-  mesh = None
-  if _bool(c.mesh, "mesh.enabled"):
-    from dpmega import sharding  # noqa: PLC0415 - keeps `import dpmega.train.config` light
-    mesh = sharding.MeshConfig(data=_int(c.mesh, "mesh.data", 0, 2**20) or None,
-                               fsdp=_int(c.mesh, "mesh.fsdp", 1, 2**20),
-                               min_shard_size=_int(c.mesh, "mesh.min_shard_size", 0, 2**62))
-  return TrainConfig(
-      task_name=task_name,
-      init_seed=init_seed,
-      insecure_reproducible_seed=insecure_seed,
-      workdir=c.workdir,
-      num_steps=num_steps,
-      batch_schedule=schedule,
-      microbatch_size=microbatch_size,
-      max_microbatches=max_microbatches,
-      clipping=clipping,
-      clip_norm=clip_norm,
-      noise_multiplier=noise_multiplier,
-      target_epsilon=target_epsilon,
-      delta=delta,
-      accountant=accountant,
-      sampling=sampling,
-      optimizer=optimizer,
-      log_every=_int(c, "log_every", 0, 10**9),
-      eval_every=_int(c, "eval_every", 0, 10**9),
-      checkpoint_every=_int(c, "checkpoint_every", 0, 10**9),
-      keep_checkpoints=_int(c, "keep_checkpoints", 2, 10**6),
-      tensorboard=_bool(c, "tensorboard"),
-      mesh=mesh,
-      noise_sampler=noise_sampler,
-      metrics=metrics,
-      clipped_count_noise=clipped_count_noise,
-  )
-
-
-def validate_against_dataset(cfg: TrainConfig, dataset_size: int) -> None:
-  """Every scheduled batch size must be in ``[1, dataset_size]`` (q_t <= 1); checked before compute."""
-  sizes = cfg.batch_schedule.batch_sizes(cfg.num_steps)
-  bad = sizes[sizes > dataset_size]
-  if bad.size:
-    step = int((sizes > dataset_size).argmax())
-    raise UsageError(
-        f"batch_schedule must stay within the dataset size {dataset_size:,} (sampling probability <= 1), "
-        f"got batch size {int(bad[0]):,} at step {step}.")

@@ -1,0 +1,170 @@
+"""Per-example norms of ``G = sum_s x_s y_s^T`` from Gram matrices, with a rigorous bound, and the fallback.
+
+:func:`dense_norm_bounds` gives, for each example, the Gram estimate
+``sum_{s,t} (x_s . x_t)(y_s . y_t)`` (the norm vmap would compute) and an
+upper bound on the norm of what the book-keeping matmul of
+:mod:`dpmega.clipping.ghost` adds for it, valid for every input: cancellation
+(rows ``v`` and ``-v + d``), underflow and overflow included.
+:func:`materialize` forms chosen examples' gradients for the examples whose
+bound is loose.
+
+Float-safety in short (the proofs are in the docstrings below):
+
+* rounding: every dot product of length ``K`` errs by at most
+  ``gamma_K sum |a b|`` (Higham 3.5), every positive sum by its tree's
+  :func:`dpmega.clipping.floats.tree_gamma`; the error of the Gram estimate is
+  bounded term by term from these;
+* underflow: every float32 operation that underflows (flush-to-zero included)
+  errs by at most ``2^-126`` absolute, which adds an absolute term to the bound:
+  a row far below its example's largest (``2^-40`` beside ``2^100``) is never
+  lost;
+* overflow makes the bound non-finite (then the example is scaled, or zeroed
+  and counted by :func:`dpmega.clipping.stats.combine`), never small;
+* fast path: one batch-level ``lax.cond`` takes the unscaled bound when it is
+  provably as tight as the scaled one; otherwise operands are scaled per
+  example by powers of two (exact).
+"""
+
+from __future__ import annotations
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+from dpmega.clipping import floats
+
+_HIGHEST = lax.Precision.HIGHEST
+
+# Absolute error of one float32 operation whose result underflows, flush-to-zero included (XLA's CPU runtime
+# flushes subnormals): every bound below adds it to the relative (gamma) terms.
+_ETA = 2.0 ** -126
+# Fast path of `dense_norm_bounds`: the unscaled bound is used when, in every example, its underflow part is below
+# this fraction of the rest (the bound then equals the scaled one to rounding).
+FAST_REL2 = 2.0 ** -40
+
+
+def bounds_in_units(xs, ys, ids, rs):
+  """``(est2, err2, u_dense, u_rows, abs2)`` for operands in whatever units they come in, ``[b]`` each.
+
+  ``xs [b, n, K]``, ``ys [b, n, N]`` (and the summed rows ``rs [b, r, N]`` of a tied table) are the operands,
+  scaled or not. ``est2`` is the computed Gram squared norm; ``err2`` bounds ``|est2 - ||G||^2|`` (``G`` the exact
+  gradient of these operands) together with ``abs2``, the part of it that covers underflow; ``u_dense = sum_s
+  |x_s| |y_s|`` and ``u_rows = sum_t |r_t|`` are upper bounds for the book-keeping's rounding. Nothing is assumed
+  about the magnitudes: an operation that overflows makes the result non-finite, and one that underflows errs by
+  at most ``_ETA`` (absolute), so a length-``K`` dot product errs by at most ``gamma_K sum |a b| + 4 K _ETA``.
+  """
+  b, n, kx = xs.shape
+  ny_dim = ys.shape[2]
+  g_kx, g_ny = floats.gamma(kx), floats.gamma(ny_dim)
+  alpha, beta = 4 * kx * _ETA, 4 * ny_dim * _ETA  # underflow in one entry of aa and of bb
+  flat = lambda m: m.reshape(b, -1)
+  aa = jnp.einsum("bsk,btk->bst", xs, xs, precision=_HIGHEST)
+  bb = jnp.einsum("bsk,btk->bst", ys, ys, precision=_HIGHEST)
+  # Upper bounds on the row norms from the Gram diagonals: aa_ss >= |x_s|^2 (1 - g) - alpha.
+  nx = jnp.sqrt((jnp.diagonal(aa, axis1=1, axis2=2) + alpha) * (1.0 + 2.0 * g_kx))
+  ny = jnp.sqrt((jnp.diagonal(bb, axis1=1, axis2=2) + beta) * (1.0 + 2.0 * g_ny))
+  u_dense = floats.sum_nonneg(nx * ny)  # [b]
+  terms = aa * bb
+  # Only the estimate needs a tree of bounded depth: the error sums are non-negative and any order of summation
+  # errs by at most gamma(n^2 - 1) relative, which the 1.001 on the error terms covers while n^2 u <= 2^-11.
+  tree = lambda m: floats.sum_nonneg(flat(m)) if n * n > 2048 * 64 else jnp.sum(flat(m), axis=1)
+  est2 = floats.sum_nonneg(flat(terms))
+  s3 = tree(jnp.abs(terms))
+  s1 = tree(nx[:, :, None] * nx[:, None, :] * jnp.abs(bb))
+  s2 = tree(jnp.abs(aa) * ny[:, :, None] * ny[:, None, :])
+  big_x, big_y = jnp.max(nx, axis=1), jnp.max(ny, axis=1)
+  # |aa_st - AA_st| <= g_kx nx_s nx_t + alpha and |bb_st| <= (1 + 2 g) big_y^2 + beta (likewise for bb), so the
+  # underflow terms add n^2 (alpha big_y^2 + beta big_x^2) (1 + 2g) + 3 n^2 alpha beta; the n^2 products aa bb and
+  # their sum add 2 n^2 _ETA, doubled for the underflow of these error terms themselves.
+  abs2 = n * n * ((1.0 + 2.0 * max(g_kx, g_ny)) * (alpha * jnp.square(big_y) + beta * jnp.square(big_x))
+                  + 3.0 * alpha * beta + 4.0 * _ETA)
+  err2 = (g_kx * s1 + g_ny * s2 + g_kx * g_ny * jnp.square(u_dense)
+          + (floats.tree_gamma(n * n) + floats.UNIT_ROUNDOFF) * s3)
+  u_rows = jnp.zeros_like(u_dense)
+  if rs is not None:
+    n_rows, d = rs.shape[1], rs.shape[2]
+    sr = floats.sum_nonneg(jnp.square(rs))  # [b, n_rows]; duplicates already summed
+    nr = jnp.sqrt((sr + 4 * d * _ETA) * (1.0 + 2.0 * floats.tree_gamma(d)))
+    # Cross terms between dense uses and lookups of a tied table: x_s . onehot(id_t) = x_s[id_t].
+    xi = jnp.take_along_axis(xs, ids[:, None, :], axis=2)  # [b, n, n_rows], exact
+    yi = jnp.einsum("bsm,btm->bst", ys, rs, precision=_HIGHEST)
+    cross = xi * yi
+    rows2 = floats.sum_nonneg(sr)
+    cross_sum = floats.sum_nonneg(flat(cross))
+    gram2, est2 = est2, est2 + rows2 + 2.0 * cross_sum
+    g_d = floats.tree_gamma(d) + floats.UNIT_ROUNDOFF
+    err2 = err2 + (g_d * rows2
+                   + 2.0 * g_ny * floats.sum_nonneg(flat(jnp.abs(xi) * ny[:, :, None] * nr[:, None, :]))
+                   + 2.0 * (floats.tree_gamma(n * n_rows) + floats.UNIT_ROUNDOFF)
+                   * floats.sum_nonneg(flat(jnp.abs(cross)))
+                   # the two additions of the three parts
+                   + 2.0 * floats.UNIT_ROUNDOFF * (jnp.abs(gram2) + rows2 + 2.0 * jnp.abs(cross_sum)))
+    # Underflow: each squared row (4 d _ETA), each entry of yi (beta, times |xi| <= big_x), each product and sum.
+    abs2 = abs2 + 2.0 * (n_rows * 4 * d * _ETA + n * n_rows * (2.0 * beta * big_x + 4.0 * _ETA))
+    u_rows = floats.sum_nonneg(nr)
+  return est2, err2 + abs2, u_dense, u_rows, abs2
+
+
+def upper_bound(est2, err2, u_dense, u_rows, n: int):
+  """The bound on the norm of what the book-keeping adds (same units as the operands)."""
+  # 1.001 on the error terms only: room for their own rounding (they are positive sums of a few roundings).
+  return (jnp.sqrt(jnp.maximum(est2, 0.0) + 1.001 * err2)
+          + 1.001 * (floats.gamma(n + 2) * u_dense + 2 * floats.UNIT_ROUNDOFF * u_rows))
+
+
+def dense_norm_bounds_scaled(x, y, ids, rows) -> tuple[jax.Array, jax.Array]:
+  """:func:`dense_norm_bounds` on operands scaled per example by powers of two (any finite values)."""
+  ex = floats.exponent(x, (1, 2))
+  ey = floats.exponent(y, (1, 2))
+  e = ex + ey
+  if rows is not None:
+    # A common scale for the dense part and the rows of a tied table (the larger of the two is O(1)).
+    e = jnp.maximum(e, floats.exponent(rows, (1, 2)))
+  xs = floats.scale_pow2(x, ex)
+  ys = floats.scale_pow2(y, e - ex)
+  rs = None if rows is None else floats.scale_pow2(rows, e)
+  est2, err2, u_dense, u_rows, _ = bounds_in_units(xs, ys, ids, rs)
+  est_s = jnp.sqrt(jnp.maximum(est2, 0.0))
+  upper_s = upper_bound(est2, err2, u_dense, u_rows, x.shape[1])
+  return floats.unscale_pow2(est_s, e), floats.unscale_pow2(upper_s, e)
+
+
+def dense_norm_bounds(x, y, ids, rows, mask=None) -> tuple[jax.Array, jax.Array]:
+  """``(estimate, bound)`` of the norm of one leaf's per-example gradient, ``[b]`` each.
+
+  The gradient is ``G = sum_s x_s y_s^T`` (+ ``sum_t onehot(ids_t) rows_t^T`` for a tied table). The estimate
+  is the Gram norm, as vmap would compute it. The bound is a rigorous upper bound on the
+  norm of what the book-keeping sum adds for the example, ``fl(sum_s x_s (w y_s)^T)`` divided by its weight
+  ``w``, whatever the cancellation: ``sqrt(max(n2, 0) + E) + gamma_{n+2} U`` where ``n2`` is the computed
+  squared norm, ``E`` bounds its rounding error term by term and ``U = sum_s |x_s| |y_s|`` (Higham, 3.5) bounds
+  the rounding of the book-keeping matmul (``n`` products summed per entry, one product by ``w``, one add of
+  the rows). ``E`` includes an absolute term for underflow (``_ETA`` per operation; :func:`bounds_in_units`),
+  so the bound holds for any operands, scaled or not, as long as nothing overflowed.
+
+  Guarantee of the fast path (a batch-level ``lax.cond``): the bound is first computed on the operands as they
+  are, which costs no scaling passes. It is rigorous whenever every number of it is finite: overflow anywhere
+  (a product, a partial sum, a Gram entry) makes a Gram diagonal, a non-negative error sum or the estimate
+  infinite or NaN, and underflow is inside ``E``. It is used for the whole batch when, in every example, it is
+  finite and its underflow part is below ``2^-40`` of the rest of ``E`` plus the estimate (then it equals the
+  scaled bound to rounding); examples with ``mask == 0`` (padding: weight 0 whatever their norm) are not asked.
+  Otherwise (huge, tiny, all-zero, NaN or Inf operands in an example of the batch) the batch takes the scaled
+  path: operands scaled per example by
+  powers of two (exact) so that the largest entry of ``x``, ``y`` and the rows is below 1 and nothing
+  overflows, and the same bound in those units. Either way the bound holds; only the speed depends on which.
+  """
+  est2, err2, u_dense, u_rows, abs2 = bounds_in_units(x, y, ids, rows)
+  upper = upper_bound(est2, err2, u_dense, u_rows, x.shape[1])
+  est = jnp.sqrt(jnp.maximum(est2, 0.0))
+  rest = jnp.maximum(est2, 0.0) + (err2 - abs2)
+  fine = jnp.isfinite(est2) & jnp.isfinite(upper) & (abs2 <= FAST_REL2 * rest)
+  if mask is not None:
+    fine = fine | (mask <= 0)
+  return lax.cond(jnp.all(fine), lambda: (est, upper), lambda: dense_norm_bounds_scaled(x, y, ids, rows))
+
+
+def materialize(x, y, ids, rows, k_rows: int) -> jax.Array:
+  """``[k, K, N]`` per-example gradients ``sum_s x_s y_s^T`` (+ the summed lookup rows of a tied table)."""
+  g = jnp.einsum("bnk,bnm->bkm", x, y, precision=_HIGHEST)
+  if rows is not None:
+    g = g + jax.vmap(lambda i, r: jnp.zeros((k_rows, r.shape[-1]), jnp.float32).at[i].add(r, mode="drop"))(ids, rows)
+  return g

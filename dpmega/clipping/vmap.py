@@ -1,0 +1,91 @@
+"""The general clipping path: per-example gradients by ``vmap(grad)``, their global norms, the clipped sum.
+
+Works for any differentiable per-example loss; memory is ``b x |params|``.
+:mod:`dpmega.clipping.ghost` uses it for the parameters it does not recognise.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from dpmega.clipping import floats
+from dpmega.clipping import stats as stats_lib
+
+PyTree = Any
+
+def global_norms(per_example_grads: PyTree) -> jax.Array:
+  """L2 norm of each example's gradient over the whole pytree, in float32.
+
+  Scaled per example and leaf, and summed by trees of bounded depth
+  (:func:`dpmega.clipping.floats.scaled_norms`), so the norm is the true norm of these float32
+  gradients to a few ``1e-6`` relative for any values: no underflow, overflow
+  or long-sum rounding can hide part of it.
+
+  Args:
+    per_example_grads: pytree whose leaves have a leading batch axis ``[b, ...]``.
+
+  Returns:
+    ``[b]`` float32 norms (NaN or Inf where a leaf is not finite).
+  """
+  leaves = jax.tree_util.tree_leaves(per_example_grads)
+  if not leaves:
+    raise ValueError("per_example_grads has no leaves: nothing to differentiate.")
+  return floats.hypot([floats.scaled_norms(x) for x in leaves])
+
+
+def weighted_sum(per_example_grads: PyTree, weights: jax.Array) -> PyTree:
+  """``sum_i weights_i * g_i`` in float32; rows with weight 0 are dropped even if NaN."""
+
+  def leaf_sum(g):
+    w = weights.reshape((-1,) + (1,) * (g.ndim - 1))
+    return jnp.sum(jnp.where(w > 0, g.astype(jnp.float32) * w, 0.0), axis=0)
+
+  return jax.tree_util.tree_map(leaf_sum, per_example_grads)
+
+
+def per_example_grads(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    batch: PyTree,
+    *,
+    has_aux: bool = False,
+) -> tuple[jax.Array, Any, PyTree]:
+  """Per-example losses, aux and gradients by ``vmap(value_and_grad)``.
+
+  Args:
+    loss_fn: ``loss_fn(params, example) -> loss`` (or ``(loss, aux)``) for ONE example.
+    params: the pytree to differentiate.
+    batch: pytree whose leaves have a leading batch axis.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+
+  Returns:
+    ``(losses [b], aux (batched) or None, grads with a leading [b] axis)``.
+  """
+  vg = jax.value_and_grad(loss_fn, has_aux=has_aux)
+  out, grads = jax.vmap(vg, in_axes=(None, 0))(params, batch)
+  losses, aux = out if has_aux else (out, None)
+  return losses, aux, grads
+
+
+def clipped_sum_vmap(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    batch: PyTree,
+    mask: jax.Array,
+    clip_norm: float | jax.Array,
+    has_aux: bool = False,
+) -> tuple[PyTree, Any, stats_lib.ClipStats]:
+  """Clipped, masked sum of one micro-batch by materializing per-example grads.
+
+  The general fallback: works for any differentiable ``loss_fn``; memory is
+  ``b x |params|``.
+
+  Returns:
+    ``(grad_sum (float32, like params), aux (batched) or None, ClipStats)``.
+  """
+  losses, aux, grads = per_example_grads(loss_fn, params, batch, has_aux=has_aux)
+  weights, stats = stats_lib.combine(global_norms(grads), mask, clip_norm, losses)
+  return weighted_sum(grads, weights), aux, stats

@@ -1,0 +1,411 @@
+"""The private step on a device mesh: the one path that the trainer, the mesh tests and the benchmarks run.
+
+There is always a mesh (``1 x 1`` for one device). One logical step::
+
+  every process: the step's global sample (secret, generation, t)
+                 -> its contiguous share, cut into chunks of the same shapes
+                    on every process (dpmega.sampling.iterate_chunks)
+  per chunk   :  accumulate(params, acc, batch, mask) -> acc
+                   each device: clipped_grad_sum on ITS rows (lax.scan over
+                   micro-batches), then psum over the mesh / psum_scatter over
+                   fsdp into the float32 sum, sharded like the params
+  once / step :  update(state, grad_sum, step_key(secret, t), sigma, B_t)
+                   privatize: ONE Gaussian draw for the whole pytree, / B_t
+                   then the optax update, sharded like params and opt state
+
+Guarantees:
+
+* Per-example clipping runs on the device that holds the example, over the
+  example's gradient with respect to *all* parameters (the parameters are
+  all-gathered inside the step), so each example's contribution to the reduced
+  sum has L2 norm ``<= clip_norm``, as on one device (invariant 1); masked
+  (padding) and non-finite rows contribute exactly 0 (invariant 4).
+* The noise is drawn once per logical step, outside the per-device code, by
+  :func:`dpmega.noise.privatize` inside the jitted update. With
+  ``jax_threefry_partitionable`` (checked when the update is built:
+  :func:`dpmega.sharding.check_partitionable_rng`) the numbers drawn do not
+  depend on the sharding, so 1 device and 8 devices add the same noise and
+  produce the same update up to float summation order (invariant 2).
+* The update divides by the expected batch size ``B_t``, a public constant,
+  never the realized one (invariant 3).
+
+.. warning::
+   Do not add noise inside ``accumulate`` or per device: every device would
+   draw its own noise and the total would be ``sqrt(#devices)`` times too large
+   -- or, if the keys coincide, correlated. Noise is added by ``update``, once
+   per logical step, to the sum over the whole logical batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from dpmega import clipping as clipping_lib
+from dpmega import noise as noise_lib
+from dpmega import sampling
+from dpmega import sharding
+from dpmega.clipping import ClipStats
+from dpmega.validation import check_int
+
+PyTree = Any
+
+
+class TrainState(NamedTuple):
+  """The optimizer's view of a run: what the jitted update maps to itself."""
+
+  step: jax.Array
+  params: PyTree
+  opt_state: PyTree
+
+
+class Accumulator(NamedTuple):
+  """Running float32 sum of clipped per-example gradients, and clipping stats."""
+
+  grad_sum: PyTree
+  stats: ClipStats
+
+
+def effective_noise_multiplier(noise_multiplier: float, clipped_count_noise: float | None) -> float:
+  """The noise multiplier the accountant is fed when a step also releases a noisy clipped count.
+
+  Guarantee: a step that releases ``(S + N(0, (σC)²), K + N(0, σ_b²))``, where
+  the clipped sum ``S`` has L2 sensitivity ``C`` and the clipped count ``K``
+  sensitivity 1 (add/remove-one), is the Gaussian mechanism with noise
+  multiplier ``σ_eff = (σ⁻² + σ_b⁻²)^(-1/2)``: scaled to unit noise, one
+  example moves the pair by at most ``sqrt(σ⁻² + σ_b⁻²)``. Under replace-one
+  the pair moves by at most ``sqrt(4σ⁻² + σ_b⁻²) <= 2/σ_eff``, which the
+  accountant's sensitivity 2 covers. Andrew et al. 2021 (adaptive clipping,
+  Theorem 1) account their noisy clipped count the same way.
+
+  Edge cases: ``clipped_count_noise`` None (no count released) returns
+  ``noise_multiplier`` unchanged; ``σ_eff < min(σ, σ_b)`` always.
+
+  Example:
+    >>> round(effective_noise_multiplier(1.0, 10.0), 6)
+    0.995037
+  """
+  if clipped_count_noise is None:
+    return float(noise_multiplier)
+  return float((noise_multiplier ** -2 + clipped_count_noise ** -2) ** -0.5)
+
+
+# ----------------------------------------------------------------------------- the clipped sum of a chunk
+
+
+def _reduce_leaf(g: jax.Array, spec: P, axes: tuple[str, ...]) -> jax.Array:
+  """Sums ``g`` over ``axes``; over the axis that shards the leaf, a reduce-scatter."""
+  for dim, name in enumerate(spec):
+    if name is None:
+      continue
+    names = (name,) if isinstance(name, str) else tuple(name)
+    rest = tuple(a for a in axes if a not in names)
+    if rest:
+      g = jax.lax.psum(g, rest)
+    return jax.lax.psum_scatter(g, names if len(names) > 1 else names[0], scatter_dimension=dim, tiled=True)
+  return jax.lax.psum(g, axes)
+
+
+def _reduce_stats(stats: ClipStats, axes: tuple[str, ...]) -> ClipStats:
+  summed = jax.lax.psum(stats._replace(norm_max=jnp.zeros_like(stats.norm_max)), axes)
+  return summed._replace(norm_max=jax.lax.pmax(stats.norm_max, axes))
+
+
+def make_accumulate_fn(
+    loss_fn: Callable[..., Any],
+    mesh: Mesh,
+    param_shardings: PyTree,
+    *,
+    clip_norm: float,
+    microbatch_size: int,
+    has_aux: bool = False,
+    clipping: str = "auto",
+    on_trace: Callable[[], None] | None = None,
+) -> Callable[..., Accumulator]:
+  """A jitted ``accumulate(params, acc, batch, mask) -> acc`` that adds one chunk's clipped, masked sum.
+
+  Each device runs :func:`dpmega.clipping.clipped_grad_sum` on its own rows of
+  the chunk (``microbatch_size`` rows per ``lax.scan`` step, per device); the
+  per-device clipped sums are reduced by XLA collectives -- ``psum`` over the
+  mesh, or a reduce-scatter over ``fsdp`` for a sharded leaf -- and added to
+  ``acc.grad_sum``, which keeps ``param_shardings``. No noise is added.
+
+  Guarantee: the result equals ``acc.grad_sum + clipped_grad_sum(loss_fn,
+  params, batch, mask, clip_norm=clip_norm)`` on one device, up to float
+  summation order: each example's contribution has L2 norm ``<= clip_norm``
+  over all parameters; masked and non-finite rows contribute 0.
+
+  Args:
+    loss_fn: ``loss_fn(params, example) -> loss`` (or ``(loss, aux)``; aux is dropped) for ONE example.
+    mesh: from :func:`dpmega.sharding.make_mesh`.
+    param_shardings: ``NamedSharding`` per parameter leaf (:func:`dpmega.sharding.param_shardings`).
+    clip_norm: the L2 bound C.
+    microbatch_size: rows per scan step on EACH device; a chunk's row count
+      must be a multiple of ``mesh.size * microbatch_size``.
+    has_aux: ``loss_fn`` returns ``(loss, aux)``.
+    clipping: a mode of :func:`dpmega.clipping.clipping_modes`.
+    on_trace: called each time JAX traces (compiles) a new chunk shape.
+
+  Returns:
+    ``accumulate`` (its jitted core, for ``.lower``, is ``accumulate.jitted``).
+    ``params`` and ``acc.grad_sum`` carry ``param_shardings``; ``batch`` and
+    ``mask`` are global arrays (:func:`dpmega.sharding.global_batch_from_process_local`)
+    or, on one process, host arrays.
+  """
+  clipping_lib.validate_clip_norm(clip_norm)
+  microbatch_size = check_int("microbatch_size", microbatch_size, 1)
+  if clipping not in clipping_lib.clipping_modes():
+    raise ValueError(f"clipping must be one of {clipping_lib.clipping_modes()}, got {clipping=!r}.")
+  axes = sharding.batch_axes(mesh)
+  specs = jax.tree_util.tree_map(lambda s: s.spec, param_shardings)
+  bspec = P(axes)
+
+  def local(params, batch, mask):
+    g, _, stats = clipping_lib.clipped_grad_sum(
+        loss_fn, params, batch, mask, clip_norm=clip_norm, microbatch_size=microbatch_size,
+        has_aux=has_aux, clipping=clipping)
+    g = jax.tree_util.tree_map(lambda x, s: _reduce_leaf(x, s, axes), g, specs)
+    return g, _reduce_stats(stats, axes)
+
+  # check_vma=False: clipped_grad_sum's scan starts from a device-invariant zero
+  # carry; the psum / psum_scatter above make every output what out_specs say.
+  per_device = jax.shard_map(local, mesh=mesh, in_specs=(P(), bspec, bspec), out_specs=(specs, P()),
+                             check_vma=False)
+
+  def step(params, acc: Accumulator, batch, mask) -> Accumulator:
+    if on_trace is not None:
+      on_trace()
+    g, stats = per_device(params, batch, mask)
+    return Accumulator(jax.tree_util.tree_map(jnp.add, acc.grad_sum, g), acc.stats.merge(stats))
+
+  rep, bsh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  acc_sh = Accumulator(param_shardings, rep)
+  jitted = jax.jit(step, in_shardings=(param_shardings, acc_sh, bsh, bsh), out_shardings=acc_sh)
+  per_step_rows = mesh.size * microbatch_size
+
+  def accumulate(params, acc: Accumulator, batch, mask) -> Accumulator:
+    rows = clipping_lib.leading_size(batch)
+    if rows == 0 or rows % per_step_rows:
+      raise ValueError(
+          f"batch rows must be a positive multiple of mesh.size * microbatch_size = {per_step_rows} "
+          f"(pad with masked rows), got {rows}.")
+    if tuple(jnp.shape(mask)) != (rows,):
+      raise ValueError(f"mask must have shape ({rows},) to match the batch, got {tuple(jnp.shape(mask))}.")
+    return jitted(params, acc, batch, mask)
+
+  accumulate.jitted = jitted
+  return accumulate
+
+
+# ----------------------------------------------------------------------------- noise once, then the optimizer
+
+
+def make_update_fn(
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    param_shardings: PyTree,
+    opt_shardings: PyTree,
+    *,
+    clip_norm: float,
+    noise_sampler: noise_lib.NoiseSampler | str = noise_lib.NoiseSampler.WIDE_TAIL,
+    clipped_count_noise: float | None = None,
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+  """A jitted ``update(state, grad_sum, key, noise_multiplier, expected_batch_size, num_clipped=0)``.
+
+  Adds the step's single noise draw (:func:`dpmega.noise.privatize`, std
+  ``noise_multiplier * clip_norm`` per coordinate, from ``key``) to the whole
+  logical batch's clipped sum, divides by the expected batch size, and applies
+  the optimizer; the new state keeps the shardings of params and optimizer
+  state. With ``clipped_count_noise`` (σ_b), the number of clipped examples is
+  released too, plus ``N(0, σ_b²)`` from its own stream of the step's key (the
+  step is then accounted at :func:`effective_noise_multiplier`). Every metric
+  returned is a function of these noisy releases and the parameters only.
+  ``noise_multiplier`` and ``expected_batch_size`` are traced (one compilation
+  for a whole schedule) and validated on the host before each call.
+
+  Returns:
+    ``update -> (state, metrics)``; metrics ``noisy_grad_norm``,
+    ``update_norm``, ``params_finite`` (1.0 or 0.0) and, with
+    ``clipped_count_noise``, ``noisy_clipped_count``. The jitted core is
+    ``update.jitted``.
+
+  Raises:
+    RuntimeError: if ``jax_threefry_partitionable`` is off
+      (:func:`dpmega.sharding.check_partitionable_rng`).
+  """
+  clipping_lib.validate_clip_norm(clip_norm)
+  noise_sampler = noise_lib.as_sampler(noise_sampler)
+  sharding.check_partitionable_rng()
+
+  def apply_update(state: TrainState, grad_sum, key, noise_multiplier, expected_batch_size, num_clipped):
+    metrics = {}
+    if clipped_count_noise is not None:
+      key, count_key = jax.random.split(key)
+      count = jnp.asarray(num_clipped, jnp.float32)
+      metrics["noisy_clipped_count"] = noise_lib.add_gaussian_noise(
+          count, count_key, noise_multiplier=clipped_count_noise, clip_norm=1.0, sampler=noise_sampler)
+    noisy_mean = noise_lib.privatize(grad_sum, key, noise_multiplier=noise_multiplier, clip_norm=clip_norm,
+                                     expected_batch_size=expected_batch_size, sampler=noise_sampler)
+    updates, opt_state = optimizer.update(noisy_mean, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(params)]
+    metrics.update({"noisy_grad_norm": optax.tree.norm(noisy_mean), "update_norm": optax.tree.norm(updates),
+                    "params_finite": jnp.all(jnp.stack(finite)).astype(jnp.float32)})
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+  rep = sharding.replicated(mesh)
+  state_sh = TrainState(rep, param_shardings, opt_shardings)
+  # The key and the scalars may be host values (None: taken as they come).
+  jitted = jax.jit(apply_update, in_shardings=(state_sh, param_shardings, None, None, None, None),
+                   out_shardings=(state_sh, rep))
+
+  def update(state: TrainState, grad_sum, key, noise_multiplier, expected_batch_size, num_clipped=0):
+    noise_lib.validate_noise_multiplier(noise_multiplier)
+    noise_lib.validate_expected_batch_size(expected_batch_size)
+    if not math.isfinite(float(clip_norm)) and float(noise_multiplier) != 0:
+      raise ValueError(f"clip_norm must be finite when noise is added, got {clip_norm=}.")
+    if not isinstance(num_clipped, jax.Array):
+      num_clipped = np.int32(num_clipped)
+    return jitted(state, grad_sum, key, np.float32(noise_multiplier), np.float32(expected_batch_size), num_clipped)
+
+  update.jitted = jitted
+  return update
+
+
+# ----------------------------------------------------------------------------- the whole step
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivateStep:
+  """The sharded step functions of a run on ``mesh`` (built by :func:`make_private_step`).
+
+  Attributes:
+    mesh: the device mesh (``1 x 1`` for one device).
+    param_shardings: ``NamedSharding`` per parameter leaf.
+    opt_shardings: ``NamedSharding`` per optimizer-state leaf (the same rule).
+    accumulate: :func:`make_accumulate_fn`'s function.
+    update: :func:`make_update_fn`'s function.
+    local_rows: rows of one micro-batch on THIS process (its mesh devices x
+      the per-device micro-batch): chunk sizes are multiples of it.
+    max_microbatches: micro-batches per chunk (per jitted call) at most.
+  """
+
+  mesh: Mesh
+  param_shardings: PyTree
+  opt_shardings: PyTree
+  accumulate: Callable[..., Accumulator]
+  update: Callable[..., tuple[TrainState, dict[str, jax.Array]]]
+  local_rows: int
+  max_microbatches: int
+
+  def shard_state(self, state: TrainState) -> TrainState:
+    """``state`` (host or device arrays) put on the mesh: params and optimizer state by the FSDP rule."""
+    host = sharding.to_host(state)
+    return TrainState(sharding.shard(host.step, sharding.replicated(self.mesh)),
+                      sharding.shard(host.params, self.param_shardings),
+                      sharding.shard(host.opt_state, self.opt_shardings))
+
+  def zero_accumulator(self, params: PyTree) -> Accumulator:
+    """A float32 zero sum shaped like ``params``, created directly with the parameter shardings.
+
+    The stats are replicated over the mesh, as ``accumulate`` returns them: the
+    same input types on every call, so a run compiles once per chunk shape.
+    """
+    return Accumulator(sharding.zeros_like_sharded(params, self.param_shardings),
+                       sharding.shard(ClipStats.zeros(), sharding.replicated(self.mesh)))
+
+  def chunks(self, source: Any, indices: np.ndarray) -> Iterator[sampling.Chunk]:
+    """This process's rows of the step's global sample ``indices``, read chunk by chunk (host arrays)."""
+    return sampling.iterate_chunks(source, indices, microbatch_size=self.local_rows,
+                                   max_microbatches=self.max_microbatches, process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+
+  def clipped_sum(self, params: PyTree, chunks: Iterable[sampling.Chunk],
+                  prepare: Callable[[int, PyTree], PyTree] | None = None) -> Accumulator:
+    """The clipped, masked gradient sum of a whole logical batch, one chunk on the device at a time.
+
+    Args:
+      params: the parameters, with :attr:`param_shardings`.
+      chunks: this process's chunks (:meth:`chunks`), the same count and
+        shapes on every process.
+      prepare: ``prepare(i, batch) -> batch`` for chunk ``i`` on the host
+        (e.g. BERT masking), before the chunk goes to the devices.
+    """
+    acc = self.zero_accumulator(params)
+    for i, chunk in enumerate(chunks):
+      batch = chunk.batch if prepare is None else prepare(i, chunk.batch)
+      mask = chunk.mask
+      if jax.process_count() > 1:  # one process: the jitted call places the host rows itself (cheaper)
+        batch, mask = sharding.global_batch_from_process_local((batch, mask), self.mesh)
+      previous, acc = acc, self.accumulate(params, acc, batch, mask)
+      # At most one chunk in flight while the host reads the next: memory stays
+      # bounded by the chunk size whatever the logical batch size.
+      jax.block_until_ready(previous)
+    return acc
+
+
+def make_private_step(
+    loss_fn: Callable[..., Any],
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    params: PyTree,
+    *,
+    clip_norm: float,
+    microbatch_size: int,
+    max_microbatches: int,
+    has_aux: bool = False,
+    clipping: str = "auto",
+    noise_sampler: noise_lib.NoiseSampler | str = noise_lib.NoiseSampler.WIDE_TAIL,
+    clipped_count_noise: float | None = None,
+    min_shard_size: int = sharding.DEFAULT_MIN_SHARD_SIZE,
+    on_trace: Callable[[], None] | None = None,
+) -> PrivateStep:
+  """Builds the sharded accumulate and update of a run on ``mesh``.
+
+  Args:
+    loss_fn: per-example loss (see :func:`make_accumulate_fn`).
+    optimizer: the optax optimizer the noisy mean gradient goes to.
+    mesh: from :func:`dpmega.sharding.make_mesh`; ``MeshConfig(data=1)`` for one device.
+    params: the parameters or their shapes (``jax.eval_shape``): only shapes are read.
+    clip_norm, microbatch_size, has_aux, clipping, on_trace: as in :func:`make_accumulate_fn`
+      (``microbatch_size`` is per device).
+    max_microbatches: micro-batches per chunk (one jitted call) at most.
+    noise_sampler, clipped_count_noise: as in :func:`make_update_fn`.
+    min_shard_size: leaves with fewer elements stay replicated (:func:`dpmega.sharding.fsdp_spec`).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np, optax
+    >>> from dpmega import noise, sharding
+    >>> mesh = sharding.make_mesh(sharding.MeshConfig(data=1))
+    >>> params = {"w": jnp.zeros(2)}
+    >>> ps = make_private_step(lambda p, ex: jnp.dot(p["w"], ex["x"]), optax.sgd(1.0), mesh, params,
+    ...                        clip_norm=1.0, microbatch_size=2, max_microbatches=2)
+    >>> state = ps.shard_state(TrainState(jnp.zeros((), jnp.int32), params, optax.sgd(1.0).init(params)))
+    >>> acc = ps.accumulate(state.params, ps.zero_accumulator(state.params),
+    ...                     {"x": np.array([[3.0, 4.0], [0.3, 0.4]], np.float32)}, np.ones(2, np.float32))
+    >>> np.asarray(acc.grad_sum["w"], float).round(4).tolist()  # (0.6, 0.8): (3, 4) clipped to norm 1; + (0.3, 0.4)
+    [0.9, 1.2]
+    >>> state, metrics = ps.update(state, acc.grad_sum, noise.step_key(noise.secret_bytes(), 0), 0.0, 2.0)
+    >>> np.asarray(state.params["w"], float).round(4).tolist()  # sgd(1): minus the sum / B, B = 2
+    [-0.45, -0.6]
+  """
+  shapes = jax.eval_shape(lambda p: p, params)
+  rule = dict(mesh=mesh, min_size=min_shard_size)
+  param_shardings = sharding.param_shardings(shapes, **rule)
+  opt_shardings = sharding.param_shardings(jax.eval_shape(optimizer.init, shapes), **rule)
+  accumulate = make_accumulate_fn(loss_fn, mesh, param_shardings, clip_norm=clip_norm,
+                                  microbatch_size=microbatch_size, has_aux=has_aux, clipping=clipping,
+                                  on_trace=on_trace)
+  update = make_update_fn(optimizer, mesh, param_shardings, opt_shardings, clip_norm=clip_norm,
+                          noise_sampler=noise_sampler, clipped_count_noise=clipped_count_noise)
+  return PrivateStep(mesh, param_shardings, opt_shardings, accumulate, update,
+                     local_rows=sharding.local_device_count(mesh) * microbatch_size,
+                     max_microbatches=check_int("max_microbatches", max_microbatches, 1))

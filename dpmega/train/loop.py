@@ -9,7 +9,6 @@ update, record the ledger, log and checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -25,6 +24,7 @@ import numpy as np
 from dpmega import accounting
 from dpmega.train import checkpoint as checkpoint_lib
 from dpmega.train import config as config_lib
+from dpmega.train import identity
 from dpmega.accounting import journal as journal_lib
 from dpmega import noise as noise_lib
 from dpmega import truncation
@@ -89,16 +89,6 @@ class TrainResult:
 
 def _fmt_int(n: int) -> str:
   return f"{int(n):,}"
-
-
-def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-  """``(dotted field, old, new)`` for every leaf where two JSON-like trees differ."""
-  if isinstance(old, dict) and isinstance(new, dict):
-    out = []
-    for k in sorted(set(old) | set(new)):
-      out += _differences(old.get(k), new.get(k), f"{prefix}{k}.")
-    return out
-  return [] if old == new else [(prefix.rstrip("."), old, new)]
 
 
 class Trainer:
@@ -186,52 +176,12 @@ class Trainer:
     return self.private_step.shard_state(TrainState(jnp.zeros((), jnp.int32), params, self.optimizer.init(params)))
 
   def fingerprint(self, noise_multiplier: float) -> dict[str, dict[str, Any]]:
-    """Everything that decides what a step computes, in the three parts a resume treats differently.
-
-    * ``computation``: the task and data config, the dataset's content
-      (:func:`dpmega.data.sources.fingerprint`: size and SHA-256), the
-      randomness seeds, sampling, batch schedule, clipping mode, micro-batching,
-      clip norm, noise (σ, sampler, clipped-count noise) and the budget. A
-      resume that changes any of it is refused: it would redo steps with the
-      keys and samples of other data or another computation.
-    * ``optimizer``: a change is allowed (e.g. a lower learning rate after a
-      divergence); the steps redone then run in a new generation (new keys).
-    * ``environment``: JAX version, backend, devices, mesh, the dataset's file
-      identity. The same computation elsewhere is not bit-identical, so a change
-      also starts a new generation.
-
-    Holds no secret and nothing derived from one (it is written in checkpoints
-    and printed in refusals).
-    """
-    cfg = self.cfg
+    """The run's :func:`dpmega.train.identity.fingerprint` (the dataset is hashed once per trainer)."""
     if self._data_fingerprint is None:
       self._data_fingerprint = sources_lib.fingerprint(self.task.train_source)
-    data = self._data_fingerprint
-    task = self.config_dict.task.to_dict() if self.config_dict is not None else {"name": cfg.task_name}
-    computation = {
-        "task": task, "dataset": {k: data[k] for k in ("size", "content", "coverage")},
-        "init_seed": getattr(cfg, "init_seed", None),
-        "insecure_reproducible_seed": getattr(cfg, "insecure_reproducible_seed", None),
-        "sampling": cfg.sampling.value, "batch_schedule": cfg.batch_schedule.to_dict(), "num_steps": cfg.num_steps,
-        "clipping": cfg.clipping, "microbatch_size": cfg.microbatch_size, "max_microbatches": cfg.max_microbatches,
-        "clip_norm": cfg.clip_norm, "noise_multiplier": noise_multiplier, "noise_sampler": cfg.noise_sampler,
-        "clipped_count_noise": cfg.clipped_count_noise, "target_epsilon": cfg.target_epsilon, "delta": cfg.delta,
-        "accountant": cfg.accountant,
-    }
-    optimizer = {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(cfg.optimizer).items()}
-    devices = jax.devices()
-    environment = {
-        "jax": jax.__version__, "backend": jax.default_backend(), "device_kind": devices[0].device_kind,
-        "device_count": len(devices), "process_count": jax.process_count(),
-        "mesh": None if cfg.mesh is None else dataclasses.asdict(cfg.mesh), "dataset_files": data.get("files", []),
-    }
-    # Through JSON, so that a fingerprint compares equal to its own round trip (tuples become lists).
-    return json.loads(json.dumps({"computation": computation, "optimizer": optimizer, "environment": environment},
-                                 sort_keys=True, default=str))
-
-  @staticmethod
-  def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+    task = self.config_dict.task.to_dict() if self.config_dict is not None else {"name": self.cfg.task_name}
+    return identity.fingerprint(self.cfg, task_config=task, data=self._data_fingerprint,
+                                noise_multiplier=noise_multiplier)
 
   def _accounted(self, sigma: float) -> float:
     """The noise multiplier the ledger records for a step at gradient noise ``sigma``."""
@@ -317,7 +267,7 @@ class Trainer:
     if not isinstance(theirs, dict) or set(theirs) != set(mine):
       raise checkpoint_lib.CheckpointError(f"{where} has no fingerprint of its computation (written by an older "
                                            "dpmega): it cannot be resumed safely; start afresh with --overwrite.")
-    refused = _differences(theirs["computation"], mine["computation"])
+    refused = identity.differences(theirs["computation"], mine["computation"])
     if refused:
       detail = "; ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, a, b in refused)
       raise checkpoint_lib.CheckpointError(
@@ -326,7 +276,7 @@ class Trainer:
           "workdir.")
     self._resumed = {"step": step, "generation": int(meta.get("generation", 0)),
                      "changed": [k for part in ("optimizer", "environment")
-                                 for k, _, _ in _differences(theirs[part], mine[part], prefix=part + ".")]}
+                                 for k, _, _ in identity.differences(theirs[part], mine[part], prefix=part + ".")]}
     try:
       secret = noise_lib.secret_from_words(np.asarray(tree["rng"], np.uint32))
     except ValueError:
@@ -443,7 +393,7 @@ class Trainer:
     # Every process reads the journal before process 0 appends to it, so all decide the same generation.
     self.journal = journal_lib.Journal(cfg.workdir, writable=main)
     self.spent = self.journal.ledger()
-    digest = self.fingerprint_digest(self.fingerprint(sigma))
+    digest = identity.digest(self.fingerprint(sigma))
     latest = self.journal.latest_generation
     if resume:
       for path in ckpt.unfinished():
@@ -572,35 +522,8 @@ class Trainer:
                        self.generation)
 
   def _resume_generation(self, latest: dict[str, Any] | None, *, newest: int, digest: str) -> tuple[int, str | None]:
-    """The generation to continue in after :meth:`_restore`, and why it is new (None: a crash resume).
-
-    A resume continues the latest generation -- same keys, redone steps
-    bit-identical, nothing new spent -- only when it restores the newest
-    checkpoint, that checkpoint lies on the latest generation (written by it,
-    or the one it started from), and the fingerprint is that generation's.
-    Anything else (a rewind, a changed optimizer or environment) recomputes
-    steps differently, so it starts a new generation: new keys, new samples,
-    and the redone steps are spent again.
-    """
-    r = self._resumed
-    if latest is None:
-      raise checkpoint_lib.CheckpointError(
-          f"{self.cfg.workdir!r} holds checkpoints but no journal of the privacy it spent ({self.journal.path}): "
-          "its epsilon cannot be established. Restore the file, or start afresh with --overwrite.")
-    on_latest = r["generation"] == latest["generation"] or (
-        latest["from_step"] == r["step"] and latest["from_generation"] == r["generation"])
-    if on_latest and r["step"] == newest and latest["fingerprint"] == digest:
-      return int(latest["generation"]), None
-    reasons = []
-    if r["step"] != newest:
-      reasons.append(f"a rewind from the newest checkpoint at step {newest} to step {r['step']}")
-    if r["changed"]:
-      reasons.append("changed " + ", ".join(r["changed"]))
-    if not on_latest:
-      reasons.append(f"a checkpoint of generation {r['generation']}, not of the latest {latest['generation']}")
-    if not reasons:
-      reasons.append(f"settings other than those generation {latest['generation']} ran with")
-    return int(latest["generation"]) + 1, "; ".join(reasons)
+    return identity.resume_generation(self._resumed, latest, newest=newest, digest=digest,
+                                      workdir=self.cfg.workdir, journal_path=self.journal.path)
 
   @staticmethod
   def _guarded(fn, *args, what: str, last_saved: int | None):

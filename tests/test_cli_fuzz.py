@@ -327,14 +327,6 @@ _override_text = st.one_of(
 )
 
 
-@pytest.fixture(scope="module")
-def train_cli():
-  pytest.importorskip("dpmega.cli.train")
-  pytest.importorskip("dpmega.train")
-  if not os.path.isfile(_SYNTHETIC_CONFIG):
-    pytest.skip("configs/synthetic_ctr.py is not in this build")
-
-
 @_FUZZ
 @given(data=st.data())
 def test_train_rejects_any_bad_config_override(data, train_cli, tmp_path_factory, capsys):

@@ -18,14 +18,6 @@ from tests import train_configs
 _SYNTHETIC_CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "synthetic_ctr.py")
 
 
-@pytest.fixture(scope="module")
-def train_cli():
-  pytest.importorskip("dpmega.cli.train")
-  pytest.importorskip("dpmega.train")
-  if not os.path.isfile(_SYNTHETIC_CONFIG):
-    pytest.skip("configs/synthetic_ctr.py is not in this build")
-
-
 # ------------------------------------------------------------------ faults
 # A tiny private run of the built-in synthetic CTR task (a few seconds of compute).
 _SMALL_TRAIN_CONFIG = train_configs.small_train_config(num_train=2000, num_eval=500, num_steps=12)

@@ -44,6 +44,7 @@ import functools
 import logging
 import math
 import numbers
+import warnings
 from typing import Any, Iterable, Mapping
 
 import dp_accounting
@@ -171,13 +172,17 @@ class _ExcludedOrders(logging.Filter):
     return True
 
 
-_warned_excluded_orders = False
+class ExcludedOrdersWarning(UserWarning):
+  """dp-accounting could not evaluate some RDP orders; they were dropped (ε stays a valid upper bound).
+
+  Python's warning filters decide how often it shows (by default once per place it is raised); a caller
+  silences it with ``warnings.simplefilter("ignore", ExcludedOrdersWarning)``.
+  """
 
 
 @contextlib.contextmanager
 def summarised_absl_warnings(what: Any):
-  """Runs dp-accounting RDP code with its per-order warnings replaced by one line per process."""
-  global _warned_excluded_orders
+  """Runs dp-accounting RDP code with its per-order absl warnings replaced by one :class:`ExcludedOrdersWarning`."""
   absl_logger = logging.getLogger("absl")
   collect = _ExcludedOrders()
   absl_logger.addFilter(collect)
@@ -185,12 +190,12 @@ def summarised_absl_warnings(what: Any):
     yield
   finally:
     absl_logger.removeFilter(collect)
-  if collect.count and not _warned_excluded_orders:
-    _warned_excluded_orders = True
-    _log.warning(
-        "dp-accounting could not evaluate %d low fractional RDP orders for %s; they are "
-        "excluded from the minimisation (epsilon stays a valid upper bound). Shown once.",
-        collect.count, what)
+  if collect.count:
+    # One fixed text: the default filter then shows it once per call site, however many events it concerns.
+    warnings.warn("dp-accounting could not evaluate some low fractional RDP orders (series that do not converge "
+                  "at large q); they are excluded from the minimisation and epsilon stays a valid upper bound.",
+                  ExcludedOrdersWarning, stacklevel=3)
+    _log.debug("excluded %d RDP orders for %s", collect.count, what)
 
 
 @functools.lru_cache(maxsize=1 << 15)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
+import warnings
 from typing import Sequence
 
 from dpmega.errors import UsageError
@@ -39,8 +41,16 @@ class _Parser(argparse.ArgumentParser):
     return super()._get_values(action, arg_strings)
 
 
+def _version() -> str:
+  try:
+    return importlib.metadata.version("dpmega")
+  except importlib.metadata.PackageNotFoundError:  # a source tree that was not installed
+    return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(prog="dpmega", description=__doc__.splitlines()[0])
+  parser.add_argument("--version", action="version", version=f"dpmega {_version()}")
   subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
   for name in _COMMAND_MODULES:
     try:
@@ -53,9 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
+  # A library warning reaches the operator as one line, without the source line Python would quote.
+  print(f"dpmega: warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
+  with warnings.catch_warnings():  # restores the caller's warning display on return
+    warnings.showwarning = _show_warning
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
   try:
     return int(args.func(args) or 0)
   except (UsageError, ValueError) as e:

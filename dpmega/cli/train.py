@@ -4,10 +4,15 @@
   dpmega train --config configs/synthetic_ctr.py --noise_multiplier 1.1 --set num_steps=100
   dpmega train --config configs/synthetic_ctr.py --workdir runs/x --resume
   dpmega train --config configs/synthetic_ctr.py --overwrite     # start afresh in the same workdir
+  dpmega train --config configs/synthetic_ctr.py --noise_multiplier 1.1 --batch_size 4096 --epochs 3 --clip_norm 1
+  dpmega train --config configs/synthetic_ctr.py --workdir runs/x --resume --set num_steps=80   # extend a run
   dpmega train --config configs/synthetic_ctr.py --insecure_reproducible_seed 0   # debugging: NOT private
 
 Every run draws a fresh secret for its noise and sampling from the OS CSPRNG and keeps it in its
-checkpoints only (--resume reuses it; --overwrite and a new workdir draw a new one).
+checkpoints only (--resume reuses it; --overwrite and a new workdir draw a new one). One run at a time per
+workdir: a second one exits with code 2 naming the process that holds it. A finished run is extended by
+--resume with more steps (num_steps or --epochs): the workdir's epsilon keeps accumulating and the budget
+(--target_epsilon) still stops it.
 """
 
 from __future__ import annotations
@@ -32,6 +37,12 @@ def add_parser(subparsers) -> None:
   p.add_argument("--target_epsilon", type=float, default=None, help="privacy budget epsilon")
   p.add_argument("--noise_multiplier", type=float, default=None, help="fixed noise multiplier sigma")
   p.add_argument("--delta", type=float, default=None, help="delta of (epsilon, delta)-DP (config: delta)")
+  p.add_argument("--clip_norm", type=float, default=None, help="L2 bound C of each example's gradient "
+                 "(config: clip_norm)")
+  p.add_argument("--batch_size", type=int, default=None, help="constant expected batch size per step "
+                 "(config: batch_schedule='constant:B')")
+  p.add_argument("--epochs", type=float, default=None, help="passes over the data: the run is the fewest steps "
+                 "whose expected batches add up to epochs * N (replaces num_steps; config: epochs)")
   p.add_argument("--workdir", default=None, help="checkpoints, metrics.jsonl, summary.json (config: workdir)")
   p.add_argument("--insecure_reproducible_seed", type=int, default=None, metavar="N",
                  help="tests and debugging only: derive the noise and the sampling from this PUBLIC seed instead "
@@ -53,13 +64,25 @@ def add_parser(subparsers) -> None:
   p.set_defaults(func=run)
 
 
-def build_config(args: argparse.Namespace):
-  """The config of ``args``: file, then ``--set`` overrides, then the dedicated flags."""
+def build_config(args: argparse.Namespace, say=lambda line: None):
+  """The config of ``args``: file, then ``--set`` overrides, then the dedicated flags.
+
+  ``say`` gets a ``plan:`` line when a budget flag replaces a budget the config file set.
+  """
   config = config_lib.load_config(args.config)
   config_lib.apply_overrides(config, args.overrides)
   if args.target_epsilon is not None or args.noise_multiplier is not None:
+    if args.target_epsilon is None and config.target_epsilon is not None:
+      say(f"plan: --noise_multiplier {args.noise_multiplier:g} replaces the config's target epsilon "
+          f"{config.target_epsilon:g}: sigma is fixed and no budget stops the run (add --target_epsilon to keep one)")
     config.target_epsilon = args.target_epsilon
     config.noise_multiplier = args.noise_multiplier
+  if args.clip_norm is not None:
+    config.clip_norm = args.clip_norm
+  if args.batch_size is not None:
+    config.batch_schedule = f"constant:{args.batch_size}"
+  if args.epochs is not None:
+    config.epochs = args.epochs
   if args.delta is not None:
     config.delta = args.delta
   if args.workdir is not None:
@@ -77,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
   # dp-accounting warns when it drops an RDP order it cannot evaluate; epsilon stays valid (the
   # minimum over the remaining orders), so keep the progress output readable.
   logging.getLogger("absl").setLevel(logging.ERROR)
-  config = build_config(args)
+  config = build_config(args, say=lambda line: print(line, flush=True))
   if args.distributed or args.coordinator_address is not None:
     from dpmega import sharding  # noqa: PLC0415
 

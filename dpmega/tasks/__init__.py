@@ -74,3 +74,20 @@ def build_task(config: Any) -> Task:
   name = validation.check_choice("task.name", config.task.name, task_names())
   module_name, fn_name = _BUILDERS[name].split(":")
   return getattr(importlib.import_module(module_name), fn_name)(config)
+
+
+def default_task_config(name: str) -> Any | None:
+  """``config.task`` of task ``name`` with every field at its default (None: unknown task, or none declared).
+
+  What a config file's ``task`` fields are checked against (:func:`dpmega.train.config.load_config`).
+  """
+  if name not in _BUILDERS:
+    return None
+  module = importlib.import_module(_BUILDERS[name].split(":")[0])
+  fn = getattr(module, "default_task_config", None)
+  if fn is None:
+    return None
+  try:
+    return fn(name)
+  except TypeError:  # a module with one task takes no name
+    return fn()

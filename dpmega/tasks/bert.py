@@ -87,6 +87,9 @@ def default_task_config() -> ml_collections.ConfigDict:
       "max_eval_rows": 2048,
       "eval_seed": 0,
       "eval_batch_size": 256,
+      # Informational: the N a config's privacy plan assumes before the data is read (0: none); the trainer
+      # always plans with len(train_source).
+      "planning_dataset_size": 0,
   })
 
 

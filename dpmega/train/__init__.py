@@ -25,12 +25,18 @@ pieces, ``accumulate(params, acc, batch, mask) -> acc`` and ``update(state,
 grad_sum, key, sigma, B) -> (state, metrics)``, are :mod:`dpmega.train.step`'s,
 the same functions the mesh tests and benchmarks run.
 
-The package: :mod:`~dpmega.train.loop` (the run: :class:`Trainer`, :func:`train`),
+The package, one job per module (imports go one way, down this list):
+:mod:`~dpmega.train.loop` (the run, top to bottom: :class:`Trainer`, :func:`train`),
+:mod:`~dpmega.train.workdir` (one run per workdir: the lock, the usability check, ``--overwrite``),
+:mod:`~dpmega.train.resume` (the checks a checkpoint passes before a resume continues it),
+:mod:`~dpmega.train.identity` (the fingerprint of a computation, the generation a resume runs in),
+:mod:`~dpmega.train.report` (the progress line, ``summary.json``, why a run stopped),
+:mod:`~dpmega.train.privacy` (the plan, sigma, epsilon of the ledgers, the budget stop),
 :mod:`~dpmega.train.step` (the private step on a mesh),
 :mod:`~dpmega.train.optim` (learning rates, optimizers),
 :mod:`~dpmega.train.writer` (``metrics.jsonl``, TensorBoard),
 :mod:`~dpmega.train.randomness` (the run's root secret),
-:mod:`~dpmega.train.checkpoint` and :mod:`~dpmega.train.config`.
+:mod:`~dpmega.train.checkpoint` and :mod:`~dpmega.train.config` (with :mod:`~dpmega.train.fields`).
 
 Randomness (invariant 7): the noise, the sampling and the data preparation
 (e.g. BERT masking) of step ``t`` are keyed by HMAC-SHA256 of the run's root
@@ -49,7 +55,9 @@ private release.
 
 Resume (invariant 6, ``docs/privacy.md``): checkpoints carry a fingerprint of
 the computation (:meth:`Trainer.fingerprint`); a resume that changes it is
-refused, naming the fields. A crash resume from the newest checkpoint replays
+refused, naming the fields, before anything in the workdir is written. One
+change is allowed: more steps on the same schedule (extending a finished run);
+the new steps run in a new generation and the budget still applies. A crash resume from the newest checkpoint replays
 the same keys bit for bit; any other recomputation (``--resume_step``, a
 changed optimizer or environment) runs in a new ``generation`` with new keys
 and samples. Every step is written to ``<workdir>/spent.jsonl``
@@ -73,7 +81,7 @@ from typing import Any
 # What `from dpmega import train` promises, and the module that holds each name. Loaded on first use, so that
 # `import dpmega.train.config` (the CLI's validation) stays light: no optax, Orbax or dp-accounting.
 _EXPORTS = {
-    "Trainer": "loop", "TrainResult": "loop", "TrainingError": "loop", "train": "loop",
+    "Trainer": "loop", "train": "loop", "TrainResult": "report", "TrainingError": "report",
     "Accumulator": "step", "TrainState": "step", "effective_noise_multiplier": "step",
     "make_learning_rate": "optim", "make_optimizer": "optim",
     "SECRET_RANDOMNESS": "randomness", "insecure_randomness": "randomness", "run_secret": "randomness",

@@ -60,6 +60,13 @@ def tree_digest(tree: PyTree, meta: dict[str, Any] | None = None) -> str:
   return h.hexdigest()
 
 
+def _fallback_hint(steps: list[int], step: int) -> str:
+  """What to resume from instead of a bad checkpoint ``step``."""
+  others = [s for s in steps if s != step]
+  return (f" The earlier checkpoint(s) {others} are kept; resume from one with --resume_step {max(others)}."
+          if others else " No other checkpoint is available.")
+
+
 def _quiet_orbax():
   # Orbax logs every save at INFO through absl; raise (never lower) the threshold.
   logger = logging.getLogger("absl")
@@ -128,9 +135,7 @@ class Checkpointer:
       step = steps[-1]
     if step not in steps:
       raise CheckpointError(f"resume step must be one of the checkpoints {steps} in {self.directory}, got {step}.")
-    others = [s for s in steps if s != step]
-    hint = (f" The earlier checkpoint(s) {others} are kept; resume from one with --resume_step {max(others)}."
-            if others else " No other checkpoint is available.")
+    hint = _fallback_hint(steps, step)
     abstract = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype),
         template)
@@ -155,6 +160,25 @@ class Checkpointer:
           f"checkpoint at step {step} in {self.directory} has format {meta.get('format')!r} and step "
           f"{meta.get('step')!r}; expected format {FORMAT_VERSION} and step {step}.{hint}")
     return state, meta
+
+  def read_meta(self, step: int | None = None) -> dict[str, Any]:
+    """The JSON ``meta`` of checkpoint ``step`` (default: the newest) alone, unverified: read before a restore,
+    so that a resume on another computation is refused by its fingerprint before any array is read.
+
+    Raises:
+      CheckpointError: no such checkpoint, or its meta cannot be read.
+    """
+    steps = self.steps()
+    step = steps[-1] if step is None and steps else step
+    if step not in steps:
+      raise CheckpointError(f"resume step must be one of the checkpoints {steps} in {self.directory}, got {step}.")
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      return dict(restored["meta"])
+    except Exception as e:  # noqa: BLE001 - any read failure means the same thing here
+      msg = str(e).splitlines()[0][:200] if str(e) else ""
+      raise CheckpointError(f"checkpoint at step {step} in {self.directory} is corrupt or incomplete "
+                            f"({type(e).__name__}: {msg}).{_fallback_hint(steps, step)}") from e
 
   def set_aside_after(self, step: int) -> list[str]:
     """Moves checkpoints newer than ``step`` to ``<directory>.set_aside/`` (kept, not deleted).

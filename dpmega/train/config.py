@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import enum
 import importlib.util
 import math
@@ -153,6 +154,9 @@ class TrainConfig:
       "private release (printed and recorded); for tests and debugging only")
   workdir: str = fields.path("runs/default", doc="checkpoints, metrics.jsonl and summary.json go here")
   num_steps: int = fields.integer(100, 1, 10**9, doc="logical steps to run (the whole schedule is accounted)")
+  epochs: float | None = fields.positive(None, optional=True, doc="passes over the data: when set, the run is "
+                                        "the fewest steps whose expected batches add up to epochs * N "
+                                        "(replaces num_steps; constant or step schedules)")
   batch_schedule: schedules.Schedule = fields.schedule(
       "constant:4096", doc="expected logical batch size per step: 'constant:4096', 'steps:1024@0,8192@50', "
       "'linear:1024->65536@100', 'geometric:1024->65536' (ramp over the whole run)")
@@ -282,7 +286,42 @@ def load_config(path: str) -> ml_collections.ConfigDict:
   if not isinstance(config, ml_collections.ConfigDict):
     raise UsageError(f"get_config() in {path!r} must return an ml_collections.ConfigDict, "
                      f"got {type(config).__name__}.")
+  check_known_fields(config, where=f"--config file {path!r}")
   return config
+
+
+def _unknown(node: ml_collections.ConfigDict, reference: ml_collections.ConfigDict, prefix: str) -> list[tuple]:
+  """``(dotted field, known fields there)`` for every key of ``node`` that ``reference`` lacks (recursively)."""
+  out = []
+  for key in node.keys():
+    if key not in reference:
+      out.append((prefix + key, sorted(reference.keys())))
+    elif isinstance(node[key], ml_collections.ConfigDict) and isinstance(reference[key], ml_collections.ConfigDict):
+      out += _unknown(node[key], reference[key], f"{prefix}{key}.")
+  return out
+
+
+def check_known_fields(config: ml_collections.ConfigDict, *, where: str = "config") -> None:
+  """Refuses a field that neither the trainer nor the config's task declares (a typo would fall back to a default).
+
+  The task's fields are those of its ``default_task_config()`` (:func:`dpmega.tasks.default_task_config`); a task
+  that declares none is not checked.
+
+  Raises:
+    UsageError: naming the first unknown field, with the closest known name (difflib) when there is one.
+  """
+  reference = base_config()
+  task = config.get("task")
+  if isinstance(task, ml_collections.ConfigDict) and isinstance(task.get("name"), str):
+    from dpmega import tasks  # noqa: PLC0415 - the task modules (JAX, Flax) load only when a file is checked
+
+    task_reference = tasks.default_task_config(task.name)
+    reference.task = task_reference if task_reference is not None else task
+  for field, known in _unknown(config, reference, ""):
+    leaf = field.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(leaf, known, n=1)
+    hint = f"; did you mean {field[:len(field) - len(leaf)] + close[0]!r}?" if close else f"; fields there: {known}."
+    raise UsageError(f"{where} sets an unknown config field {field!r}{hint}")
 
 
 def _where(e: BaseException, path: str) -> str:
@@ -327,7 +366,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
       node = node[part]
     if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
       known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-      raise UsageError(f"--set names an unknown config field {key!r}; fields there: {known}.")
+      close = difflib.get_close_matches(leaf, known, n=1)
+      hint = (f"did you mean {'.'.join(parents + close)!r}?" if close else f"fields there: {known}.")
+      raise UsageError(f"--set names an unknown config field {key!r}; {hint}")
     value = _parse_value(text)
     if isinstance(node[leaf], tuple) and isinstance(value, (list, tuple)):
       value = tuple(value)

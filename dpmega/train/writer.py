@@ -2,7 +2,9 @@
 
 Each record is one JSON line, appended whole or not at all; on resume the lines
 of the steps after the restored checkpoint (which are redone and logged again)
-are dropped, and TensorBoard is told to purge them. Process 0 writes; every
+are dropped, and TensorBoard is told to purge them; records missing before the
+checkpoint (a truncated or deleted file) are named in :attr:`MetricsWriter.missing`
+for the loop to warn about, never a silent gap. Process 0 writes; every
 other process gets a :class:`NullWriter`.
 
 .. warning::
@@ -25,12 +27,13 @@ class MetricsWriter:
 
   def __init__(self, workdir: str, *, resume_step: int | None, tensorboard: bool):
     self.path = os.path.join(workdir, "metrics.jsonl")
+    self.missing = ""  # the steps up to the restored checkpoint whose records are gone, e.g. "3..5, 9"
+    keep = []
     if resume_step is None:
       open(self.path, "w").close()
     elif os.path.exists(self.path):
       # Drop what the interrupted process logged after its last checkpoint (those
       # steps are redone bit-for-bit and logged again), and a line torn by the kill.
-      keep = []
       with open(self.path) as f:
         for line in f:
           try:
@@ -41,6 +44,10 @@ class MetricsWriter:
             keep.append(line)
       with open(self.path, "w") as f:
         f.writelines(keep)
+    if resume_step is not None:
+      # Every step up to the checkpoint logged one record: a truncated or deleted file leaves a gap, said aloud.
+      logged = {json.loads(line).get("step") for line in keep}
+      self.missing = _ranges(sorted(set(range(1, resume_step + 1)) - logged))
     self._tb = None
     if tensorboard:
       try:
@@ -82,10 +89,27 @@ class MetricsWriter:
       self._tb.close()
 
 
+def _ranges(steps: list[int]) -> str:
+  """``[3, 4, 5, 9]`` -> ``"3..5, 9"``.
+
+  >>> _ranges([3, 4, 5, 9])
+  '3..5, 9'
+  """
+  parts, i = [], 0
+  while i < len(steps):
+    j = i
+    while j + 1 < len(steps) and steps[j + 1] == steps[j] + 1:
+      j += 1
+    parts.append(str(steps[i]) if i == j else f"{steps[i]}..{steps[j]}")
+    i = j + 1
+  return ", ".join(parts)
+
+
 class NullWriter:
   """What processes other than 0 log to: nothing (process 0 writes the run's files)."""
 
   path = None
+  missing = ""
 
   def write(self, record: dict[str, Any]) -> None:
     pass

@@ -1,0 +1,133 @@
+"""What a run tells its operator: the progress line, ``summary.json``, the closing lines, and why it stopped.
+
+Pure formatting and checks over the records the loop produces (:mod:`dpmega.train.loop`); nothing here
+computes on private data. Failures the operator must act on -- a write that failed (disk full, permissions),
+parameters that are no longer finite -- become one :class:`TrainingError` whose message says what to do next.
+
+.. warning::
+   With ``metrics="raw"`` the progress line shows statistics of the private batch without noise (training
+   loss, realized batch size, clipped fraction): for the operator, not for release (:mod:`dpmega.train`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from dpmega import accounting
+from dpmega.train import config as config_lib
+from dpmega.train.privacy import fmt_int
+
+PyTree = Any
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (diverged, or the workdir cannot be written); the message says what to do."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What a run ended with.
+
+  Attributes:
+    steps: logical steps completed (counting those before a resume).
+    epsilon: epsilon(delta) the workdir has spent: every distinct (generation, step) in its journal,
+      including steps a rewind discarded. Never decreases over the workdir's history.
+    delta: the delta.
+    noise_multiplier: sigma used at every step.
+    stop_reason: why the run ended before ``num_steps`` (budget), else None.
+    eval_metrics: the task's evaluation at the end.
+    params: the final parameters (host arrays).
+    ledger: the ledger of the steps that led to the final model (its trajectory).
+    history: the per-step records written to ``metrics.jsonl`` by this process.
+    trajectory_epsilon: epsilon(delta) of ``ledger`` alone (<= ``epsilon``).
+    spent: the workdir's ledger (what ``epsilon`` is computed from).
+    delta_tail: the part of ``delta`` that the noise sampler's bounded support costs over ``spent``.
+    generation: the generation the final steps ran in (0 unless a rewind or change started a new one).
+  """
+
+  steps: int
+  epsilon: float
+  delta: float
+  noise_multiplier: float
+  stop_reason: str | None
+  eval_metrics: dict[str, float]
+  params: PyTree
+  ledger: accounting.Ledger
+  history: list[dict[str, Any]]
+  trajectory_epsilon: float | None = None
+  spent: accounting.Ledger | None = None
+  delta_tail: float = 0.0
+  generation: int = 0
+
+
+def guarded(fn: Callable[..., Any], *args, what: str, last_saved: int | None) -> Any:
+  """Runs a write; a failure (disk full, permissions, ...) becomes one clear :class:`TrainingError`."""
+  try:
+    return fn(*args)
+  except Exception as e:  # noqa: BLE001 - Orbax and the OS raise many kinds; all mean the same here
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [""])[0][:200]
+    where = (f"the last checkpoint is at step {last_saved}: fix the cause and run again with --resume"
+             if last_saved else "no checkpoint was written yet")
+    raise TrainingError(f"could not write {what} ({type(e).__name__}: {reason}); {where}.") from e
+
+
+def check_finite(metrics: dict[str, Any], step: int, last_saved: int | None) -> None:
+  """Stops a diverged run before it is logged or checkpointed, keeping the last good checkpoint.
+
+  The decision reads only the new parameters: a function of the released
+  noisy update (post-processing). Examples with non-finite gradients do not
+  stop the run -- they contribute zero and are counted (invariant 4) -- since
+  a stop that depends on how many of them were sampled would be a release of
+  raw private data.
+  """
+  if metrics["params_finite"] == 1.0:
+    return
+  keep = (f"the last good checkpoint is at step {last_saved}" if last_saved else "no checkpoint was written")
+  raise TrainingError(f"training diverged at step {step}: the parameters are not finite (nan or inf); nothing of "
+                      f"this step was saved and {keep}. Lower the learning rate and resume: the steps after the "
+                      "checkpoint then run in a new generation, with new noise keys, and count again.")
+
+
+def progress_line(cfg: config_lib.TrainConfig, r: dict[str, Any]) -> str:
+  """The one line a logged step prints (private quantities only under ``metrics="private"``)."""
+  if cfg.metrics is config_lib.MetricsMode.PRIVATE:
+    line = (f"step {r['step']}/{cfg.num_steps}  batch {fmt_int(r['batch_size'])} (expected)  noisy grad "
+            f"norm {r['noisy_grad_norm']:.4g}  update norm {r['update_norm']:.4g}" +
+            (f"  clipped ~{100 * r['private_clipped_fraction']:.0f}% (noisy)" if "private_clipped_fraction" in r
+             else "") + f"  epsilon {r['epsilon']:.4g}")
+  else:
+    line = (f"step {r['step']}/{cfg.num_steps}  batch {fmt_int(r['batch_size'])} (drew "
+            f"{fmt_int(r['sampled'])})  {r['examples_per_s']:,.0f} ex/s  loss {r['loss']:.4f}  "
+            f"clipped {100 * r['clipped_fraction']:.0f}%  epsilon {r['epsilon']:.4g}")
+  evals = {k[5:]: v for k, v in r.items() if k.startswith("eval_")}
+  if evals:
+    line += "  eval " + " ".join(f"{k} {v:.4f}" for k, v in evals.items())
+  return line
+
+
+def summary(cfg: config_lib.TrainConfig, result: TrainResult, *, accounted_sigma: float,
+            randomness: str) -> dict[str, Any]:
+  """The record written to ``summary.json``: what ran, what it spent, how it ended (no key material)."""
+  return {
+      "steps": result.steps, "num_steps": cfg.num_steps, "epsilon": result.epsilon, "delta": cfg.delta,
+      "delta_tail": result.delta_tail, "noise_sampler": cfg.noise_sampler,
+      "neighbouring_relation": cfg.sampling.relation_label, "sampling": cfg.sampling.value,
+      "accountant": cfg.accountant, "noise_multiplier": result.noise_multiplier, "clip_norm": cfg.clip_norm,
+      "accounted_noise_multiplier": accounted_sigma, "clipped_count_noise": cfg.clipped_count_noise,
+      "metrics": cfg.metrics.value, "stop_reason": result.stop_reason, "eval": result.eval_metrics,
+      "generation": result.generation, "trajectory_epsilon": result.trajectory_epsilon,
+      "ledger": result.ledger.to_dict(), "spent_steps": result.spent.num_steps,
+      "spent_ledger": result.spent.to_dict(), "randomness": randomness,
+  }
+
+
+def closing_lines(cfg: config_lib.TrainConfig, result: TrainResult) -> list[str]:
+  """The ``done:`` and ``eval:`` lines a finished run prints."""
+  spent, ledger = result.spent, result.ledger
+  done = (f"done: {result.steps} steps, " +
+          accounting.describe(result.epsilon, cfg.delta, cfg.sampling, cfg.accountant) +
+          (f"; delta_tail {result.delta_tail:.3g} included" if result.delta_tail > 1e-3 * cfg.delta else "") +
+          (f"; spent by the workdir over {spent.num_steps} computed steps (this model's trajectory alone: "
+           f"{result.trajectory_epsilon:.4g})" if spent.num_steps != ledger.num_steps else ""))
+  return [done, "eval: " + ", ".join(f"{k} {v:.4f}" for k, v in result.eval_metrics.items())]

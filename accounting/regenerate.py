@@ -72,8 +72,9 @@ def _round_up(x: float, digits: int = 4) -> float:
   return math.ceil(x * scale - 1e-9) / scale
 
 
-def resolve(run: dict[str, Any]) -> dict[str, Any]:
-  """Steps and sigma of a run (calibrating sigma when the run gives a target)."""
+def resolve(run: dict[str, Any], progress=None) -> dict[str, Any]:
+  """Steps and sigma of a run (calibrating sigma when the run gives a target; ``progress``: a stream for a line
+  every 10 s of calibration)."""
   from dpmega import accounting  # pylint: disable=import-outside-toplevel
   from dpmega import schedules  # pylint: disable=import-outside-toplevel
 
@@ -90,7 +91,9 @@ def resolve(run: dict[str, Any]) -> dict[str, Any]:
     sigma = _round_up(accounting.calibrate_noise_multiplier(
         target_epsilon=run["target_epsilon"], delta=run["delta"], dataset_size=n,
         batch_sizes=schedule, num_steps=steps, scheme=run["sampling"], accountant="rdp",
-        tail=default_tail()))
+        tail=default_tail(),
+        progress=None if progress is None else accounting.progress_printer(
+            progress, every=10.0, label=f"  {run['name']}: calibrating")))
     calibrated = True
   return {"schedule": schedule, "steps": steps, "sigma": sigma, "calibrated": calibrated}
 
@@ -107,11 +110,14 @@ def default_tail():
   return truncation.TailModel(noise.sampler_support(noise.NoiseSampler.WIDE_TAIL), NOISED_COORDINATES)
 
 
-def epsilons(run: dict[str, Any], schedule, steps: int, sigma: float) -> dict[str, float | None]:
+def epsilons(run: dict[str, Any], schedule, steps: int, sigma: float, progress=None) -> dict[str, float | None]:
   from dpmega import accounting  # pylint: disable=import-outside-toplevel
 
-  out = {}
+  out, start = {}, time.time()
   for acc in ("rdp", "pld"):
+    if progress is not None:
+      print(f"  {run['name']}: epsilon ({acc.upper()}) at sigma {sigma:.4g} ... ({time.time() - start:.0f} s)",
+            file=progress, flush=True)
     try:
       out[acc] = accounting.epsilon_for_schedule(
           noise_multiplier=sigma, delta=run["delta"], dataset_size=run["dataset_size"],
@@ -169,8 +175,8 @@ def render(runs: list[dict[str, Any]], progress=None) -> str:
       print(f"[{i + 1}/{len(runs)}] {run['name']}: "
             + ("calibrating sigma, then " if "target_epsilon" in run else "") + "RDP and PLD ...",
             file=progress, flush=True)
-    resolved = resolve(run)
-    eps = epsilons(run, resolved["schedule"], resolved["steps"], resolved["sigma"])
+    resolved = resolve(run, progress)
+    eps = epsilons(run, resolved["schedule"], resolved["steps"], resolved["sigma"], progress)
     shares[run["name"]] = tail_share(run, resolved["schedule"], resolved["steps"], resolved["sigma"])
     rows.append(row(run, resolved, eps) + "\n")
     if progress is not None:

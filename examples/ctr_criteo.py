@@ -10,12 +10,16 @@ as it would read the real release:
   python examples/ctr_criteo.py --criteo ~/data/criteo1tb --layout terabyte --days 0 1
 
 Real data is converted once (streaming, with a progress bar) into
-``--data_dir``; a later run reuses the converted columns.
+``--data_dir``; a later run reuses the converted columns. Run it again as is:
+the demo's own workdir (the default ``--workdir``) is started afresh; ``--resume``
+continues it instead. Another ``--workdir`` that holds a run needs ``--resume``
+or ``--overwrite``, as with ``dpmega train``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
 
@@ -26,6 +30,10 @@ from dpmega.train import config as config_lib  # noqa: E402
 from dpmega import train as train_lib  # noqa: E402
 from dpmega.data import criteo_tsv  # noqa: E402
 from dpmega.data import criteo_synthetic  # noqa: E402
+from dpmega.errors import UsageError  # noqa: E402
+
+
+DEMO_WORKDIR = "runs/ctr_criteo"
 
 
 def parse_args(argv):
@@ -37,7 +45,10 @@ def parse_args(argv):
   p.add_argument("--skip_malformed", action="store_true", help="skip (and count) malformed lines")
   p.add_argument("--config_variant", choices=["small", "kaggle"], default="small")
   p.add_argument("--data_dir", default="runs/ctr_criteo_data", help="where converted columns go")
-  p.add_argument("--workdir", default="runs/ctr_criteo")
+  p.add_argument("--workdir", default=DEMO_WORKDIR)
+  again = p.add_mutually_exclusive_group()
+  again.add_argument("--resume", action="store_true", help="continue the run in --workdir")
+  again.add_argument("--overwrite", action="store_true", help="start afresh in --workdir (deletes its run)")
   p.add_argument("--rows", type=int, default=100_000, help="generated training rows")
   p.add_argument("--eval_rows", type=int, default=20_000, help="generated evaluation rows")
   p.add_argument("--target_epsilon", type=float, default=3.0)
@@ -88,7 +99,13 @@ def main(argv=None) -> dict:
     config.batch_schedule = f"constant:{args.batch_size}"
   if args.insecure_reproducible_seed is not None:
     config.insecure_reproducible_seed = args.insecure_reproducible_seed
-  result = train_lib.train(config, out=(lambda line: None) if args.quiet else None)
+  overwrite = args.overwrite
+  if not (args.resume or overwrite) and args.workdir == DEMO_WORKDIR and os.path.isdir(args.workdir) \
+      and os.listdir(args.workdir):
+    print(f"note: starting afresh in the demo workdir {args.workdir} (--resume continues the previous run)")
+    overwrite = True
+  result = train_lib.train(config, resume=args.resume, overwrite=overwrite,
+                           out=(lambda line: None) if args.quiet else None)
   m = result.eval_metrics
   print(f"{args.model}: epsilon {result.epsilon:.3g} (delta {result.delta:g}) after {result.steps} steps; "
         f"eval AUC {m['auc']:.4f} (constant predictor 0.5"
@@ -98,4 +115,8 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  try:
+    main()
+  except UsageError as e:  # bad flags, a workdir that holds another run: one line, as `dpmega train` says it
+    print(f"ctr_criteo.py: error: {e}", file=sys.stderr)
+    sys.exit(2)

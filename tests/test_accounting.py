@@ -487,6 +487,21 @@ def _reference():
   return module
 
 
+def test_regenerate_says_what_it_is_doing_for_each_run_and_phase():
+  """`accounting/regenerate.py` takes minutes: a line per run and per phase on its progress stream (issue 21)."""
+  import io  # pylint: disable=import-outside-toplevel
+  module = _reference()
+  run = {"name": "tiny", "description": "", "source": "", "dataset_size": 1000, "batch_schedule": "constant:10",
+         "steps": 20, "target_epsilon": 2.0, "delta": 1e-5, "sampling": "poisson"}
+  stream = io.StringIO()
+  table = module.render([run], progress=stream)
+  lines = stream.getvalue().splitlines()
+  assert lines[0].startswith("[1/1] tiny: calibrating sigma")
+  assert any("tiny: epsilon (RDP) at sigma" in l for l in lines)
+  assert any("tiny: epsilon (PLD) at sigma" in l for l in lines)
+  assert lines[-1].startswith("[1/1] tiny: done, sigma") and "| tiny |" in table
+
+
 def test_reference_table_is_not_stale():
   """EPSILONS.md matches accounting/runs/*.json: settings exactly, ε recomputed at its σ.
 

@@ -271,3 +271,134 @@ def test_jax_bounded_sampler_whose_tail_exceeds_delta_is_a_clear_error(command, 
   assert rc == 2 and not out
   assert "--noise_sampler jax_bounded" in err and "delta_tail" in err and "wide_tail" in err
   assert "Traceback" not in err
+
+
+# ----------------------------------------- issue 21: CLI habits (items 5, 9, 11, 13)
+
+
+def _dpmega(*argv, timeout=300):
+  """A real subprocess of the CLI (logging and warnings as a user sees them)."""
+  env = dict(os.environ, PYTHONPATH=os.getcwd())
+  return subprocess.run([sys.executable, "-m", "dpmega", *argv], capture_output=True, text=True, env=env,
+                        timeout=timeout, check=False)
+
+
+_ISSUE_CAL = ["calibrate", "--target_epsilon", "0.005", "--delta", "1e-6", "--dataset_size", "100000",
+              "--batch_schedule", "geometric:2048->16384,round_to=2048", "--steps", "3"]
+
+
+def test_calibrate_issue_case_is_reached_by_pld_and_says_why_not_by_rdp():
+  proc = _dpmega(*_ISSUE_CAL, "--accountant", "pld", "--json", "--points", "1")
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads(proc.stdout)
+  assert 0 < result["epsilon"]["pld"] <= 0.005
+  # The search starts at σ = 1.0: dp-accounting's warnings about it are not the user's (issue 21, item 9).
+  assert "noise_multiplier=1.0" not in proc.stderr and "failed to converge" not in proc.stderr
+  assert "WARNING" not in proc.stderr
+  proc = _dpmega(*_ISSUE_CAL)
+  assert proc.returncode == 2 and "unreachable" in proc.stderr and "epsilon=0 " not in proc.stderr
+  assert "pld" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_calibrate_prints_progress_lines_while_it_searches():
+  proc = _dpmega("calibrate", "--target_epsilon", "2", "--delta", "1e-5", "--dataset_size", "60000",
+                 "--batch_size", "256", "--steps", "100", "--progress_every", "0", "--points", "1")
+  assert proc.returncode == 0, proc.stderr
+  lines = [l for l in proc.stderr.splitlines() if l.startswith("dpmega calibrate: ") and "evaluations" in l]
+  assert len(lines) >= 3 and "noise_multiplier=" in lines[-1]
+
+
+@pytest.mark.parametrize("command", ["epsilon", "calibrate"])
+def test_delta_not_below_one_over_n_is_warned(command, capsys):
+  extra = ["--noise_multiplier", "1"] if command == "epsilon" else ["--target_epsilon", "5"]
+  base = [command, "--dataset_size", "1000", "--batch_size", "10", "--steps", "10", "--points", "1", *extra]
+  rc, out, err = _run([*base, "--delta", "0.5"], capsys)
+  assert rc == 0 and "warning: delta = 0.5 is not below 1/dataset_size = 0.001" in err and "warning" not in out
+  rc, _, err = _run([*base, "--delta", "1e-5"], capsys)
+  assert rc == 0 and "warning" not in err
+
+
+def test_q_is_the_batch_size_over_the_dataset_size_under_each_alias(capsys):
+  base = ["epsilon", "--dataset_size", "1000", "--steps", "20", "--delta", "1e-5", "--noise_multiplier", "1",
+          "--json", "--points", "1"]
+  results = []
+  for flags in (["--batch_size", "25"], ["--q", "0.025"], ["--sampling_rate", "0.025"],
+                ["--sampling_probability", "0.025"]):
+    rc, out, err = _run([*base, *flags], capsys)
+    assert rc == 0, err
+    results.append(json.loads(out)["epsilon"]["rdp"])
+  assert len(set(results)) == 1 and results[0] > 0
+
+
+def test_q_between_whole_batches_is_rounded_up_and_said(capsys):
+  base = ["epsilon", "--dataset_size", "1000", "--steps", "20", "--delta", "1e-5", "--noise_multiplier", "1",
+          "--json", "--points", "1"]
+  rc, out, err = _run([*base, "--q", "0.0245"], capsys)
+  assert rc == 0 and "accounted as batch size 25" in err and "upper bound" in err
+  rc, up, _ = _run([*base, "--batch_size", "25"], capsys)
+  assert json.loads(out)["epsilon"] == json.loads(up)["epsilon"]
+
+
+def test_old_and_new_flag_spellings_are_the_same_flag(capsys):
+  base = ["--dataset_size", "1000", "--batch_size", "10", "--delta", "1e-5", "--json", "--points", "1"]
+  outs = []
+  for argv in (["epsilon", *base, "--steps", "7", "--noise_multiplier", "1.3"],
+               ["epsilon", *base, "--num_steps", "7", "--sigma", "1.3"]):
+    rc, out, err = _run(argv, capsys)
+    assert rc == 0, err
+    outs.append(json.loads(out)["epsilon"])
+  assert outs[0] == outs[1]
+  rc, out, err = _run(["calibrate", *base, "--steps", "7", "--epsilon", "2"], capsys)
+  assert rc == 0 and json.loads(out)["target_epsilon"] == 2
+
+
+def test_epsilon_of_a_workdir_is_its_journal_at_the_delta_asked_and_touches_nothing(tmp_path):
+  from dpmega.accounting import journal  # pylint: disable=import-outside-toplevel
+  j = journal.Journal(str(tmp_path))
+  j.start_generation(0, from_step=0, from_generation=None, fingerprint="0" * 64, reason="test")
+  for step in range(1, 31):
+    j.record_step(generation=0, step=step, batch_size=64 if step < 20 else 128, dataset_size=10_000,
+                  noise_multiplier=1.2, scheme="poisson")
+  before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+  proc = _dpmega("epsilon", "--workdir", str(tmp_path), "--delta", "1e-6", "--accountant", "both", "--json")
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads(proc.stdout)
+  tail = truncation.TailModel(noise.sampler_support("wide_tail"), 10**9)
+  ledger = journal.Journal(str(tmp_path), writable=False).ledger()
+  for acc in ("rdp", "pld"):
+    assert result["epsilon"][acc] == accounting.compute_epsilon(ledger, 1e-6, acc, tail=tail)
+  assert result["steps"] == 30 and result["epsilon"]["pld"] > 0
+  assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
+  proc = _dpmega("epsilon", "--workdir", str(tmp_path), "--delta", "1e-6", "--steps", "5")
+  assert proc.returncode == 2 and "drop --steps" in proc.stderr
+  proc = _dpmega("epsilon", "--workdir", str(tmp_path / "nothing"), "--delta", "1e-6")
+  assert proc.returncode == 2 and "not a directory" in proc.stderr and not (tmp_path / "nothing").exists()
+
+
+def test_version_flag():
+  import importlib.metadata  # pylint: disable=import-outside-toplevel
+  proc = _dpmega("--version")
+  assert proc.returncode == 0 and proc.stdout.strip() == f"dpmega {importlib.metadata.version('dpmega')}"
+
+
+def test_every_arrow_in_an_example_command_is_quoted():
+  """Unquoted, `--batch_schedule geometric:1000->65536` makes the shell create a file named 65536."""
+  import pathlib  # pylint: disable=import-outside-toplevel
+  import re  # pylint: disable=import-outside-toplevel
+  roots = [pathlib.Path("dpmega/cli"), pathlib.Path("examples"), pathlib.Path("accounting")]
+  files = [p for r in roots for p in r.rglob("*") if p.suffix in (".py", ".md")]
+  bad = [f"{p}: {line.strip()}" for p in files for line in p.read_text().splitlines()
+         if "dpmega " in line and re.search(r"(^|\s)[^'\"\s]+->", line)]
+  assert not bad
+  for command in ("epsilon", "calibrate"):
+    assert "'geometric:1024->65536'" in _dpmega(command, "--help").stdout
+
+
+def test_train_plan_warns_when_delta_is_not_below_one_over_n(train_cli, tmp_path, capsys):
+  config = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "synthetic_ctr.py")
+  argv = ["train", "--config", config, "--target_epsilon", "3", "--workdir", str(tmp_path / "w"),
+          "--set", "task.num_train=2000", "task.num_eval=500", "num_steps=2", "batch_schedule='constant:256'",
+          "microbatch_size=64", "max_microbatches=4", "eval_every=0", "checkpoint_every=0"]
+  rc, out, err = _run([*argv, "--delta", "0.5"], capsys)
+  assert rc == 0, err
+  assert "plan: warning: delta = 0.5 is not below 1/dataset_size = 0.0005" in out

@@ -211,3 +211,42 @@ def test_cli_convert_and_malformed_line_exit_code(tmp_path, capsys):
                    "--no_progress", "--skip_malformed"]) == 0
   assert "skipped 1 malformed line(s), first: " in capsys.readouterr().out
   assert cli.main(["criteo-convert", "--out", str(tmp_path / "c")]) == 2
+
+
+# --------------------------------------------- issue 21, item 12: what the operator sees
+
+
+def _convert_cli(*argv):
+  import os  # noqa: PLC0415
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  env = dict(os.environ, PYTHONPATH=os.getcwd())
+  return subprocess.run([sys.executable, "-m", "dpmega", "criteo-convert", "--no_progress", *argv],
+                        capture_output=True, text=True, env=env, timeout=120, check=False)
+
+
+def test_all_lines_malformed_with_skip_is_an_error_and_writes_nothing(tmp_path):
+  bad = write(tmp_path / "bad.txt", ["label\tI1\tI2", make_line(label="7"), make_line()[:-9]])
+  proc = _convert_cli("--files", str(bad), "--out", str(tmp_path / "out"), "--skip_malformed")
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert "no rows to write: all 3 line(s)" in proc.stderr and str(bad) in proc.stderr
+  assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_a_truncated_gzip_is_named_with_its_last_good_line(tmp_path):
+  body = gzip.compress(("".join(make_line() + "\n" for _ in range(2000))).encode())
+  (tmp_path / "day_0.gz").write_bytes(body[:len(body) // 2])
+  proc = _convert_cli("--files", str(tmp_path / "day_0.gz"), "--out", str(tmp_path / "out"))
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert f"cannot read {tmp_path / 'day_0.gz'}" in proc.stderr and "gzip" in proc.stderr
+  assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_messages_use_flag_names_and_file_text_not_python_words(tmp_path):
+  good = write(tmp_path / "good.txt", [make_line()] * 2)
+  assert _convert_cli("--files", str(good), "--out", str(tmp_path / "out")).returncode == 0
+  proc = _convert_cli("--files", str(good), "--out", str(tmp_path / "out"))
+  assert proc.returncode == 2 and "--overwrite" in proc.stderr and "overwrite=True" not in proc.stderr
+  header = write(tmp_path / "header.txt", ["label\t" + "\t".join(make_line().split("\t")[1:]), make_line()])
+  proc = _convert_cli("--files", str(header), "--out", str(tmp_path / "h"))
+  assert proc.returncode == 2 and "got 'label' (a header line?" in proc.stderr and "b'" not in proc.stderr

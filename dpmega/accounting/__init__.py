@@ -14,7 +14,7 @@ module                job
 ``calibrate``         σ for a target ε over a whole schedule
 ``plan``              what will run: :class:`Plan` (shared by ``dpmega train`` and ``dpmega
                       epsilon`` / ``calibrate``), ε of a schedule, :func:`max_steps`,
-                      :func:`fits_budget`, the printed line :func:`describe`
+                      :func:`fits_budget`, the printed line :func:`describe`, :func:`delta_warning`
 ``journal``           the workdir's append-only journal of every step ever computed
 ====================  ==========================================================================
 
@@ -61,6 +61,8 @@ _EXPORTS = {
     "max_steps": "dpmega.accounting.plan",
     "fits_budget": "dpmega.accounting.plan",
     "describe": "dpmega.accounting.plan",
+    "delta_warning": "dpmega.accounting.plan",
+    "progress_printer": "dpmega.accounting.calibrate",
     "TAIL_NEGLIGIBLE": "dpmega.accounting.plan",
 }
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from typing import Any
 
 import numpy as np
@@ -46,6 +47,7 @@ from dpmega.accounting.accountants import as_accountant
 from dpmega.accounting.accountants import check_discretization
 from dpmega.accounting.accountants import check_supported
 from dpmega.accounting.accountants import relation_label
+from dpmega.accounting.calibrate import Progress
 from dpmega.accounting.calibrate import calibrate_noise_multiplier
 from dpmega.accounting.ledger import Ledger
 from dpmega.accounting.ledger import compute_epsilon
@@ -53,7 +55,7 @@ from dpmega.sampling import SamplingScheme
 from dpmega.sampling import as_scheme
 
 __all__ = ["Plan", "epsilon_for_schedule", "tail_delta_for_schedule", "max_steps", "fits_budget", "describe",
-           "TAIL_NEGLIGIBLE"]
+           "delta_warning", "TAIL_NEGLIGIBLE"]
 
 # δ_tail below this fraction of δ is not worth a word in a one-line summary (always in JSON).
 TAIL_NEGLIGIBLE = 1e-3
@@ -170,6 +172,29 @@ def describe(epsilon: float, delta: float, scheme: SamplingScheme | str,
   return line + ")"
 
 
+def delta_warning(delta: float, dataset_size: int) -> str | None:
+  """A one-line warning when ``delta >= 1 / dataset_size``, else None.
+
+  With δ >= 1/N a mechanism that publishes one random example in full is
+  (0, δ)-DP: such a δ promises nothing about any one person. The usual rule is
+  δ well below 1/N (often 1/N^1.1 or smaller).
+
+  Example:
+    >>> print(delta_warning(0.5, 1000))
+    warning: delta = 0.5 is not below 1/dataset_size = 0.001: at this delta a mechanism that publishes a random example in full meets the guarantee; choose delta well below 1/N (e.g. 0.0001 or smaller)
+    >>> delta_warning(1e-6, 1000) is None
+    True
+  """
+  delta = events.check_delta(delta)
+  dataset_size = validation.check_int("dataset_size", dataset_size, 1, integral_floats=True)
+  if delta < 1 / dataset_size:
+    return None
+  suggestion = 10.0 ** math.floor(math.log10(dataset_size ** -1.1 if dataset_size > 1 else 0.1))
+  return (f"warning: delta = {delta:g} is not below 1/dataset_size = {1 / dataset_size:.3g}: at this delta a "
+          f"mechanism that publishes a random example in full meets the guarantee; choose delta well below 1/N "
+          f"(e.g. {suggestion:g} or smaller)")
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """What will run: ``num_steps`` steps of ``schedule`` over ``dataset_size`` examples, and how they are accounted.
@@ -246,12 +271,21 @@ class Plan:
         noise_multiplier=noise_multiplier, dataset_size=self.dataset_size, batch_sizes=self.schedule,
         num_steps=self._steps(num_steps), scheme=self.scheme, tail=self.tail, delta=None if floor else self.delta)
 
-  def calibrate(self, target_epsilon: float, *, rtol: float | None = None) -> float:
-    """The smallest σ whose whole-run ε(delta) is <= ``target_epsilon`` (:func:`calibrate_noise_multiplier`)."""
+  def calibrate(self, target_epsilon: float, *, rtol: float | None = None, progress: Progress | None = None) -> float:
+    """The smallest σ whose whole-run ε(delta) is <= ``target_epsilon`` (:func:`calibrate_noise_multiplier`).
+
+    ``progress``: called after each ε evaluation (:func:`dpmega.accounting.calibrate.progress_printer` prints a
+    line every few seconds; a ramp with many distinct batch sizes takes minutes).
+    """
     return calibrate_noise_multiplier(
         target_epsilon=target_epsilon, delta=self.delta, dataset_size=self.dataset_size,
         batch_sizes=self.schedule, num_steps=self.num_steps, scheme=self.scheme, accountant=self.accountant,
-        pld_discretization=self.pld_discretization, q_grid=self.q_grid, rtol=rtol, tail=self.tail)
+        pld_discretization=self.pld_discretization, q_grid=self.q_grid, rtol=rtol, tail=self.tail,
+        progress=progress)
+
+  def delta_warning(self) -> str | None:
+    """:func:`delta_warning` for this plan's δ and dataset size: the line the printed plan shows, or None."""
+    return delta_warning(self.delta, self.dataset_size)
 
   def max_steps(self, target_epsilon: float, noise_multiplier: float) -> int:
     """Most of the ``num_steps`` steps that keep ε(delta) <= ``target_epsilon`` at σ (0: not even one)."""

@@ -5,11 +5,15 @@ No model, no JAX: only the schedule of a run. Examples::
   dpmega epsilon --dataset_size 60000 --batch_size 256 --epochs 60 \\
       --noise_multiplier 1.1 --delta 1e-5 --accountant both
   dpmega calibrate --target_epsilon 3 --delta 1e-6 --dataset_size 1e9 \\
-      --batch_schedule geometric:1000->2000000@5000 --steps 20000 --json
+      --batch_schedule 'geometric:1000->2000000@5000' --steps 20000 --json
+  dpmega epsilon --q 0.004 --dataset_size 60000 --steps 1000 --noise_multiplier 1.1 --delta 1e-5
+  dpmega epsilon --workdir runs/ctr --delta 1e-6      # what a finished run spent, at any delta
   dpmega epsilon ... --plot eps.png          # needs the `plot` extra (matplotlib)
 
 Every ε printed names δ, the accountant, the sampling scheme and its
 neighbouring relation. Bad input prints one line naming the flag and exits 2.
+A δ that is not below 1/N gets a warning (such a δ protects no one). Steps are
+counted from 1: the row "step k" is ε after the first k steps.
 
 The δ printed covers the noise sampler that runs (``--noise_sampler``): its
 bounded support costs ``δ_tail`` (:mod:`dpmega.truncation`), which grows with
@@ -33,45 +37,16 @@ from dpmega import noise
 from dpmega import sampling
 from dpmega import schedules
 from dpmega import truncation
+from dpmega.cli import flag_types
+from dpmega.cli import workdir_epsilon
 from dpmega.errors import UsageError
 
 
 # ------------------------------------------------------------ flag types
 
-
-def _number(text: str) -> float:
-  try:
-    return float(text.replace("_", ""))
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-
-
-def _int_flag(lo: int):
-  """An argparse type: an int >= ``lo`` (``1e6`` and ``1_000_000`` accepted)."""
-  def parse(text: str) -> int:
-    value = _number(text)
-    if not (math.isfinite(value) and value.is_integer() and value >= lo):
-      raise argparse.ArgumentTypeError(f"must be an int in [{lo}, inf], got {text!r}")
-    return int(value)
-  return parse
-
-
-def _real_flag(lo: float, hi: float = math.inf, *, lo_open: bool = False, hi_open: bool = True):
-  """An argparse type: a finite number in the range (ends open or closed)."""
-  def parse(text: str) -> float:
-    value = _number(text)
-    if not (math.isfinite(value) and (value > lo if lo_open else value >= lo)
-            and (value < hi if hi_open else value <= hi)):
-      rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-      raise argparse.ArgumentTypeError(f"must be a number in {rng}, got {text!r}")
-    return value
-  return parse
-
-
-_positive_int, _non_negative_int = _int_flag(1), _int_flag(0)
-_positive_float, _non_negative_float = _real_flag(0, lo_open=True), _real_flag(0)
-_open_unit = _real_flag(0, 1, lo_open=True)
-_unit = _real_flag(0, 1, lo_open=True, hi_open=False)  # (0, 1]: --pld_discretization, --q_grid
+_positive_int, _non_negative_int = flag_types.positive_int, flag_types.non_negative_int
+_positive_float, _non_negative_float = flag_types.positive_float, flag_types.non_negative_float
+_open_unit, _unit = flag_types.open_unit, flag_types.unit
 
 
 # Each distinct batch size costs one dp-accounting evaluation per sigma tried.
@@ -82,17 +57,24 @@ _MANY_DISTINCT = 300
 
 
 def _add_common(p: argparse.ArgumentParser, *, both: bool) -> None:
-  p.add_argument("--dataset_size", type=_positive_int, required=True,
+  # `dpmega epsilon --workdir` needs none of the run's description: there the checks are in _request.
+  required = not both
+  p.add_argument("--dataset_size", type=_positive_int, required=required,
                  help="number of training examples N (1e6 and 1_000_000 are accepted)")
-  batch = p.add_mutually_exclusive_group(required=True)
+  batch = p.add_mutually_exclusive_group(required=required)
   batch.add_argument("--batch_size", type=_positive_int,
                      help="constant (expected) batch size; q = batch_size / dataset_size")
+  batch.add_argument("--q", "--sampling_rate", "--sampling_probability", dest="q", type=_unit, metavar="Q",
+                     help="sampling probability q in (0, 1] (Opacus' sample_rate): batch size q * dataset_size, "
+                     "rounded up to a whole example (an upper bound on epsilon)")
   batch.add_argument("--batch_schedule", metavar="SPEC",
                      help="constant:B | steps:B0@0,B1@S1,... | linear:START->END[@RAMP] | "
                      "geometric:START->END[@RAMP], optional ,round_to=M; without @RAMP the "
-                     "ramp spans the whole run")
-  length = p.add_mutually_exclusive_group(required=True)
-  length.add_argument("--steps", type=_non_negative_int, help="number of training steps")
+                     "ramp spans the whole run. Quote it: unquoted, the shell reads -> as a redirection "
+                     "(--batch_schedule 'geometric:1024->65536')")
+  length = p.add_mutually_exclusive_group(required=required)
+  length.add_argument("--steps", "--num_steps", dest="steps", type=_non_negative_int,
+                      help="number of training steps")
   length.add_argument("--epochs", type=_positive_float,
                       help="passes over the data; steps = fewest whose expected batch sizes "
                       "add up to epochs * dataset_size")
@@ -132,16 +114,22 @@ def add_parser(subparsers) -> None:
       "epsilon", help="epsilon of a described DP-SGD run",
       description="Epsilon(delta) of a DP-SGD run described by its schedule.")
   _add_common(eps, both=True)
-  eps.add_argument("--noise_multiplier", type=_non_negative_float, required=True,
+  eps.add_argument("--noise_multiplier", "--sigma", dest="noise_multiplier", type=_non_negative_float,
                    help="sigma: noise std / clip norm (>= 0)")
+  eps.add_argument("--workdir", metavar="W",
+                   help="epsilon at --delta of everything a `dpmega train` run spent in W (its journal; read "
+                   "only), instead of a described run (Opacus' get_epsilon(delta))")
   eps.set_defaults(func=run_epsilon)
 
   cal = subparsers.add_parser(
       "calibrate", help="smallest noise multiplier for a target epsilon",
       description="Smallest noise multiplier whose whole-run epsilon(delta) meets a target.")
   _add_common(cal, both=False)
-  cal.add_argument("--target_epsilon", type=_positive_float, required=True,
+  cal.add_argument("--target_epsilon", "--epsilon", dest="target_epsilon", type=_positive_float, required=True,
                    help="privacy budget epsilon (> 0)")
+  cal.add_argument("--progress_every", type=_non_negative_float, default=5.0, metavar="SECONDS",
+                   help="a progress line on stderr at most this often while calibrating (default: %(default)g; "
+                   "a ramp with many distinct batch sizes takes minutes)")
   cal.set_defaults(func=run_calibrate)
 
 
@@ -160,7 +148,21 @@ class _Request:
 
 def _request(args: argparse.Namespace) -> _Request:
   """Builds the plan from the flags, before any accounting; bad input is a UsageError naming the flag."""
-  if args.batch_size is not None:
+  for names, given in (("--dataset_size", [args.dataset_size]),
+                       ("--batch_size, --q or --batch_schedule", [args.batch_size, args.q, args.batch_schedule]),
+                       ("--steps or --epochs", [args.steps, args.epochs]),
+                       ("--noise_multiplier", [getattr(args, "noise_multiplier", 0.0)])):
+    if all(v is None for v in given):
+      raise UsageError(f"{names} is required (or --workdir W to read a finished run's journal).")
+  if args.q is not None:
+    exact = args.q * args.dataset_size
+    batch = min(args.dataset_size, math.ceil(exact * (1 - 1e-12)))
+    if batch != exact:
+      print(f"note: --q {args.q:g} x --dataset_size {args.dataset_size} = {exact:.6g} examples: accounted as batch "
+            f"size {batch} (q = {batch / args.dataset_size:.6g}, rounded up: an upper bound on epsilon).",
+            file=sys.stderr)
+    schedule = schedules.Constant(batch)
+  elif args.batch_size is not None:
     schedule = schedules.Constant(args.batch_size)
   else:
     try:
@@ -193,6 +195,9 @@ def _request(args: argparse.Namespace) -> _Request:
         tail=truncation.TailModel(noise.sampler_support(sampler), args.num_noised_coordinates)) for a in accountants]
   except accounting.UnsupportedAccountingError as e:
     raise UsageError(f"--accountant {args.accountant} with --sampling {args.sampling}: {e}") from None
+  warning = plans[0].delta_warning()
+  if warning:
+    print(warning, file=sys.stderr)
   if args.q_grid is None and sizes.size > _MANY_DISTINCT:
     print(f"note: {sizes.size} distinct batch sizes, each accounted exactly (slow); "
           "round_to=M in --batch_schedule or --q_grid 0.01 (an upper bound) are faster.",
@@ -334,6 +339,8 @@ def _emit(args, payload: dict[str, Any], text: str) -> None:
 
 
 def run_epsilon(args: argparse.Namespace) -> int:
+  if args.workdir is not None:
+    return workdir_epsilon.run(args)
   req = _request(args)
   plan, sigma = req.plan, args.noise_multiplier
   delta_tail = _check_tail(req, sigma) if sigma > 0 else 0.0
@@ -357,7 +364,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
   if plan.num_steps == 0:
     raise UsageError("--steps must be >= 1 to calibrate a noise multiplier.")
   try:
-    sigma = plan.calibrate(args.target_epsilon)
+    sigma = plan.calibrate(args.target_epsilon, progress=accounting.progress_printer(
+        every=args.progress_every, label="dpmega calibrate"))
   except UsageError as e:
     if "delta_tail" not in str(e):
       raise

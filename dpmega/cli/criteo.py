@@ -28,8 +28,8 @@ def add_parser(subparsers) -> None:
   p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
   p.add_argument("--skip_malformed", action="store_true", help="skip and count malformed lines")
   p.add_argument("--max_rows", type=int, default=None, help="stop after this many rows")
-  p.add_argument("--overwrite", action="store_true")
-  p.add_argument("--no_progress", action="store_true")
+  p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+  p.add_argument("--no_progress", action="store_true", help="no progress bar on stderr")
   p.set_defaults(func=run)
 
 
@@ -44,15 +44,19 @@ def run(args: argparse.Namespace) -> int:
     files = criteo_tsv.layout_files(args.root, args.layout, args.days)
   else:
     files = args.files
-  empty = [f for f in files if os.path.isfile(f) and os.path.getsize(f) == 0]
+  empty = [str(f) for f in files if os.path.isfile(f) and os.path.getsize(f) == 0]
   if empty:
-    raise UsageError(f"input file(s) {empty} are empty: nothing to convert.")
+    raise UsageError(f"input file(s) {', '.join(empty)} are empty: nothing to convert.")
+  if os.path.exists(args.out) and not args.overwrite:
+    raise UsageError(f"--out {args.out} exists: pass --overwrite to replace it, or choose another --out.")
+  if args.max_rows is not None and args.max_rows < 1:
+    raise UsageError(f"--max_rows must be an int >= 1, got {args.max_rows}.")
   try:
     stats = criteo_tsv.convert(files, args.out, on_error="skip" if args.skip_malformed else "raise",
                            max_rows=args.max_rows, progress=not args.no_progress, overwrite=args.overwrite,
                            layout=args.layout)
-  except (OSError, EOFError, zlib.error) as e:  # unreadable/corrupt input (bad gzip), unwritable --out
-    raise UsageError(f"{type(e).__name__}: {e}") from None
+  except (OSError, EOFError, zlib.error) as e:  # unwritable --out (unreadable inputs are named by convert)
+    raise UsageError(f"{type(e).__name__}: {e}" + ("" if getattr(e, "filename", None) else f" (--out {args.out})")) from None
   print(f"wrote {stats.rows:,} rows to {args.out} in {stats.seconds:.1f}s"
         + (f"; skipped {stats.skipped:,} malformed line(s), first: {stats.first_skipped[0]}"
            if stats.skipped else ""))

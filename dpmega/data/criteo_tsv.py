@@ -46,6 +46,7 @@ import re
 import shutil
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
 
@@ -194,6 +195,11 @@ def _parse_int(field: bytes) -> int | None:
   return v if INT_MISSING < v <= np.iinfo(np.int32).max else None
 
 
+def _text(field: bytes) -> str:
+  """A field as the user sees it in the file: quoted text, not a Python bytes literal."""
+  return repr(field[:20].decode("utf-8", errors="replace"))
+
+
 def _line_error(fields: list[bytes]) -> str | None:
   """Why a split line is malformed, or None (the slow, exact path)."""
   if len(fields) != NUM_FIELDS:
@@ -203,10 +209,11 @@ def _line_error(fields: list[bytes]) -> str | None:
     return (f"expected {NUM_FIELDS} tab-separated fields (label, {NUM_INT} integer, {NUM_CAT} categorical), "
             f"got {len(fields)}{hint}")
   if fields[0] not in (b"0", b"1"):
-    return f"label (field 1) must be 0 or 1, got {fields[0][:20]!r}"
+    hint = " (a header line? Criteo files have none)" if fields[0].strip().lower() in (b"label", b"clicked") else ""
+    return f"label (field 1) must be 0 or 1, got {_text(fields[0])}{hint}"
   for j in range(NUM_INT):
     if _parse_int(fields[1 + j]) is None:
-      return f"integer feature I{j + 1} (field {j + 2}) must be empty or a 32-bit integer, got {fields[1 + j][:20]!r}"
+      return f"integer feature I{j + 1} (field {j + 2}) must be empty or a 32-bit integer, got {_text(fields[1 + j])}"
   return None
 
 
@@ -258,7 +265,11 @@ def _read_chunks(paths: Sequence[Path], chunk_rows: int) -> Iterator[tuple[str, 
     with reader, raw:
       line_no = 1
       while True:
-        lines = list(itertools.islice(reader, chunk_rows))
+        try:
+          lines = list(itertools.islice(reader, chunk_rows))
+        except (OSError, EOFError, zlib.error) as e:  # a truncated or corrupt .gz, a read error
+          raise UsageError(f"cannot read {path} after line {line_no - 1}: {type(e).__name__}: {e}"
+                           + (" (a truncated or corrupt gzip file?)" if path.suffix == ".gz" else "")) from None
         if not lines:
           break
         yield str(path), line_no, lines, done_before + raw.tell()
@@ -300,7 +311,8 @@ def convert(
 
   Raises:
     CriteoFormatError: a malformed line (with ``OnError.RAISE``).
-    UsageError: bad arguments, missing input, ``out_dir`` exists.
+    UsageError: bad arguments, missing input, ``out_dir`` exists, an unreadable input (named, with the last
+      good line), or no row at all to write (every line malformed).
   """
   on_error = OnError(on_error)
   if isinstance(inputs, (str, os.PathLike)):
@@ -349,6 +361,11 @@ def convert(
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   bar.update(bar.total, rows, final=True)
+  if rows == 0:
+    shutil.rmtree(tmp, ignore_errors=True)
+    first = f"; first: {first_skipped[0]}" if first_skipped else ""
+    raise UsageError(f"no rows to write: all {skipped:,} line(s) of {', '.join(str(p) for p in paths)} are "
+                     f"malformed{first}.")
   seconds = time.monotonic() - start
   meta = {
       "format": "dpmega-criteo",

@@ -15,6 +15,7 @@ from dpmega.noise import privatize
 from dpmega.noise import secret_bytes
 from dpmega.noise import secret_key
 from dpmega.noise import step_key
+from dpmega.private_grad import StepKey
 from dpmega.private_grad import private_value_and_grad
 
 __version__ = "0.1.0"
@@ -43,6 +44,10 @@ _LAZY = {
     "max_steps": "dpmega.accounting:max_steps",
     "fits_budget": "dpmega.accounting:fits_budget",
     "parse_schedule": "dpmega.schedules:parse_schedule",
+    "nnx_value_and_grad": "dpmega.flax_loop:nnx_value_and_grad",
+    "BatchStatisticsError": "dpmega.flax_traps:BatchStatisticsError",
+    "PoissonData": "dpmega.poisson_data:PoissonData",
+    "eval_batches": "dpmega.poisson_data:eval_batches",
 }
 
 

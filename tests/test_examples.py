@@ -1,5 +1,6 @@
 """The shipped examples run and learn (small sizes)."""
 
+import ast
 import importlib.util
 import pathlib
 
@@ -22,3 +23,7 @@ def test_flax_private_loop_learns_with_linen_and_nnx():
     assert private["accuracy"] > 0.85
     assert results[f"{api}/non-private"]["accuracy"] > 0.85
   assert 0 < results["epsilon"] < 10
+  code = ast.parse((ROOT / "examples" / "flax_private_loop.py").read_text())
+  code.body = code.body[1:]  # the docstring names jax.random.key(step) as what not to do
+  code = ast.unparse(code)
+  assert "dp_accounting" not in code and "jax.random.key(step" not in code  # epsilon and keys via dpmega

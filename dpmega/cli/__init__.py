@@ -82,8 +82,8 @@ def _run(args: argparse.Namespace) -> int:
   except (UsageError, ValueError) as e:
     print(f"dpmega {args.command}: error: {e}", file=sys.stderr)
     return 2
-  except KeyboardInterrupt:
-    print(f"dpmega {args.command}: interrupted", file=sys.stderr)
+  except KeyboardInterrupt as e:  # its text, when there is one, says what to do next (dpmega.train.report)
+    print(f"dpmega {args.command}: interrupted" + (f"; {e}." if str(e) else ""), file=sys.stderr)
     return 130
 
 

@@ -12,13 +12,18 @@ Every run draws a fresh secret for its noise and sampling from the OS CSPRNG and
 checkpoints only (--resume reuses it; --overwrite and a new workdir draw a new one). One run at a time per
 workdir: a second one exits with code 2 naming the process that holds it. A finished run is extended by
 --resume with more steps (num_steps or --epochs): the workdir's epsilon keeps accumulating and the budget
-(--target_epsilon) still stops it.
+(--target_epsilon) still stops it. SIGTERM (a preemption) ends the run after the step under way with a
+checkpoint and exit code 143; Ctrl-C, a full disk or an unwritable file end it with one line naming the step
+--resume continues from.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 
 from dpmega.train import config as config_lib
 
@@ -106,9 +111,58 @@ def run(args: argparse.Namespace) -> int:
 
     sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     config.mesh.enabled = True
+  _drop_late_orbax_callbacks()
+  stop = threading.Event()
   try:
-    result = train_lib.train(config, resume=args.resume, resume_step=args.resume_step, overwrite=args.overwrite)
+    with _on_sigterm(stop.set):
+      result = train_lib.train(config, resume=args.resume, resume_step=args.resume_step, overwrite=args.overwrite,
+                               stop=stop)
   except train_lib.TrainingError as e:
     print(f"dpmega train: error: {e}", file=sys.stderr)
     return 1
+  except OSError as e:  # a write outside the checkpoints and the log (config.json, summary.json)
+    from dpmega.train import report  # noqa: PLC0415
+
+    print(f"dpmega train: error: could not write to the workdir ({type(e).__name__}: {report.error_reason(e)}); "
+          "free space or fix the cause, then run again with --resume (it continues from the newest checkpoint).",
+          file=sys.stderr)
+    return 1
+  if stop.is_set():
+    print(f"dpmega train: stopped by SIGTERM: the checkpoint of step {result.steps} is saved; run again with "
+          f"--resume, which continues from step {result.steps}.", file=sys.stderr)
+    return 128 + signal.SIGTERM
   return 0 if result.steps > 0 or result.stop_reason is None else 1
+
+
+_LATE_CALLBACK_ERRORS = ("Event loop is closed", "cannot schedule new futures after")
+
+
+def _drop_late_orbax_callbacks() -> None:
+  """Keeps the one error line of a failed or interrupted save last and alone.
+
+  When a checkpoint write fails (disk full) or is interrupted, the writes still in flight in TensorStore finish
+  later and their callbacks find Orbax's event loop closed; Python prints each as an "unraisable" traceback,
+  up to the interpreter's exit. Only those two RuntimeErrors are dropped; anything else goes to the previous
+  hook. Set for the process of the ``dpmega train`` command, which ends with the command.
+  """
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e).startswith(_LATE_CALLBACK_ERRORS)):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+
+
+@contextlib.contextmanager
+def _on_sigterm(handler):
+  """Calls ``handler`` on SIGTERM (a preemption) instead of dying; the previous handler is back on exit."""
+  if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+    yield
+    return
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: handler())
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)

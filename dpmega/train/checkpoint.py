@@ -24,6 +24,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -73,6 +74,19 @@ def _quiet_orbax():
   logger.setLevel(max(logger.level, logging.WARNING))
 
 
+@contextlib.contextmanager
+def _orbax_failures_unlogged():
+  # Orbax logs a failed write from each of its threads, with a traceback, and then raises it: the caller
+  # reports the raised error once. Scoped to one save; the filter is removed on the way out.
+  logger = logging.getLogger("absl")
+  drop = lambda record: record.levelno < logging.ERROR  # noqa: E731
+  logger.addFilter(drop)
+  try:
+    yield
+  finally:
+    logger.removeFilter(drop)
+
+
 class Checkpointer:
   """Saves and restores ``(state pytree, meta dict)`` by step under ``directory``.
 
@@ -114,12 +128,20 @@ class Checkpointer:
     state = jax.tree_util.tree_map(np.asarray, state)
     meta = dict(meta, format=FORMAT_VERSION, step=int(step))
     meta["digest"] = tree_digest(state, meta)
-    self._manager.save(
-        int(step),
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-        force=True,
-    )
-    self._manager.wait_until_finished()
+    with _orbax_failures_unlogged():
+      try:
+        self._manager.save(
+            int(step),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            force=True,
+        )
+        self._manager.wait_until_finished()
+      except BaseException:
+        # A failed or interrupted (Ctrl-C) save: let Orbax's writer threads end before the error goes on, so
+        # none of them outlives the interpreter ("cannot schedule new futures", "Event loop is closed").
+        with contextlib.suppress(Exception):
+          self._manager.wait_until_finished()
+        raise
 
   def restore(self, template: PyTree, step: int | None = None) -> tuple[PyTree, dict[str, Any]]:
     """Restores checkpoint ``step`` (default: the newest) shaped like ``template``.
@@ -145,7 +167,7 @@ class Checkpointer:
       state = jax.tree_util.tree_map(np.asarray, restored["state"])
       meta = dict(restored["meta"])
     except Exception as e:  # noqa: BLE001 - any read failure means the same thing here
-      msg = str(e).splitlines()[0][:200] if str(e) else ""
+      msg = " ".join(str(e).split())
       what = ("does not match this run's parameter or optimizer-state structure" if "Structure mismatch" in msg
               else "is corrupt or incomplete")
       raise CheckpointError(
@@ -176,7 +198,7 @@ class Checkpointer:
       restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
       return dict(restored["meta"])
     except Exception as e:  # noqa: BLE001 - any read failure means the same thing here
-      msg = str(e).splitlines()[0][:200] if str(e) else ""
+      msg = " ".join(str(e).split())
       raise CheckpointError(f"checkpoint at step {step} in {self.directory} is corrupt or incomplete "
                             f"({type(e).__name__}: {msg}).{_fallback_hint(steps, step)}") from e
 
@@ -200,7 +222,8 @@ class Checkpointer:
     return moved
 
   def close(self) -> None:
-    self._manager.close()
+    with _orbax_failures_unlogged():  # a failed save was already raised
+      self._manager.close()
 
   def __enter__(self) -> "Checkpointer":
     return self

@@ -44,6 +44,7 @@ from typing import Any, Mapping, Sequence
 import ml_collections
 
 from dpmega import schedules
+from dpmega import validation
 from dpmega.accounting import accountants
 from dpmega.accounting.accountants import AccountantType
 from dpmega.errors import UsageError
@@ -245,13 +246,26 @@ def validate(config: ml_collections.ConfigDict) -> TrainConfig:
                      "the OS CSPRNG. Use init_seed for the (public) parameter initialization, and "
                      "insecure_reproducible_seed only for a reproducible, non-private run; "
                      f"got seed={config.seed!r}.")
+  warmup = config.optimizer.get("warmup_steps")
+  if config.get("epochs") is not None and warmup is not None:
+    # With epochs the run's length is known only with the dataset: the warmup is checked against it then
+    # (validate_against_dataset), not against num_steps, which epochs replaces.
+    config = config.copy_and_resolve_references()
+    config.optimizer.warmup_steps = 0
   values = fields.checked(TrainConfig, config)
   _check_together(values)
+  if config.get("epochs") is not None and warmup is not None:
+    values["optimizer"] = dataclasses.replace(
+        values["optimizer"], warmup_steps=validation.check_int("optimizer.warmup_steps", warmup, 0, error=UsageError))
   return TrainConfig(**values)
 
 
 def validate_against_dataset(cfg: TrainConfig, dataset_size: int) -> None:
-  """Every scheduled batch size must be in ``[1, dataset_size]`` (q_t <= 1); checked before compute."""
+  """Every scheduled batch size must be in ``[1, dataset_size]`` (q_t <= 1), and the warmup no longer than the
+  steps that will run (``num_steps``, or what ``epochs`` works out); checked before compute."""
+  if cfg.optimizer.warmup_steps > cfg.num_steps:
+    how = f" (the steps epochs = {cfg.epochs:g} works out)" if cfg.epochs is not None else ""
+    raise UsageError(f"optimizer.warmup_steps must be in [0, {cfg.num_steps}]{how}, got {cfg.optimizer.warmup_steps}.")
   sizes = cfg.batch_schedule.batch_sizes(cfg.num_steps)
   bad = sizes[sizes > dataset_size]
   if bad.size:

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import threading
 import time
 from typing import Any, Callable
 
@@ -219,7 +220,8 @@ class Trainer:
       self.privacy.record(self.spent, step, sigma)
 
   # ------------------------------------------------------------------ the run
-  def run(self, *, resume: bool = False, resume_step: int | None = None, overwrite: bool = False) -> TrainResult:
+  def run(self, *, resume: bool = False, resume_step: int | None = None, overwrite: bool = False,
+          stop: threading.Event | None = None) -> TrainResult:
     """Trains to ``num_steps`` (or the budget); checkpoints, logs, evaluates; returns the result.
 
     Args:
@@ -228,6 +230,7 @@ class Trainer:
       resume_step: continue from this checkpoint instead of the newest (newer
         ones are set aside, not deleted).
       overwrite: start afresh, deleting the workdir's checkpoints of an earlier run.
+      stop: once set (SIGTERM: a preemption), the run ends after the step under way, saving a checkpoint.
     """
     cfg = self.cfg
     if overwrite and (resume or resume_step is not None):
@@ -237,11 +240,12 @@ class Trainer:
     os.makedirs(cfg.workdir, exist_ok=True)
     ckpt = checkpoint_lib.Checkpointer(os.path.join(cfg.workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints)
     try:
-      return self._run(ckpt, resume=resume or resume_step is not None, resume_step=resume_step)
+      return self._run(ckpt, resume=resume or resume_step is not None, resume_step=resume_step, stop=stop)
     finally:
       ckpt.close()
 
-  def _run(self, ckpt: checkpoint_lib.Checkpointer, *, resume: bool, resume_step: int | None) -> TrainResult:
+  def _run(self, ckpt: checkpoint_lib.Checkpointer, *, resume: bool, resume_step: int | None,
+           stop: threading.Event | None) -> TrainResult:
     cfg, privacy = self.cfg, self.privacy
     main = jax.process_index() == 0  # with several processes, process 0 writes the files
     existing = ckpt.steps()
@@ -320,6 +324,7 @@ class Trainer:
         t = int(state.step)
         replay = (self.generation, t) in self.journal.steps()  # a bit-identical replay spends nothing new
         stop_reason = None if not needs_checks or replay else privacy.budget_stop(self.spent, t, sigma, epsilon)
+        stop_reason = f"stopped by SIGTERM (preemption) after step {t}" if stop and stop.is_set() else stop_reason
         if stop_reason:
           self.out(stop_reason)
           break
@@ -355,6 +360,8 @@ class Trainer:
       report.guarded(writer.write, {"step": final_step, "final": True, "epsilon": epsilon, "delta": cfg.delta,
                                     **{f"eval_{k}": v for k, v in eval_metrics.items()}},
                      what=writer.path, last_saved=last_saved)
+    except KeyboardInterrupt:
+      raise report.Interrupted(report.resume_hint(last_saved)) from None
     finally:
       writer.close()
 
@@ -372,7 +379,8 @@ class Trainer:
 
 
 def train(config: ml_collections.ConfigDict, *, resume: bool = False, resume_step: int | None = None,
-          overwrite: bool = False, out: Callable[[str], None] | None = None) -> TrainResult:
+          overwrite: bool = False, out: Callable[[str], None] | None = None,
+          stop: threading.Event | None = None) -> TrainResult:
   """Validates ``config``, locks its workdir, builds its task and trains (see :class:`Trainer`).
 
   The workdir is checked and locked before the dataset is built (:mod:`dpmega.train.workdir`): a second run
@@ -400,4 +408,4 @@ def train(config: ml_collections.ConfigDict, *, resume: bool = False, resume_ste
       (out or print)(f"plan: {cfg.epochs:g} epochs of N = {len(task.train_source):,} examples are {num_steps} "
                      "steps of the batch schedule (epochs replaces num_steps)")
     return Trainer(cfg, task, out=out, config_dict=config).run(resume=resume, resume_step=resume_step,
-                                                               overwrite=overwrite)
+                                                               overwrite=overwrite, stop=stop)

@@ -12,6 +12,8 @@ parameters that are no longer finite -- become one :class:`TrainingError` whose 
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from typing import Any, Callable
 
 from dpmega import accounting
@@ -23,6 +25,35 @@ PyTree = Any
 
 class TrainingError(RuntimeError):
   """Training cannot go on (diverged, or the workdir cannot be written); the message says what to do."""
+
+
+class Interrupted(KeyboardInterrupt):
+  """Ctrl-C during the loop; the message says which step ``--resume`` continues from."""
+
+
+def resume_hint(last_saved: int | None) -> str:
+  """Which step ``--resume`` continues from, given the newest checkpoint this run saved (or restored)."""
+  if last_saved:
+    return f"the last checkpoint is at step {last_saved}: run again with --resume, which continues from step {last_saved}"
+  return "no checkpoint was written yet, so --resume has nothing to continue from: run again without --resume"
+
+
+def error_reason(e: BaseException) -> str:
+  """One whole line naming why a write failed: the OS error when there is one (Orbax wraps it in its text).
+
+  >>> error_reason(OSError(28, "No space left on device", "/w/metrics.jsonl"))
+  'No space left on device: /w/metrics.jsonl'
+  >>> error_reason(ValueError("Failed writing: '/w/c/d/f1': Failed to write 8 bytes: [os_error_code='27']"))
+  'File too large (errno 27) writing /w/c/d/f1'
+  """
+  if isinstance(e, OSError) and e.strerror:
+    return e.strerror + (f": {e.filename}" if e.filename else "")
+  text = " ".join(str(e).split())
+  code = re.search(r"os_error_code='(\d+)'", text)
+  if code:
+    path = re.findall(r"Failed writing: [\"']([^\"']+)", text)
+    return f"{os.strerror(int(code.group(1)))} (errno {code.group(1)})" + (f" writing {path[-1]}" if path else "")
+  return text or type(e).__name__
 
 
 @dataclasses.dataclass
@@ -66,10 +97,8 @@ def guarded(fn: Callable[..., Any], *args, what: str, last_saved: int | None) ->
   try:
     return fn(*args)
   except Exception as e:  # noqa: BLE001 - Orbax and the OS raise many kinds; all mean the same here
-    reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [""])[0][:200]
-    where = (f"the last checkpoint is at step {last_saved}: fix the cause and run again with --resume"
-             if last_saved else "no checkpoint was written yet")
-    raise TrainingError(f"could not write {what} ({type(e).__name__}: {reason}); {where}.") from e
+    raise TrainingError(f"could not write {what} ({type(e).__name__}: {error_reason(e)}); free space or fix the "
+                        f"cause; {resume_hint(last_saved)}.") from e
 
 
 def check_finite(metrics: dict[str, Any], step: int, last_saved: int | None) -> None:
@@ -130,4 +159,9 @@ def closing_lines(cfg: config_lib.TrainConfig, result: TrainResult) -> list[str]
           (f"; delta_tail {result.delta_tail:.3g} included" if result.delta_tail > 1e-3 * cfg.delta else "") +
           (f"; spent by the workdir over {spent.num_steps} computed steps (this model's trajectory alone: "
            f"{result.trajectory_epsilon:.4g})" if spent.num_steps != ledger.num_steps else ""))
-  return [done, "eval: " + ", ".join(f"{k} {v:.4f}" for k, v in result.eval_metrics.items())]
+  lines = [done, "eval: " + ", ".join(f"{k} {v:.4f}" for k, v in result.eval_metrics.items())]
+  ne = result.eval_metrics.get("normalized_entropy")
+  if ne is not None and ne >= 1:
+    lines.append(f"warning: normalized entropy {ne:.4f} >= 1: this model predicts worse than a constant predictor "
+                 "of the positive rate; train longer, tune the learning rate or the clip norm, or lower the noise")
+  return lines

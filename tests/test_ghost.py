@@ -264,3 +264,37 @@ def test_invalid_method_is_rejected():
     ghost.clipped_sum_ghost(loss_fn, params, batch, jnp.ones(8), 1.0, method="fast")
   with pytest.raises(ValueError, match="clipping"):
     dpmega.clipped_grad_sum(loss_fn, params, batch, clip_norm=1.0, clipping="gost")
+
+
+def test_auto_equals_vmap_on_a_benign_bert_sized_leaf_beyond_the_fallback_budget():
+  # One Dense 128 -> 128 shared over 128 positions (a BERT projection), 8 benign examples, every one clipped. The
+  # fallback budget (2^16 floats) materializes 4 of them; before small leaves were materialized outright, the
+  # other 4 took the Gram bound, ~1e-4 above the norm, and came out ~1e-4 relative below vmap. Tolerance as below.
+  model = nn.Dense(128, use_bias=False)
+  x = jax.random.normal(jax.random.key(0), (8, 128, 128))
+  params = model.init(jax.random.key(1), x[0])
+  loss = lambda p, ex: jnp.mean(model.apply(p, ex) ** 2)
+  assert 8 * 128 * 128 > ghost._MATERIALIZE_BUDGET  # the premise: the fallback alone would not cover them
+  got = clipping.clipped_grad_sum(loss, params, x, clip_norm=1e-3, clipping="auto")[0]
+  want = clipping.clipped_grad_sum(loss, params, x, clip_norm=1e-3, clipping="vmap")[0]
+  np.testing.assert_allclose(np.asarray(got["params"]["kernel"]), np.asarray(want["params"]["kernel"]),
+                             rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want["params"]["kernel"]))))
+
+
+@pytest.mark.xfail(strict=True, reason="open (issue 15, item 2): with n = 128 rows per example the rigorous Gram "
+                   "bound exceeds the norm by ~1e-4, so an example that is not materialized (a leaf above "
+                   "_MATERIALIZE_SMALL_LEAF floats per micro-batch, beyond the fallback budget) is clipped ~1e-4 "
+                   "relative more than vmap; passes once the bound itself is that tight")
+def test_auto_equals_vmap_on_a_benign_bert_sized_leaf_that_is_not_materialized(monkeypatch):
+  # One Dense 128 -> 128 shared over 128 positions (a BERT projection), benign inputs, every example clipped.
+  # Float tolerance: both sums are sums of the same 2 clipped float32 gradients, computed in different orders
+  # (Gram vs per-example), so they agree to a few ulps of the norm times sqrt(n) roundings: 1e-5 relative.
+  monkeypatch.setattr(ghost, "_MATERIALIZE_BUDGET", 0)
+  model = nn.Dense(128, use_bias=False)
+  x = jax.random.normal(jax.random.key(0), (2, 128, 128))
+  params = model.init(jax.random.key(1), x[0])
+  loss = lambda p, ex: jnp.mean(model.apply(p, ex) ** 2)
+  got = clipping.clipped_grad_sum(loss, params, x, clip_norm=1e-3, clipping="auto")[0]
+  want = clipping.clipped_grad_sum(loss, params, x, clip_norm=1e-3, clipping="vmap")[0]
+  np.testing.assert_allclose(np.asarray(got["params"]["kernel"]), np.asarray(want["params"]["kernel"]),
+                             rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want["params"]["kernel"]))))

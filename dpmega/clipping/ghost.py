@@ -39,7 +39,10 @@ overflow gives a non-finite bound, never a small one). The bound is used only
 where it exceeds the estimate by more than 5e-6 relative; and within a budget
 of ``_MATERIALIZE_BUDGET`` floats per leaf, the examples with the loosest bound
 are materialized and contribute exactly the gradient their norm was taken from
-(skipped by one batch-level ``lax.cond`` when no example's bound is used). Lookups scatter each example's
+(skipped by one batch-level ``lax.cond`` when no example's bound is used). Underflow in
+the book-keeping itself (``fl(w y)`` flushed to 0 can break a cancellation and enlarge a
+contribution) is bounded by :func:`dpmega.clipping.gram.flush_term`; an example where
+that bound is not below ``2^-22 C`` is materialized first, or dropped from the leaf. Lookups scatter each example's
 duplicate-id rows summed (:func:`dpmega.clipping.rows.dedup_rows`), the rows
 their norm came from. On benign inputs the result equals
 :func:`dpmega.clipping.vmap.clipped_sum_vmap` (same norms, clipped sum and stats) to
@@ -62,6 +65,7 @@ lookup id out of range, ``mode="clip"``          clamped, as ``jax.grad`` (unsig
 cancellation across positions or ids             clipped by the bound, or materialized
 activations ``1e-19`` / ``1e19``                 scaled: no under- or overflow in the norm
 a row ``2^-40`` beside a row ``2^100``           underflow term in the bound, or materialized
+features near ``2^100 C`` (flushed ``w y``)      materialized, or beyond the budget dropped (leaf)
 integer params leaf                              ``ValueError`` before any compute (every mode)
 NaN in a masked or non-finite example            zeroed before the book-keeping sum
 bf16 parameters or compute                       norms and sums in float32, bound on the f32 sums
@@ -114,6 +118,12 @@ _HIGHEST = lax.Precision.HIGHEST
 _BOUND_SLACK = 5e-6
 # Floats of materialized per-example gradients per GRAM leaf and micro-batch, for the examples whose bound is loose.
 _MATERIALIZE_BUDGET = 1 << 16
+# Under "auto", a multi-row dense leaf whose per-example gradients for the whole micro-batch fit in this many floats
+# (16 MiB) is materialized outright: no Gram matrices, no bound, and the norm and the sum come from the same numbers
+# (exactly vmap's). Materializing takes n K M multiply-adds per example against n^2 (K + M) + n K M for the Gram
+# norms plus the book-keeping, so it is the cheaper path wherever memory allows (tiny BERT's clipped step, in one
+# process: 1.079x -> 1.018x of the non-private gradient); beyond it, the Gram path keeps memory independent of b.
+_MATERIALIZE_SMALL_LEAF = 1 << 22
 
 
 def _dot_factors(use: jaxpr_lib.Use, a: jax.Array, g: jax.Array):
@@ -166,20 +176,26 @@ def _gather_ids(idx: jax.Array, v_rows: int, mode) -> tuple[jax.Array, jax.Array
   return jnp.where(valid, idx, 0).astype(jnp.int32), valid
 
 
-def _materialize_count(method: NormMethod, b: int, x, y, rows) -> int:
+def _materialize_count(method: NormMethod, b: int, x, y, rows, auto: bool = False) -> int:
   """How many examples of a dense leaf get their gradient materialized (static).
 
-  All of them under MATERIALIZE. Under GRAM, none when the bound cannot be
-  loose (one row, no lookups: no cancellation), else as many as fit in
-  ``_MATERIALIZE_BUDGET`` floats, at least one: the examples whose bound is
-  loosest, which on benign inputs covers every example of a small layer and a
-  crafted one in a large layer; the others keep the (never permissive) bound.
+  All of them under MATERIALIZE, and under "auto" (``auto``) for a multi-row
+  leaf without lookups whose ``b K M`` is at most ``_MATERIALIZE_SMALL_LEAF``
+  (unless the budget is 0: the bound alone, for tests). Otherwise, none when the bound cannot be loose (one row, no lookups: no
+  cancellation), else as many as fit in ``_MATERIALIZE_BUDGET`` floats, at
+  least one: the examples whose bound is loosest, which on benign inputs covers
+  every example of a small layer and a crafted one in a large layer; the others
+  keep the (never permissive) bound.
   """
   if method == NormMethod.MATERIALIZE:
     return b
-  if (x.shape[1] == 1 and rows is None) or _MATERIALIZE_BUDGET <= 0:  # budget 0: the bound alone (tests)
+  if _MATERIALIZE_BUDGET <= 0:  # budget 0: the bound alone (the adversarial tests of the bound)
     return 0
   per_example = int(x.shape[2]) * int(y.shape[2])
+  if auto and rows is None and x.shape[1] > 1 and b * per_example <= _MATERIALIZE_SMALL_LEAF:
+    return b
+  if x.shape[1] == 1 and rows is None:
+    return 0
   return int(min(b, max(1, _MATERIALIZE_BUDGET // max(per_example, 1))))
 
 
@@ -284,18 +300,23 @@ def clipped_sum_ghost(
       # Duplicate ids summed once, here: the norm and the scatter below use the same summed rows.
       ids = jnp.concatenate(ids_l, axis=1)
       rows, first = rows_lib.dedup_rows(ids, jnp.concatenate(rows_l, axis=1), jnp.concatenate(valid_l, axis=1))
-    sel = g_sel = used = None
+    sel = g_sel = used = danger = None
     if xd is None:
       est = upper = (plain_norm(rows),)
     else:
       k_rows = int(np.prod([shape[d] for d in sorted(canon)], dtype=np.int64))
-      n_sel = _materialize_count(methods[leaf], b, xd, yd, rows)
+      n_sel = _materialize_count(methods[leaf], b, xd, yd, rows, auto=method == NormMethod.AUTO)
       if xd.shape[1] == 1 and rows is None:
         # One row: G = x y^T, ||G|| = ||x|| ||y|| with no cancellation, and the book-keeping adds each entry as
         # one product (relative error 2u): the estimate is its own bound.
         est = upper = (plain_norm(xd), plain_norm(yd))
       elif n_sel < b:
-        est, upper = gram_lib.dense_norm_bounds(xd, yd, ids, rows, mask)
+        est, upper, sx = gram_lib.dense_norm_bounds(xd, yd, ids, rows, mask, with_x_sum=True)
+        # Examples whose book-keeping underflow could add more than FLUSH_REL C (features near 2^100 C; never on
+        # benign inputs) are materialized first, and dropped from this leaf beyond the budget (gram.flush_term).
+        n_rows_l, d_l = (0, 0) if rows is None else rows.shape[1:]
+        flush = gram_lib.flush_term(sx, xd.shape[1], xd.shape[2], yd.shape[2], n_rows_l, d_l)
+        danger = (mask > 0) & ~(flush <= gram_lib.FLUSH_REL * jnp.asarray(clip_norm, jnp.float32))
       if n_sel:
         # These examples' gradients are materialized, and both their norm and their contribution are taken from
         # the materialized numbers (as vmap does): exact wherever the bound above is loose (cancellation).
@@ -308,10 +329,10 @@ def clipped_sum_ghost(
         else:
           loose = jnp.where(est > 0, upper / jnp.where(est > 0, est, 1.0), jnp.where(upper > 0, jnp.inf, 0.0))
           loose = jnp.where((mask > 0) & ~jnp.isnan(loose), loose, -1.0)
-          sel = lax.top_k(loose, n_sel)[1]
+          sel = lax.top_k(jnp.where(danger, jnp.inf, loose), n_sel)[1]
           # Skipped (one batch-level cond) when no example's bound is used: then every norm is its estimate, as
           # the materialized norm would be to rounding, and the book-keeping below adds every example.
-          used = jnp.any((mask > 0) & (upper > est * (1.0 + _BOUND_SLACK)))
+          used = jnp.any(((mask > 0) & (upper > est * (1.0 + _BOUND_SLACK))) | danger)
 
           def with_sel(est=est, upper=upper):
             g = materialize()
@@ -320,7 +341,7 @@ def clipped_sum_ghost(
 
           g_shape = (n_sel, k_rows, yd.shape[2])
           g_sel, est, upper = lax.cond(used, with_sel, lambda: (jnp.zeros(g_shape, jnp.float32), est, upper))
-    factors[leaf] = (xd, yd, ids, first, rows, sel, g_sel, used)
+    factors[leaf] = (xd, yd, ids, first, rows, sel, g_sel, used, danger)
     est_norms.append(est)
     upper_norms.append(upper)
   for g in fb_grads:
@@ -341,7 +362,7 @@ def clipped_sum_ghost(
   weights, stats = stats_lib.combine(norms, mask, clip_norm, losses)
   keep = weights > 0
   out_leaves = [jnp.zeros(np.shape(x), jnp.float32) for x in leaves]  # unused leaves stay 0
-  for leaf, (xd, yd, ids, first, rows, sel, g_sel, used) in factors.items():
+  for leaf, (xd, yd, ids, first, rows, sel, g_sel, used, danger) in factors.items():
     us, canon = ghost[leaf]
     shape = tuple(leaves[leaf].shape)
     order = sorted(canon) + [d for d in range(len(shape)) if d not in canon]
@@ -354,6 +375,9 @@ def clipped_sum_ghost(
       total = jnp.sum(g_w, axis=0)
       # The materialized examples are not added again by the book-keeping below.
       w_bk = weights.at[sel].set(0.0) if used is True else jnp.where(used, weights.at[sel].set(0.0), weights)
+      keep_bk = w_bk > 0
+    if danger is not None:  # left to the book-keeping, underflow could add more than FLUSH_REL C: dropped
+      w_bk = jnp.where(danger, 0.0, w_bk)
       keep_bk = w_bk > 0
     if xd is not None and (sel is None or sel.shape[0] < xd.shape[0]):
       xw = jnp.where(keep_bk[:, None, None], xd, 0.0)

@@ -18,6 +18,10 @@ Float-safety in short (the proofs are in the docstrings below):
   errs by at most ``2^-126`` absolute, which adds an absolute term to the bound:
   a row far below its example's largest (``2^-40`` beside ``2^100``) is never
   lost;
+* flush-to-zero in the book-keeping product ``fl(w y)`` (tiny clip factor, huge
+  features) is absolute too, and can enlarge a contribution: :func:`flush_term`
+  bounds it, and the examples where it is not negligible are not left to the
+  book-keeping;
 * overflow makes the bound non-finite (then the example is scaled, or zeroed
   and counted by :func:`dpmega.clipping.stats.combine`), never small;
 * fast path: one batch-level ``lax.cond`` takes the unscaled bound when it is
@@ -26,6 +30,8 @@ Float-safety in short (the proofs are in the docstrings below):
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 from jax import lax
@@ -44,13 +50,14 @@ FAST_REL2 = 2.0 ** -40
 
 
 def bounds_in_units(xs, ys, ids, rs):
-  """``(est2, err2, u_dense, u_rows, abs2)`` for operands in whatever units they come in, ``[b]`` each.
+  """``(est2, err2, u_dense, u_rows, abs2, sx)`` for operands in whatever units they come in, ``[b]`` each.
 
   ``xs [b, n, K]``, ``ys [b, n, N]`` (and the summed rows ``rs [b, r, N]`` of a tied table) are the operands,
   scaled or not. ``est2`` is the computed Gram squared norm; ``err2`` bounds ``|est2 - ||G||^2|`` (``G`` the exact
   gradient of these operands) together with ``abs2``, the part of it that covers underflow; ``u_dense = sum_s
   |x_s| |y_s|`` and ``u_rows = sum_t |r_t|`` are upper bounds for the book-keeping's rounding. Nothing is assumed
-  about the magnitudes: an operation that overflows makes the result non-finite, and one that underflows errs by
+  about the magnitudes (``sx >= sum_s |x_s|``, for :func:`flush_term`): an operation that overflows makes the
+  result non-finite, and one that underflows errs by
   at most ``_ETA`` (absolute), so a length-``K`` dot product errs by at most ``gamma_K sum |a b| + 4 K _ETA``.
   """
   b, n, kx = xs.shape
@@ -65,9 +72,13 @@ def bounds_in_units(xs, ys, ids, rs):
   ny = jnp.sqrt((jnp.diagonal(bb, axis1=1, axis2=2) + beta) * (1.0 + 2.0 * g_ny))
   u_dense = floats.sum_nonneg(nx * ny)  # [b]
   terms = aa * bb
-  # Only the estimate needs a tree of bounded depth: the error sums are non-negative and any order of summation
-  # errs by at most gamma(n^2 - 1) relative, which the 1.001 on the error terms covers while n^2 u <= 2^-11.
-  tree = lambda m: floats.sum_nonneg(flat(m)) if n * n > 2048 * 64 else jnp.sum(flat(m), axis=1)
+  # Only the estimate needs a tree of bounded depth: the error sums are non-negative, and summed in any order
+  # (terms of <= 4 roundings each) they come out >= exact (1 - gamma(n^2 + 4)), which is divided out here (a
+  # tree beyond 2^16 terms, where that factor would grow past 1.004).
+  if n * n > 1 << 16:
+    tree = lambda m: floats.sum_nonneg(flat(m)) / (1.0 - floats.tree_gamma(n * n) - floats.gamma(4))
+  else:
+    tree = lambda m: jnp.sum(flat(m), axis=1) / (1.0 - floats.gamma(n * n + 4))
   est2 = floats.sum_nonneg(flat(terms))
   s3 = tree(jnp.abs(terms))
   s1 = tree(nx[:, :, None] * nx[:, None, :] * jnp.abs(bb))
@@ -102,7 +113,7 @@ def bounds_in_units(xs, ys, ids, rs):
     # Underflow: each squared row (4 d _ETA), each entry of yi (beta, times |xi| <= big_x), each product and sum.
     abs2 = abs2 + 2.0 * (n_rows * 4 * d * _ETA + n * n_rows * (2.0 * beta * big_x + 4.0 * _ETA))
     u_rows = floats.sum_nonneg(nr)
-  return est2, err2 + abs2, u_dense, u_rows, abs2
+  return est2, err2 + abs2, u_dense, u_rows, abs2, jnp.sum(nx, axis=1) * (1.0 + 2.0 * floats.gamma(n))
 
 
 def upper_bound(est2, err2, u_dense, u_rows, n: int):
@@ -112,7 +123,7 @@ def upper_bound(est2, err2, u_dense, u_rows, n: int):
           + 1.001 * (floats.gamma(n + 2) * u_dense + 2 * floats.UNIT_ROUNDOFF * u_rows))
 
 
-def dense_norm_bounds_scaled(x, y, ids, rows) -> tuple[jax.Array, jax.Array]:
+def dense_norm_bounds_scaled(x, y, ids, rows, with_x_sum: bool = False):
   """:func:`dense_norm_bounds` on operands scaled per example by powers of two (any finite values)."""
   ex = floats.exponent(x, (1, 2))
   ey = floats.exponent(y, (1, 2))
@@ -123,14 +134,17 @@ def dense_norm_bounds_scaled(x, y, ids, rows) -> tuple[jax.Array, jax.Array]:
   xs = floats.scale_pow2(x, ex)
   ys = floats.scale_pow2(y, e - ex)
   rs = None if rows is None else floats.scale_pow2(rows, e)
-  est2, err2, u_dense, u_rows, _ = bounds_in_units(xs, ys, ids, rs)
+  est2, err2, u_dense, u_rows, _, sx = bounds_in_units(xs, ys, ids, rs)
   est_s = jnp.sqrt(jnp.maximum(est2, 0.0))
   upper_s = upper_bound(est2, err2, u_dense, u_rows, x.shape[1])
-  return floats.unscale_pow2(est_s, e), floats.unscale_pow2(upper_s, e)
+  out = floats.unscale_pow2(est_s, e), floats.unscale_pow2(upper_s, e)
+  return out + (floats.unscale_pow2(sx, ex),) if with_x_sum else out
 
 
-def dense_norm_bounds(x, y, ids, rows, mask=None) -> tuple[jax.Array, jax.Array]:
+def dense_norm_bounds(x, y, ids, rows, mask=None, with_x_sum: bool = False):
   """``(estimate, bound)`` of the norm of one leaf's per-example gradient, ``[b]`` each.
+
+  With ``with_x_sum``, also ``sx >= sum_s |x_s|`` (``[b]``, Inf where it overflows) for :func:`flush_term`.
 
   The gradient is ``G = sum_s x_s y_s^T`` (+ ``sum_t onehot(ids_t) rows_t^T`` for a tied table). The estimate
   is the Gram norm, as vmap would compute it. The bound is a rigorous upper bound on the
@@ -152,14 +166,49 @@ def dense_norm_bounds(x, y, ids, rows, mask=None) -> tuple[jax.Array, jax.Array]
   powers of two (exact) so that the largest entry of ``x``, ``y`` and the rows is below 1 and nothing
   overflows, and the same bound in those units. Either way the bound holds; only the speed depends on which.
   """
-  est2, err2, u_dense, u_rows, abs2 = bounds_in_units(x, y, ids, rows)
+  est2, err2, u_dense, u_rows, abs2, sx = bounds_in_units(x, y, ids, rows)
   upper = upper_bound(est2, err2, u_dense, u_rows, x.shape[1])
   est = jnp.sqrt(jnp.maximum(est2, 0.0))
   rest = jnp.maximum(est2, 0.0) + (err2 - abs2)
   fine = jnp.isfinite(est2) & jnp.isfinite(upper) & (abs2 <= FAST_REL2 * rest)
   if mask is not None:
     fine = fine | (mask <= 0)
-  return lax.cond(jnp.all(fine), lambda: (est, upper), lambda: dense_norm_bounds_scaled(x, y, ids, rows))
+  fast = (est, upper, sx) if with_x_sum else (est, upper)
+  return lax.cond(jnp.all(fine), lambda: fast, lambda: dense_norm_bounds_scaled(x, y, ids, rows, with_x_sum))
+
+
+# An example whose flush term (`flush_term`) exceeds this fraction of C is not left to the book-keeping.
+FLUSH_REL = 2.0 ** -22
+
+
+def flush_term(sx, n: int, k: int, m: int, n_rows: int, d: int) -> jax.Array:
+  """``[b]`` absolute bound on what underflow adds to an example's book-keeping contribution (weighted units).
+
+  The book-keeping adds, for an example of weight ``w <= 1``, the float32 matmul of its rows ``x_s`` (``[k]``)
+  with ``yw_s = fl(w y_s)`` (``[m]``), plus ``fl(w r_t)`` for the ``n_rows`` summed rows (``[d]``) of a tied
+  table. With flush-to-zero (XLA's CPU runtime flushes subnormals), a float32 product or sum errs by at most
+  ``u |exact| + _ETA``: ``u |exact|`` when the result is normal, and ``|exact| < _ETA`` when it is subnormal
+  and flushed to 0 (``_ETA 2^-24`` when it is kept subnormal). The relative parts are the ``gamma_{n+2} U``
+  of :func:`upper_bound` (in unweighted units, times ``w``). The absolute parts are not proportional to the
+  gradient, and they can enlarge a contribution, not only shrink it: with two rows ``x_1 = x_2 = x`` and
+  ``w y_1 = 1.1 _ETA``, ``w y_2 = -0.9 _ETA``, the second product flushes to 0 and the example adds
+  ``1.1 _ETA x`` instead of ``0.2 _ETA x`` (5.5 times its clipped gradient when ``|x| ~ C / (0.2 _ETA)``).
+  They sum to at most
+
+  * ``fl(w y_s)``: ``|f_s| <= _ETA sqrt(m)`` per row, so ``||sum_s x_s f_s^T|| <= _ETA sqrt(m) sum_s |x_s|
+    <= _ETA sqrt(m) sx``;
+  * the matmul: each entry is a sum of ``n`` products (``n`` multiplications, ``n - 1`` additions), each
+    erring by at most ``_ETA`` beyond its relative rounding: ``2 n _ETA`` per entry, ``2 n _ETA sqrt(k m)``
+    in norm;
+  * the rows: ``fl(w r_t)`` errs by at most ``_ETA`` per entry beyond ``u |w r_t|``: ``_ETA sqrt(d)`` per row.
+
+  So the contribution is at most ``w * bound + flush_term``. An example with ``flush_term <= FLUSH_REL C``
+  keeps the guarantee (``2^-22 C`` of the ``1e-5 C`` room); only features near ``2^100 C`` exceed it, and
+  :mod:`dpmega.clipping.ghost` then materializes the example (its contribution is ``fl(w g)`` entry by entry,
+  which underflow only shrinks) or, beyond the budget, drops it from this leaf (contribution 0). A NaN or
+  Inf ``sx`` gives a non-finite term (never a small one).
+  """
+  return _ETA * (math.sqrt(m) * sx + 2.0 * n * math.sqrt(float(k) * float(m)) + math.sqrt(d) * n_rows)
 
 
 def materialize(x, y, ids, rows, k_rows: int) -> jax.Array:

@@ -54,7 +54,8 @@ def run_private(name, monkeypatch, caplog, epochs=1):
 
   monkeypatch.setattr(module, "tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
   config = ml_collections.ConfigDict(dict(learning_rate=0.1, momentum=0.9, batch_size=48, num_epochs=epochs))
-  with caplog.at_level(logging.INFO):
+  # absl's logger at INFO for this run: an in-process `dpmega train` earlier in the session raises it to ERROR.
+  with caplog.at_level(logging.INFO), caplog.at_level(logging.INFO, logger="absl"):
     module.train_and_evaluate(config, "unused-workdir")
   eps = [float(m.group(1)) for r in caplog.records for m in [re.search(r"epsilon = ([\d.]+)", r.getMessage())] if m]
   return {k: v[-1][1] for k, v in writers[0].scalars.items()}, eps

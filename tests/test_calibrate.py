@@ -39,7 +39,8 @@ def test_pld_reaches_a_target_below_rdps_floor():
 
 
 def test_sigma_where_rdp_rounds_to_zero_is_never_taken_as_meeting_the_target():
-  """dp-accounting's RDP ε is exactly 0 at σ = 1e6 here (cancellation): no Gaussian step has ε = 0."""
+  """RDP's ε is 0 at σ = 1e6 here (dp-accounting's rounds to 0; the KL bound proves it there, see
+  tests/test_epsilon_floor.py), far above what PLD needs: the search reports RDP's floor instead."""
   kw = {k: v for k, v in ISSUE.items() if k != "target_epsilon"}
   assert _eps(1e6, "rdp", **kw) == 0.0  # the premise: the value the old search would have trusted
   with pytest.raises(UsageError, match="unreachable"):

@@ -7,9 +7,10 @@ the curve of each distinct ``(q, σ)`` is cached, so no evaluation recomputes
 another's. The σ returned is verified from scratch by a fresh dp-accounting
 accountant.
 
-The search stays in [1e-2, 1e6] and evaluates both ends before it gives up. An
-RDP ε of exactly 0 (every order's RDP rounded to 0 at a huge σ) is not an
-answer and never meets a target. dp-accounting's warnings about the σ it only
+The search stays in [1e-2, 1e6] and evaluates both ends before it gives up. No
+ε rounded to 0 by dp-accounting at a huge σ is used, in the search or in the
+verification (:func:`dpmega.accounting.events.checked_epsilon`); an RDP ε of 0
+(proven there) is not taken as an answer either. dp-accounting's warnings about the σ it only
 tries are dropped (scoped to the search); ``progress`` reports each evaluation
 (a long ramp takes minutes).
 """
@@ -27,6 +28,7 @@ from typing import Any, Callable, TextIO
 from dpmega import truncation
 from dpmega import validation
 from dpmega.accounting import events
+from dpmega.accounting import tiny_rdp
 from dpmega.accounting.accountants import DEFAULT_PLD_DISCRETIZATION
 from dpmega.accounting.accountants import AccountantType
 from dpmega.accounting.accountants import as_accountant
@@ -88,9 +90,8 @@ def _quiet_search():
     logger.addFilter(drop)
   try:
     with warnings.catch_warnings():
-      excluded = getattr(events, "ExcludedOrdersWarning", None)
-      if excluded is not None:
-        warnings.simplefilter("ignore", excluded)
+      for category in (events.ExcludedOrdersWarning, tiny_rdp.EpsilonRoundingWarning):
+        warnings.simplefilter("ignore", category)
       yield
   finally:
     for logger in loggers:
@@ -173,8 +174,9 @@ def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, dataset_s
     if (kind, sigma) not in memo:
       value = events.epsilon_at(counts_at(sigma), delta, kind, discretization, tail)
       if kind is AccountantType.RDP and value == 0.0:
-        # Every order's RDP rounded to 0 (float cancellation at a huge σ): no Gaussian step has ε = 0,
-        # so RDP has no answer there; such a σ never counts as meeting the target.
+        # events.checked_epsilon gives 0 only where the KL bound proves it (dp-accounting's rounded 0s are
+        # replaced there), at a σ far above what PLD needs for the same target: the search does not take it,
+        # and reports RDP's conversion floor and accountant 'pld' instead.
         value = math.inf
         zeroed.add(sigma)
       memo[(kind, sigma)] = value
@@ -263,7 +265,9 @@ def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, dataset_s
     with events.summarised_absl_warnings(events.key_event(key)):
       fresh.compose(events.key_event(key), c)
   acc_delta = events.accountant_delta(delta, counts_at(sigma), tail)
-  final = math.inf if acc_delta is None else fresh.get_epsilon(acc_delta)
+  # checked_epsilon: a fresh accountant's ε that rounded to 0 is not taken as meeting the target either.
+  final = math.inf if acc_delta is None else events.checked_epsilon(fresh.get_epsilon(acc_delta), counts_at(sigma),
+                                                                     acc_delta)
   if not final <= target:
     raise RuntimeError(f"calibration failed verification: epsilon({sigma}) = {final} > {target}.")
   return sigma

@@ -31,6 +31,9 @@ add/remove-one, where ``GaussianDpEvent(σ / 2)`` means exactly "shift 2C, std
 Speed: the RDP curve of each distinct event is cached (``rdp_of_event``), so
 no ε query recomputes another's; the PLD of the last few multisets is cached.
 
+ε = 0 only where proven: at a huge σ dp-accounting's RDP rounds to 0 (and its ε with it);
+:func:`checked_epsilon` replaces such a value (:mod:`dpmega.accounting.tiny_rdp`).
+
 The noise sampler's bounded support (invariant 8): with a
 :class:`dpmega.truncation.TailModel`, ε at a stated ``delta`` is the
 accountant's ε at ``delta - δ_tail`` (:func:`dpmega.truncation.accountant_delta`,
@@ -55,6 +58,7 @@ import numpy as np
 from dpmega import schedules as schedules_lib
 from dpmega import truncation
 from dpmega import validation
+from dpmega.accounting import tiny_rdp
 from dpmega.accounting.accountants import AccountantType
 from dpmega.sampling import SamplingScheme
 from dpmega.sampling import as_scheme
@@ -248,8 +252,33 @@ def _epsilon_of_counts(counts: Mapping[EventKey, int], delta: float, accountant:
   if accountant is AccountantType.RDP:
     if rdp is None:
       rdp = rdp_of_counts(counts)
-    return float(rdp_privacy_accountant.compute_epsilon(RDP_ORDERS, rdp, delta)[0])
+    with tiny_rdp.negative_rdp_unlogged():  # the 0 dp-accounting then returns is replaced by checked_epsilon
+      return float(rdp_privacy_accountant.compute_epsilon(RDP_ORDERS, rdp, delta)[0])
   return float(pld_of_counts(tuple(counts.items()), discretization).get_epsilon(delta))
+
+
+# ------------------------------------------------- ε = 0 only where proven
+
+
+def _tiny_steps(counts: Mapping[EventKey, int]) -> list[tuple[str, float, float, int]]:
+  return [(k[0].value, float(key_q_sigma(k)[0]), key_q_sigma(k)[1] / k[0].sensitivity, int(c))
+          for k, c in counts.items()]
+
+
+def checked_epsilon(epsilon: float, counts: Mapping[EventKey, int], delta: float) -> float:
+  """An accountant's ``epsilon`` for ``counts`` at the accountant's ``delta``: kept when positive, else proven.
+
+  At a huge σ dp-accounting's RDP rounds to 0 at some orders, and its ε to 0 whatever the steps. Such a 0 (or
+  NaN) becomes :func:`tiny_rdp.epsilon`: 0 only where proven, else positive with a ``tiny_rdp.EpsilonRoundingWarning``.
+  """
+  if epsilon > 0 or not counts:  # inf too; NaN and <= 0 fall through
+    return float(epsilon)
+  return tiny_rdp.epsilon(_tiny_steps(counts), delta, replaces=epsilon)
+
+
+def checked_delta(delta: float, counts: Mapping[EventKey, int], epsilon: float) -> float:
+  """An accountant's δ(``epsilon``) for ``counts``: kept when positive, else :func:`tiny_rdp.delta` (> 0)."""
+  return float(delta) if delta > 0 or not counts else tiny_rdp.delta(_tiny_steps(counts), epsilon)
 
 
 # ------------------------------------------------------------------ δ_tail
@@ -297,7 +326,7 @@ def epsilon_at(counts: Mapping[EventKey, int], delta: float, accountant: Account
   acc_delta = accountant_delta(delta, counts, tail)
   if acc_delta is None:
     return math.inf
-  return _epsilon_of_counts(counts, acc_delta, accountant, discretization, rdp)
+  return checked_epsilon(_epsilon_of_counts(counts, acc_delta, accountant, discretization, rdp), counts, acc_delta)
 
 
 def tail_share(counts: Mapping[EventKey, int], tail: truncation.TailModel, delta: float | None) -> float:

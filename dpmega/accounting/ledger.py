@@ -299,6 +299,7 @@ def compute_delta(ledger: Ledger, epsilon: float, accountant: AccountantType | s
     ideal = float(rdp_privacy_accountant.compute_delta(events.RDP_ORDERS, rdp, epsilon)[0])
   else:
     ideal = float(events.pld_of_counts(tuple(counts.items()), discretization).get_delta(epsilon))
+  ideal = events.checked_delta(ideal, counts, epsilon)  # dp-accounting's δ can round to 0 at a huge σ
   if tail is None:
     return ideal
   extra = truncation.tail_delta(events.tail_steps(counts), sensitivity=ledger.scheme.sensitivity, tail=tail,

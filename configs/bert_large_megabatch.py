@@ -39,7 +39,7 @@ from dpmega.tasks import bert as bert_task
 # The schedule doubles the batch every 200 steps from 2^16 to 2^21 ("2M" in
 # the paper), then keeps it; few distinct sizes (few shapes to compile, few
 # sampling rates to account). The same run is accounting/runs/dp_bert_megabatch.json.
-BATCH_SCHEDULE = "steps:65536@0,131072@200,262144@400,524288@600,1048576@800,2097152@1000"  # ours
+BATCH_SCHEDULE = "steps:65536@1,131072@201,262144@401,524288@601,1048576@801,2097152@1001"  # ours
 NUM_STEPS = 2_000  # ours
 PLANNING_DATASET_SIZE = 33_000_000  # ours: order of magnitude only (see above)
 

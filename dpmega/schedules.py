@@ -1,7 +1,9 @@
 """Batch-size schedules: constant, piecewise steps, linear and geometric ramps.
 
-A schedule maps a training step (0-based) to the *expected* logical batch size
-of that step. Under Poisson sampling the step's sampling probability is
+A schedule maps a training step to the *expected* logical batch size of that
+step. Steps count from 1 in the spec syntax below, as everywhere a person reads
+them (progress lines, ``--steps``, checkpoints); the Python methods take the
+0-based index ``step - 1`` (``batch_sizes(n)[i]`` is step ``i + 1``). Under Poisson sampling the step's sampling probability is
 ``batch_size(step) / dataset_size``; the accountant (:mod:`dpmega.accounting`)
 and the trainer read the same schedule, so what is accounted is what runs.
 
@@ -22,8 +24,8 @@ Command-line syntax (:func:`parse_schedule`)::
 
   4096                                 constant
   constant:4096                        constant
-  steps:1000@0,5000@100,20000@400      BATCH@FIRST_STEP, first at step 0
-  linear:1000->2000000@5000            START->END reached at step RAMP-1
+  steps:1000@1,5000@101,20000@401      BATCH@FIRST_STEP: steps 1-100 at 1000, 101-400 at 5000, ...
+  linear:1000->2000000@5000            START at step 1 -> END reached at step RAMP
   geometric:1000->2000000@5000         same, interpolated in log space
   linear:1000->2000000@5000,round_to=1024
 
@@ -33,8 +35,11 @@ the batch size stays at ``END``. ``round_to=M`` rounds every batch size to the
 nearest positive multiple of ``M`` (fewer distinct shapes to compile, and fewer
 distinct sampling probabilities to account).
 
-Edge cases: a step before 0 or a non-integer step is a ``ValueError``; a ramp of
-one step is at ``END`` from step 0; ``batch_sizes(0)`` is an empty array.
+Edge cases: a step index before 0 or a non-integer step is a ``ValueError``; a
+spec stage at ``@0`` is a ``ValueError`` saying that steps count from 1 (specs
+written when they counted from 0 all start at ``@0``: none changes meaning
+silently); a ramp of one step is at ``END`` from step 1; ``batch_sizes(0)`` is
+an empty array.
 """
 
 from __future__ import annotations
@@ -121,9 +126,10 @@ class Constant:
 class Steps:
   """Piecewise-constant batch size.
 
-  ``stages`` is a tuple of ``(first_step, batch_size)`` pairs: the first stage
-  starts at step 0, first steps strictly increase, and each stage lasts until
-  the next one starts (the last one forever).
+  ``stages`` is a tuple of ``(first_index, batch_size)`` pairs, ``first_index``
+  the 0-based index of the stage's first step (the spec ``B@S`` is ``(S - 1, B)``):
+  the first stage starts at index 0, first indices strictly increase, and each
+  stage lasts until the next one starts (the last one forever).
   """
 
   stages: tuple[tuple[int, int], ...]
@@ -177,7 +183,7 @@ class Steps:
     return {"kind": "steps", "stages": [[s, b] for s, b in self.stages]}
 
   def to_spec(self) -> str:
-    return "steps:" + ",".join(f"{b}@{s}" for s, b in self.stages)
+    return "steps:" + ",".join(f"{b}@{s + 1}" for s, b in self.stages)  # the spec counts steps from 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,11 +311,29 @@ def _parse_int(text: str, what: str, spec: str) -> int:
   return value
 
 
+def _check_one_based(stages: list[tuple[int, int]], spec: str) -> None:
+  """``(first_step, batch_size)`` of a ``steps`` spec: step numbers from 1, the first stage at 1, increasing."""
+  for i, (first, _) in enumerate(stages):
+    if first == 0:
+      meant = "steps:" + ",".join(f"{b}@{s + 1}" for s, b in stages)
+      raise ValueError(
+          f"stage {i} first step in schedule {spec!r} is 0, but steps count from 1 (the first step is step 1): "
+          f"write {meant!r} (every first step + 1) for the schedule it meant when steps counted from 0.")
+    if first < 0:
+      raise ValueError(f"stage {i} first step in schedule {spec!r} must be >= 1 (steps count from 1), got {first}.")
+    if i and first <= stages[i - 1][0]:
+      raise ValueError(f"stage first steps in schedule {spec!r} must strictly increase, got {stages[i - 1][0]} "
+                       f"then {first} at stage {i}.")
+  if stages[0][0] != 1:
+    raise ValueError(f"stage 0 of schedule {spec!r} must start at step 1 (steps count from 1), got "
+                     f"@{stages[0][0]}.")
+
+
 def parse_schedule(spec: str, num_steps: int | None = None) -> Schedule:
   """Parses the command-line schedule syntax (see the module docstring).
 
   Args:
-    spec: e.g. ``"constant:4096"``, ``"steps:1000@0,5000@100"``,
+    spec: e.g. ``"constant:4096"``, ``"steps:1000@1,5000@101"`` (steps count from 1),
       ``"linear:1000->2000000@5000"``, ``"geometric:1000->2000000"``.
     num_steps: length of the run; used as the ramp length of a ``linear`` or
       ``geometric`` spec without ``@RAMP``.
@@ -319,7 +343,16 @@ def parse_schedule(spec: str, num_steps: int | None = None) -> Schedule:
 
   Raises:
     ValueError: a malformed spec, naming the offending part and the expected
-      form.
+      form; a ``steps`` stage at ``@0`` (steps count from 1).
+
+  Example:
+    >>> parse_schedule("steps:1000@1,5000@101").batch_sizes(102)[99:].tolist()   # steps 100, 101, 102
+    [1000, 5000, 5000]
+    >>> try:
+    ...   parse_schedule("steps:1000@0,5000@100")
+    ... except ValueError as e:
+    ...   print(e)
+    stage 0 first step in schedule 'steps:1000@0,5000@100' is 0, but steps count from 1 (the first step is step 1): write 'steps:1000@1,5000@101' (every first step + 1) for the schedule it meant when steps counted from 0.
   """
   if not isinstance(spec, str) or not spec.strip():
     raise ValueError(f"batch schedule must be a non-empty string, got {spec!r}.")
@@ -339,7 +372,8 @@ def parse_schedule(spec: str, num_steps: int | None = None) -> Schedule:
             f"stage {i} of schedule {spec!r} must look like BATCH@FIRST_STEP, got {part!r}.")
       stages.append((_parse_int(start, f"stage {i} first step", spec),
                      _parse_int(size, f"stage {i} batch size", spec)))
-    return Steps(tuple(stages))
+    _check_one_based(stages, spec)
+    return Steps(tuple((first - 1, size) for first, size in stages))
   if kind in ("linear", "geometric"):
     main, *options = body.split(",")
     round_to = 1

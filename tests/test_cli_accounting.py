@@ -34,7 +34,7 @@ def test_epsilon_table_names_delta_accountant_and_relation(capsys):
 
 def test_epsilon_json_matches_library(capsys):
   rc, out, _ = _run(["epsilon", "--dataset_size", "1e6", "--batch_schedule",
-                     "steps:1000@0,4000@50,16000@80", "--steps", "100", "--noise_multiplier",
+                     "steps:1000@1,4000@51,16000@81", "--steps", "100", "--noise_multiplier",
                      "0.9", "--delta", "1e-6", "--json", "--points", "5"], capsys)
   assert rc == 0
   result = json.loads(out)
@@ -43,7 +43,7 @@ def test_epsilon_json_matches_library(capsys):
   assert [p["step"] for p in result["points"]] == [20, 40, 60, 80, 100]
   assert result["points"][-1]["batch_size"] == 16000
   ledger = accounting.Ledger()
-  schedule = schedules.parse_schedule("steps:1000@0,4000@50,16000@80")
+  schedule = schedules.parse_schedule("steps:1000@1,4000@51,16000@81")
   for t in range(100):
     ledger.record(batch_size=schedule.batch_size(t), dataset_size=10**6, noise_multiplier=0.9,
                   scheme="poisson")
@@ -73,7 +73,7 @@ def test_without_replacement_says_replace_one(capsys):
 
 def test_calibrate_reaches_target(capsys):
   rc, out, _ = _run(["calibrate", "--target_epsilon", "2", "--dataset_size", "60000",
-                     "--batch_schedule", "steps:128@0,512@200", "--steps", "500", "--delta",
+                     "--batch_schedule", "steps:128@1,512@201", "--steps", "500", "--delta",
                      "1e-5", "--json", "--points", "2"], capsys)
   assert rc == 0
   result = json.loads(out)
@@ -138,8 +138,9 @@ def test_bad_flags_exit_2_naming_the_flag(flag, value, expect, capsys):
 
 
 @pytest.mark.parametrize("schedule,expect", [
-    ("steps:10@5", "stages[0] must start at step 0"),
-    ("steps:10@0,20@0", "strictly increase"),
+    ("steps:10@5", "must start at step 1 (steps count from 1)"),
+    ("steps:10@1,20@1", "strictly increase"),
+    ("steps:10@0,20@50", "is 0, but steps count from 1"),
     ("linear:10", "START->END"),
     ("cosine:1->2", "kind must be one of"),
     ("linear:10->5000@3", "larger than --dataset_size"),

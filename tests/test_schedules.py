@@ -71,7 +71,7 @@ def test_steps_schedule():
     ("4096", Constant(4096)),
     ("constant:4096", Constant(4096)),
     (" constant : 4096 ", Constant(4096)),
-    ("steps:1000@0,5000@100", Steps(((0, 1000), (100, 5000)))),
+    ("steps:1000@1,5000@101", Steps(((0, 1000), (100, 5000)))),
     ("linear:1000->2000000@5000", Linear(1000, 2_000_000, 5000)),
     ("geometric:1000->2e6@5000", Geometric(1000, 2_000_000, 5000)),
     ("linear:1000->2000000@5000,round_to=1024", Linear(1000, 2_000_000, 5000, 1024)),
@@ -92,10 +92,11 @@ def test_parse_ramp_without_length_uses_num_steps():
     ("constant:-5", r"batch_size must be an int in \[1, "),
     ("constant:abc", "batch size .* must be an integer"),
     ("constant:1.5", "must be an integer"),
-    ("steps:1000@5", r"stages\[0\] must start at step 0"),
-    ("steps:1000@0,500@0", "strictly increase"),
+    ("steps:1000@5", r"stage 0 of schedule .* must start at step 1 \(steps count from 1\), got @5"),
+    ("steps:1000@1,500@1", "strictly increase"),
+    ("steps:1000@1,500@-3", "must be >= 1"),
     ("steps:1000", "BATCH@FIRST_STEP"),
-    ("steps:0@0", r"stages\[0\] batch size must be an int in \[1, "),
+    ("steps:0@1", r"stages\[0\] batch size must be an int in \[1, "),
     ("linear:1000", "START->END"),
     ("linear:0->10@5", r"start must be an int in \[1, "),
     ("linear:1->10@0", r"ramp_steps must be an int in \[1, "),
@@ -136,3 +137,26 @@ def test_steps_for_epochs():
   for bad in (0, -1, float("inf")):
     with pytest.raises(ValueError, match="epochs"):
       schedules.steps_for_epochs(s, bad, 1000)
+
+
+def test_spec_steps_count_from_one_like_the_progress_lines():
+  s = parse_schedule("steps:1000@1,5000@101")
+  sizes = s.batch_sizes(101)  # index i is step i + 1
+  assert sizes[99] == 1000 and sizes[100] == 5000  # step 100 still 1000, step 101 the first at 5000
+  assert s.to_spec() == "steps:1000@1,5000@101"
+  assert parse_schedule(s.to_spec()) == s
+
+
+@pytest.mark.parametrize("spec, meant", [
+    ("steps:1000@0,5000@100", "steps:1000@1,5000@101"),
+    ("steps:65536@0,131072@200,262144@400", "steps:65536@1,131072@201,262144@401"),
+])
+def test_a_spec_counting_from_zero_is_refused_never_reread(spec, meant):
+  """Every spec written when steps counted from 0 starts at @0: refused with the field, the rule and the fix."""
+  with pytest.raises(ValueError) as info:
+    parse_schedule(spec)
+  message = str(info.value)
+  assert "stage 0 first step" in message and "steps count from 1" in message and repr(meant) in message
+  assert parse_schedule(meant).batch_sizes(500).tolist() == Steps(
+      tuple((int(p.split("@")[1]), int(p.split("@")[0].removeprefix("steps:"))) for p in spec.split(","))
+  ).batch_sizes(500).tolist()  # the suggested spec is the old one's schedule

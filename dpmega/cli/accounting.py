@@ -68,7 +68,7 @@ def _add_common(p: argparse.ArgumentParser, *, both: bool) -> None:
                      help="sampling probability q in (0, 1] (Opacus' sample_rate): batch size q * dataset_size, "
                      "rounded up to a whole example (an upper bound on epsilon)")
   batch.add_argument("--batch_schedule", metavar="SPEC",
-                     help="constant:B | steps:B0@0,B1@S1,... | linear:START->END[@RAMP] | "
+                     help="constant:B | steps:B0@1,B1@S1,... (steps count from 1) | linear:START->END[@RAMP] | "
                      "geometric:START->END[@RAMP], optional ,round_to=M; without @RAMP the "
                      "ramp spans the whole run. Quote it: unquoted, the shell reads -> as a redirection "
                      "(--batch_schedule 'geometric:1024->65536')")

@@ -14,7 +14,8 @@ workdir: a second one exits with code 2 naming the process that holds it. A fini
 --resume with more steps (num_steps or --epochs): the workdir's epsilon keeps accumulating and the budget
 (--target_epsilon) still stops it. SIGTERM (a preemption) ends the run after the step under way with a
 checkpoint and exit code 143; Ctrl-C, a full disk or an unwritable file end it with one line naming the step
---resume continues from.
+--resume continues from. Before the first step (building the dataset, calibrating sigma, restoring), SIGTERM
+(rc 143) and Ctrl-C (rc 130) stop at once with one line naming the stage and what the workdir holds.
 """
 
 from __future__ import annotations
@@ -111,18 +112,34 @@ def run(args: argparse.Namespace) -> int:
 
     sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     config.mesh.enabled = True
+  from dpmega.train import report  # noqa: PLC0415
+
   _drop_late_orbax_callbacks()
-  stop = threading.Event()
+  stop, stage = threading.Event(), report.Stage()
+
+  def on_sigterm():
+    stop.set()  # in the loop: the step under way ends, with a checkpoint
+    if not stage.in_loop:  # before it (dataset, calibration, restore): stop now
+      raise report.StoppedBeforeLoop()
+
   try:
-    with _on_sigterm(stop.set):
+    with _on_sigterm(on_sigterm):
       result = train_lib.train(config, resume=args.resume, resume_step=args.resume_step, overwrite=args.overwrite,
-                               stop=stop)
+                               stop=stop, stage=stage)
+  except report.StoppedBeforeLoop:
+    print(f"dpmega train: {report.stopped_before_loop('stopped by SIGTERM', stage, config.workdir)}.",
+          file=sys.stderr)
+    return 128 + signal.SIGTERM
+  except KeyboardInterrupt:
+    if stage.in_loop:
+      raise  # report.Interrupted: its text names the step --resume continues from
+    print(f"dpmega train: {report.stopped_before_loop('interrupted (Ctrl-C)', stage, config.workdir)}.",
+          file=sys.stderr)
+    return 130
   except train_lib.TrainingError as e:
     print(f"dpmega train: error: {e}", file=sys.stderr)
     return 1
   except OSError as e:  # a write outside the checkpoints and the log (config.json, summary.json)
-    from dpmega.train import report  # noqa: PLC0415
-
     print(f"dpmega train: error: could not write to the workdir ({type(e).__name__}: {report.error_reason(e)}); "
           "free space or fix the cause, then run again with --resume (it continues from the newest checkpoint).",
           file=sys.stderr)

@@ -1,4 +1,5 @@
-"""What a run tells its operator: the progress line, ``summary.json``, the closing lines, and why it stopped.
+"""What a run tells its operator: the progress line, the compile time, ``summary.json``, the closing lines, and why it
+stopped (also before the first step: :class:`Stage`).
 
 Pure formatting and checks over the records the loop produces (:mod:`dpmega.train.loop`); nothing here
 computes on private data. Failures the operator must act on -- a write that failed (disk full, permissions),
@@ -12,9 +13,12 @@ parameters that are no longer finite -- become one :class:`TrainingError` whose 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from typing import Any, Callable
+
+import jax
 
 from dpmega import accounting
 from dpmega.train import config as config_lib
@@ -29,6 +33,36 @@ class TrainingError(RuntimeError):
 
 class Interrupted(KeyboardInterrupt):
   """Ctrl-C during the loop; the message says which step ``--resume`` continues from."""
+
+
+class Stage:
+  """Where a run is, for a signal that arrives before the loop (which stops cleanly between steps).
+
+  The trainer sets ``name`` at each stage and ``in_loop`` once steps run; the CLI's SIGTERM handler reads them to
+  stop at once before the loop, and the CLI names the stage in its one line (:func:`stopped_before_loop`).
+  """
+
+  def __init__(self, name: str = "reading the config"):
+    self.name = name
+    self.in_loop = False
+
+
+class StoppedBeforeLoop(KeyboardInterrupt):
+  """SIGTERM before the first step: raised from the signal handler, so calibration or dataset building end now."""
+
+
+def stopped_before_loop(how: str, stage: Stage, workdir: str | None) -> str:
+  """The one line for a stop before the loop: the stage, and what the workdir holds (no step ran: none spent).
+
+  >>> stopped_before_loop("stopped by SIGTERM", Stage("calibrating the noise"), None)
+  'stopped by SIGTERM while calibrating the noise, before the first step: no step ran and no privacy was spent; nothing was written to the workdir; run the same command again'
+  """
+  names = sorted(os.path.relpath(os.path.join(root, f), workdir) for root, _, files in os.walk(workdir or "")
+                 for f in files if f != ".dpmega.lock") if workdir else []  # empty folders hold nothing
+  held = (f"the workdir {workdir} holds {', '.join(names)} (the journal records no step)" if names
+          else "nothing was written to the workdir")
+  return (f"{how} while {stage.name}, before the first step: no step ran and no privacy was spent; {held}; run "
+          "the same command again")
 
 
 def resume_hint(last_saved: int | None) -> str:
@@ -90,6 +124,56 @@ class TrainResult:
   spent: accounting.Ledger | None = None
   delta_tail: float = 0.0
   generation: int = 0
+
+
+class CompileClock:
+  """Wall seconds JAX spends tracing, lowering and compiling inside a ``with`` block.
+
+  The union of the time spans of JAX's own compile events (``jax.monitoring``: jaxpr tracing, lowering to MLIR,
+  the XLA backend compile), so nested traces count once. The loop subtracts it from a step's time: examples/s
+  measures the step, and the first call's compile is reported on its own line. Scoped: the listener is
+  removed on exit.
+
+  >>> import jax, jax.numpy as jnp
+  >>> with CompileClock() as clock:
+  ...   _ = jax.jit(lambda x: jnp.sin(x) * 2)(jnp.arange(3.0)).block_until_ready()
+  >>> clock.seconds > 0
+  True
+  """
+
+  EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+            "/jax/core/compile/backend_compile_duration")
+
+  def __init__(self):
+    self.spans: list[tuple[float, float]] = []
+
+  def _listen(self, event: str, start: float, end: float, **kwargs) -> None:
+    del kwargs
+    if event in self.EVENTS:
+      self.spans.append((start, end))
+
+  def __enter__(self) -> "CompileClock":
+    jax.monitoring.register_event_time_span_listener(self._listen)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    jax.monitoring.unregister_event_time_span_listener(self._listen)
+
+  @property
+  def seconds(self) -> float:
+    """The length of the union of the recorded spans."""
+    total, reach = 0.0, -math.inf
+    for start, end in sorted(self.spans):
+      if end > reach:
+        total += end - max(start, reach)
+        reach = end
+    return total
+
+
+def compile_line(seconds: float, *, first: bool) -> str:
+  """The line that reports a compile (the first call's, or a recompile for new shapes)."""
+  what = "the step (first call)" if first else "the step again (new shapes)"
+  return f"compiled {what} in {seconds:.1f} s (not counted in examples/s)"
 
 
 def guarded(fn: Callable[..., Any], *args, what: str, last_saved: int | None) -> Any:

@@ -12,7 +12,9 @@ small model of the built-in ``synthetic_ctr`` task.
 
 Parameter names (stable, for sharding rules and tests): ``embed/table``
 (the deep ``[sum(buckets), d]`` table shared by all features, see
-:class:`GroupedEmbed`; ``embed/table_d{w}`` per width when widths differ),
+:class:`GroupedEmbed`; ``embed/table_d{w}`` per width when widths differ;
+``embed/proj_{f}`` the projections of mixed-dimension embeddings;
+``embed/mlet_table`` and ``embed/mlet_{f}`` the two MLET factors),
 ``wide/table`` and ``linear/table`` (first-order ``[sum(buckets), 1]``
 tables), ``wide_cross`` (hashed cross products), ``dense_fields`` (DeepFM),
 ``mlp/layer_{i}``, ``bottom/layer_{i}``, ``top/layer_{i}``, ``logit``.
@@ -24,6 +26,10 @@ References:
   Prediction", IJCAI 2017. https://arxiv.org/abs/1703.04247
   Naumov et al., "Deep Learning Recommendation Model for Personalization and
   Recommendation Systems", 2019. https://arxiv.org/abs/1906.00091
+  Ginart et al., "Mixed Dimension Embeddings with Application to
+  Memory-Efficient Recommendation Systems", 2019. https://arxiv.org/abs/1909.11810
+  Ghaemmaghami et al., "Training with Multi-Layer Embeddings for Model
+  Reduction" (MLET), 2020. https://arxiv.org/abs/2006.05623
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dpmega import validation
 
 _GOLDEN = 0x9E3779B1
 
@@ -66,6 +74,14 @@ class CtrModelConfig:
       cross product is a wide feature (hashed into ``cross_buckets`` rows).
     cross_buckets: rows of the shared cross-product table (>= 1).
     embed_init_std: standard deviation of the deep tables' normal init (> 0).
+    project_to: mixed-dimension embeddings (Ginart et al. 2019): feature ``f``'s
+      ``embed_dims[f]``-wide embedding is projected to this common width by a
+      learned ``embed_dims[f] x project_to`` map (none where the widths are
+      equal); 0: off. Small widths for big tables cut the table parameters.
+    mlet_inner: MLET (Ghaemmaghami et al. 2020): every deep table is trained as
+      the product of a ``rows x k`` table and a ``k x embed_dims[f]`` map, with
+      ``k = mlet_inner`` > every ``embed_dims[f]``; :func:`collapse_mlet` makes
+      the ``rows x embed_dims[f]`` table afterwards. 0: off.
   """
 
   kind: ModelKind
@@ -77,6 +93,8 @@ class CtrModelConfig:
   crosses: tuple[tuple[int, int], ...] = ()
   cross_buckets: int = 10_000
   embed_init_std: float = 0.05
+  project_to: int = 0
+  mlet_inner: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, "kind", ModelKind(self.kind))
@@ -93,9 +111,14 @@ class CtrModelConfig:
       raise ValueError(f"buckets must be at least one int >= 1, got {self.buckets!r}.")
     if len(self.embed_dims) != f or any(d < 1 for d in self.embed_dims):
       raise ValueError(f"embed_dims must be an int >= 1 or {f} of them (one per feature), got {self.embed_dims!r}.")
-    if self.kind is not ModelKind.WIDE_DEEP and len(set(self.embed_dims)) != 1:
+    for name in ("project_to", "mlet_inner"):
+      object.__setattr__(self, name, validation.check_int(name, getattr(self, name), 0, integral_floats=True))
+    if self.mlet_inner and self.mlet_inner <= max(self.embed_dims):
+      raise ValueError(f"mlet_inner must exceed every embed dim (MLET's inner width k > d) or be 0 (off), got "
+                       f"mlet_inner={self.mlet_inner} with embed_dims up to {max(self.embed_dims)}.")
+    if self.kind is not ModelKind.WIDE_DEEP and not self.project_to and len(set(self.embed_dims)) != 1:
       raise ValueError(f"embed_dims must all be equal for {self.kind.value} (fields interact by dot products), "
-                       f"got {self.embed_dims!r}.")
+                       f"or set project_to (mixed dimensions projected to one width), got {self.embed_dims!r}.")
     if self.num_dense < 0:
       raise ValueError(f"num_dense must be >= 0, got {self.num_dense=}.")
     if any(d < 1 for d in self.mlp_dims + self.bottom_mlp_dims):
@@ -114,6 +137,11 @@ class CtrModelConfig:
   @property
   def num_sparse(self) -> int:
     return len(self.buckets)
+
+  @property
+  def field_dims(self) -> tuple[int, ...]:
+    """The width of each feature's embedding as the model uses it (after any projection)."""
+    return (self.project_to,) * self.num_sparse if self.project_to else self.embed_dims
 
 
 def _fmix32(h: jax.Array) -> jax.Array:
@@ -167,10 +195,26 @@ class GroupedEmbed(nn.Module):
   buckets: tuple[int, ...]
   dims: tuple[int, ...]
   init_std: float | None = None  # None: zeros
+  project_to: int = 0  # CtrModelConfig.project_to
+  mlet_inner: int = 0  # CtrModelConfig.mlet_inner
 
   @nn.compact
   def __call__(self, sparse: jax.Array) -> list[jax.Array]:
     init = nn.initializers.zeros if self.init_std is None else nn.initializers.normal(self.init_std)
+    out = self._mlet(sparse, init) if self.mlet_inner else self._tables(sparse, init)
+    if self.project_to:  # mixed dimensions: each feature's width to the common one (ghost-clipped Dense)
+      out = [e if d == self.project_to else nn.Dense(self.project_to, use_bias=False, name=f"proj_{f}")(e)
+             for f, (e, d) in enumerate(zip(out, self.dims))]
+    return out
+
+  def _mlet(self, sparse: jax.Array, init) -> list[jax.Array]:
+    """One ``[sum(buckets), k]`` table for every feature, then feature ``f``'s ``k x dims[f]`` map."""
+    offsets = np.cumsum((0,) + self.buckets[:-1]).astype(np.int32)
+    table = nn.Embed(int(sum(self.buckets)), self.mlet_inner, embedding_init=init, name="mlet_table")
+    rows = table(sparse.astype(jnp.int32) + offsets)  # [..., F, k]
+    return [nn.Dense(d, use_bias=False, name=f"mlet_{f}")(rows[..., f, :]) for f, d in enumerate(self.dims)]
+
+  def _tables(self, sparse: jax.Array, init) -> list[jax.Array]:
     widths = sorted(set(self.dims))
     out: list[Any] = [None] * len(self.buckets)
     for d in widths:
@@ -192,7 +236,8 @@ def _first_order(cfg: CtrModelConfig, sparse, name: str):
 
 
 def _embeddings(cfg: CtrModelConfig, sparse):
-  return GroupedEmbed(cfg.buckets, cfg.embed_dims, cfg.embed_init_std, name="embed")(sparse)
+  return GroupedEmbed(cfg.buckets, cfg.embed_dims, cfg.embed_init_std, cfg.project_to, cfg.mlet_inner,
+                      name="embed")(sparse)
 
 
 class WideDeep(nn.Module):
@@ -234,7 +279,7 @@ class DeepFM(nn.Module):
   def __call__(self, dense: jax.Array, sparse: jax.Array) -> jax.Array:
     cfg = self.config
     dense = dense.astype(jnp.float32)
-    d = cfg.embed_dims[0]
+    d = cfg.field_dims[0]
     first = _first_order(cfg, sparse, "linear")
     embs = _embeddings(cfg, sparse)
     fields = jnp.stack(embs, axis=-2)  # [..., F, d]
@@ -260,7 +305,7 @@ class Dlrm(nn.Module):
   @nn.compact
   def __call__(self, dense: jax.Array, sparse: jax.Array) -> jax.Array:
     cfg = self.config
-    d = cfg.embed_dims[0]
+    d = cfg.field_dims[0]
     fields = _embeddings(cfg, sparse)
     if cfg.num_dense:
       bottom = _Mlp(cfg.bottom_mlp_dims + (d,), name="bottom")(dense.astype(jnp.float32))
@@ -307,10 +352,43 @@ def make_model(config: CtrModelConfig) -> nn.Module:
   return _MODELS[config.kind](config)
 
 
+def collapse_mlet(config: CtrModelConfig, params: Any) -> tuple[CtrModelConfig, Any]:
+  """An MLET model's config and params as the plain model's: each table multiplied out once after training.
+
+  Feature ``f``'s rows of ``embed/mlet_table`` (``rows x k``) times ``embed/mlet_{f}`` (``k x embed_dims[f]``) are
+  its rows of ``embed/table`` (``embed/table_d{w}`` per width): the model of ``config`` with ``mlet_inner = 0``
+  then gives the same predictions (to float32 rounding) with ``k / d`` times fewer table parameters.
+
+  Example:
+    >>> cfg = CtrModelConfig(kind="dlrm", buckets=(5, 7), embed_dims=4, num_dense=2, mlet_inner=16)
+    >>> model = make_model(cfg)
+    >>> dense, sparse = jnp.ones((2,)), jnp.array([1, 6])
+    >>> params = model.init(jax.random.key(0), dense, sparse)["params"]
+    >>> plain_cfg, plain = collapse_mlet(cfg, params)
+    >>> plain["embed"]["table"]["embedding"].shape
+    (12, 4)
+    >>> bool(jnp.allclose(model.apply({"params": params}, dense, sparse),
+    ...                   make_model(plain_cfg).apply({"params": plain}, dense, sparse), rtol=1e-5, atol=1e-6))
+    True
+  """
+  if not config.mlet_inner:
+    raise ValueError("collapse_mlet needs an MLET model (mlet_inner > 0), got mlet_inner=0.")
+  embed = dict(params["embed"])
+  inner = jnp.asarray(embed.pop("mlet_table")["embedding"])
+  offsets = np.cumsum((0,) + config.buckets[:-1])
+  tables = [jnp.matmul(inner[o:o + b], jnp.asarray(embed.pop(f"mlet_{f}")["kernel"]), precision="highest")
+            for f, (o, b) in enumerate(zip(offsets, config.buckets))]
+  widths = sorted(set(config.embed_dims))
+  for d in widths:  # GroupedEmbed's layout: one table per width, features in order
+    embed["table" if len(widths) == 1 else f"table_d{d}"] = {
+        "embedding": jnp.concatenate([t for t, w in zip(tables, config.embed_dims) if w == d], axis=0)}
+  return dataclasses.replace(config, mlet_inner=0), {**params, "embed": embed}
+
+
 def default_crosses(num_sparse: int, num_pairs: int = 8) -> tuple[tuple[int, int], ...]:
   """Crosses of consecutive feature pairs ``(0, 1), (2, 3), ...`` -- a neutral default."""
   return tuple((2 * i, 2 * i + 1) for i in range(min(num_pairs, num_sparse // 2)))
 
 
 __all__ = ["ModelKind", "CtrModelConfig", "WideDeep", "DeepFM", "Dlrm", "CtrMlp", "GroupedEmbed", "make_model",
-           "cross_ids", "default_crosses"]
+           "cross_ids", "default_crosses", "collapse_mlet"]

@@ -1,0 +1,289 @@
+"""Sparse vs dense DP-SGD on a DeepFM with huge tables: step time, peak memory, utility (issue 19).
+
+Three whole training steps (gradient + ``optax.adam``), side by side, on
+``bench/step_overhead.py``'s DeepFM (26 fields in one shared ``rows x 16``
+table + a ``rows x 1`` wide table + MLP 416-400-200-1), Zipf-like ids:
+
+* ``non-private``: ``jax.value_and_grad`` of the mean loss, then adam (params and state donated);
+* ``dp dense``: the trainer's step (``make_private_step``: clipped sum, one
+  Gaussian draw on every coordinate, adam);
+* ``dp sparse``: the same clipped sum, plus the clipped row counts
+  (``dpmega.sparse.make_count_fn``), then ``make_update_fn(sparse=...)``:
+  private row selection, noise on the dense leaves and the selected rows only,
+  lazy adam on them.
+
+``--what time``: median wall time per step over ``--reps`` interleaved rounds
+(target: sparse <= 1.3x non-private at 10^6 rows, batch 1,024). ``--what
+memory``: each mode in its own process at ``--rows`` (default 10^7), peak
+RSS (``VmHWM``) over a few steps (target: sparse <= 1.2x non-private).
+``--what utility``: sparse vs dense DP-SGD AUC at the same epsilon on
+generated Criteo-format data (:mod:`dpmega.data.criteo_synthetic`), with the
+update sparsity.
+
+Usage:
+  python bench/sparse_tables.py --what time --rows 1000000 --batch 1024 --reps 10
+  python bench/sparse_tables.py --what memory --rows 10000000
+  python bench/sparse_tables.py --what utility --epsilon 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import procmem
+import step_overhead
+from dpmega import noise
+from dpmega import sharding
+from dpmega import sparse
+from dpmega.train import step as step_lib
+
+TABLES = (("params", "table", "embedding"), ("params", "wide", "embedding"))
+
+
+def deepfm(rows: int, batch: int, seed: int = 0):
+  """(per-example loss, params, batch) of step_overhead's DeepFM at ``rows`` rows per table."""
+  m = step_overhead.DeepFM(rows=rows)
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  u = jax.random.uniform(k1, (batch, m.fields))
+  ids = jnp.minimum((rows ** u).astype(jnp.int32) - 1, rows - 1)
+  data = {"ids": np.asarray(ids), "y": np.asarray(jax.random.bernoulli(k2, 0.25, (batch,)), np.float32)}
+
+  def loss(p, ex):
+    z = m.apply(p, ex["ids"])
+    return jnp.maximum(z, 0) - z * ex["y"] + jnp.log1p(jnp.exp(-jnp.abs(z)))
+
+  return loss, m.init(k3, ids[0]), data
+
+
+def sparse_spec(batch: int, fields: int, *, max_rows: int, threshold_sd: float = 4.0,
+                selection_fraction: float = 0.5) -> sparse.SparseTables:
+  """The selection used here: tau = ``threshold_sd`` selection noise sd at sigma_eff = 1; the fast branch always."""
+  sigma1 = sparse.split_noise_multiplier(1.0, selection_fraction)[0]
+  return sparse.SparseTables(TABLES, sparse.SelectionConfig(
+      count_clip=1.0, threshold=threshold_sd * sigma1, selection_fraction=selection_fraction,
+      max_rows=max_rows, max_touched=batch * fields))
+
+
+def make_steps(mode: str, rows: int, batch: int, max_rows: int):
+  """``(step(), state_ref)``: one whole training step of ``mode`` on fixed data, state kept in a closure."""
+  loss, params, data = deepfm(rows, batch)
+  opt = optax.adam(1e-3)
+  mask = np.ones(batch, np.float32)
+  if mode == "non-private":
+    grad = jax.value_and_grad(lambda p, x: jnp.mean(jax.vmap(loss, (None, 0))(p, x)))
+
+    def train(p, s, x):
+      u, s = opt.update(grad(p, x)[1], s, p)
+      return optax.apply_updates(p, u), s
+
+    jitted = jax.jit(train, donate_argnums=(0, 1))
+    box = {"p": params, "s": opt.init(params)}
+
+    def step():
+      box["p"], box["s"] = jitted(box["p"], box["s"], data)
+      return box["p"]
+
+    return step
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=1))
+  ps = step_lib.make_private_step(loss, opt, mesh, params, clip_norm=1.0, microbatch_size=batch,
+                                  max_microbatches=1)
+  spec = sparse_spec(batch, 26, max_rows=max_rows) if mode == "dp sparse" else None
+  update = step_lib.make_update_fn(opt, mesh, ps.param_shardings, ps.opt_shardings, clip_norm=1.0, sparse=spec)
+  table_rows = {t: rows for t in TABLES}
+  count = sparse.make_count_fn(lambda b: [b["ids"], b["ids"]], table_rows, mesh, count_clip=1.0)
+  box = {"state": ps.shard_state(step_lib.TrainState(jnp.zeros((), jnp.int32), params, opt.init(params))), "t": 0}
+  secret = noise.insecure_secret_from_seed(0)  # a benchmark: not a private release
+
+  def step():
+    st = box["state"]
+    acc = ps.accumulate(st.params, ps.zero_accumulator(st.params), data, mask)
+    counts = None
+    if spec is not None:
+      counts = count(sparse.zero_counts(table_rows, spec.selection.max_touched), data, mask)
+    box["state"], box["m"] = update(st, acc.grad_sum, noise.step_key(secret, box["t"]), 1.0, float(batch),
+                                    row_counts=counts)
+    box["t"] += 1
+    return box["state"].params
+
+  step.box = box
+  return step
+
+
+def time_modes(rows: int, batch: int, reps: int, max_rows: int) -> dict:
+  steps = {m: make_steps(m, rows, batch, max_rows) for m in ("non-private", "dp dense", "dp sparse")}
+  for f in steps.values():
+    jax.block_until_ready(f())  # compile + warm up
+    jax.block_until_ready(f())
+  times = collections.defaultdict(list)
+  for _ in range(reps):  # interleaved: load from other processes hits every mode alike
+    for m, f in steps.items():
+      t = time.perf_counter()
+      jax.block_until_ready(f())
+      times[m].append(time.perf_counter() - t)
+  base = statistics.median(times["non-private"])
+  out = {}
+  for m, ts in times.items():
+    t = statistics.median(ts)
+    out[m] = {"ms": round(t * 1e3, 2), "ratio": round(t / base, 3)}
+    print(f"  {m:12s} {t * 1e3:9.1f} ms  {t / base:6.2f}x non-private  (n={len(ts)})")
+  m = steps["dp sparse"].box["m"]
+  info = {k: float(m[k]) for k in ("selected_rows", "update_sparsity", "selection_cap_hit")}
+  print(f"  sparse step: {info}")
+  out["sparse_metrics"] = info
+  return out
+
+
+def memory_one(mode: str, rows: int, batch: int, max_rows: int, steps: int) -> dict:
+  """Peak RSS of ``mode`` in this process: from before building the model to after ``steps`` steps."""
+  procmem.reset_peak_rss()
+  base = procmem.status_kib("VmRSS")
+  f = make_steps(mode, rows, batch, max_rows)
+  for _ in range(steps):
+    jax.block_until_ready(f())
+  return {"mode": mode, "rows": rows, "peak_mib": procmem.status_kib("VmHWM") / 1024, "start_mib": base / 1024}
+
+
+def memory_modes(rows: int, batch: int, max_rows: int, steps: int, modes) -> dict:
+  out = {}
+  for m in modes:
+    cmd = [sys.executable, __file__, "--what", "_memory_one", "--mode", m, "--rows", str(rows), "--batch",
+           str(batch), "--max_rows", str(max_rows), "--steps", str(steps)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+      out[m] = {"error": proc.stderr[-600:]}
+      print(f"  {m:12s} failed: {proc.stderr[-300:]}")
+      continue
+    out[m] = json.loads(proc.stdout.strip().splitlines()[-1])
+  base = out.get("non-private", {}).get("peak_mib")
+  for m, r in out.items():
+    if "peak_mib" in r:
+      ratio = f"  {r['peak_mib'] / base:5.2f}x non-private" if base else ""
+      print(f"  {m:12s} peak RSS {r['peak_mib']:9.1f} MiB{ratio}")
+  return out
+
+
+def utility(epsilon: float, *, train_rows: int = 40_000, eval_rows: int = 20_000, buckets: int = 2**15,
+            batch: int = 512, steps: int = 200, lr: float = 3e-3, threshold_sd: float = 3.0,
+            max_rows: int = 8192, data_dir: str = "/tmp/dpmega-sparse-utility") -> dict:
+  """Sparse vs dense DP-SGD (same sigma_eff, same Poisson samples) on generated Criteo-format data: AUC."""
+  import tempfile  # pylint: disable=import-outside-toplevel
+  from pathlib import Path  # pylint: disable=import-outside-toplevel
+
+  from dpmega import metrics  # pylint: disable=import-outside-toplevel
+  from dpmega.accounting import calibrate  # pylint: disable=import-outside-toplevel
+  from dpmega.data import criteo, criteo_synthetic  # pylint: disable=import-outside-toplevel
+  from dpmega.models import ctr  # pylint: disable=import-outside-toplevel
+
+  root = Path(data_dir or tempfile.mkdtemp())
+  paths = {"train": root / "train", "eval": root / "eval"}
+  for i, (name, rows) in enumerate((("train", train_rows), ("eval", eval_rows))):
+    if not (paths[name] / "meta.json").exists():
+      root.mkdir(parents=True, exist_ok=True)
+      criteo_synthetic.generate_dataset(paths[name], rows, seed=0, row_seed=i)
+  train = criteo.CriteoSource(paths["train"], buckets)
+  evaluation = criteo.CriteoSource(paths["eval"], buckets)
+  n = len(train)
+  delta = 1.0 / (10 * n)
+  sigma = calibrate.calibrate_noise_multiplier(target_epsilon=epsilon, delta=delta, dataset_size=n,
+                                               batch_sizes=[batch] * steps)
+  mcfg = ctr.CtrModelConfig(kind=ctr.ModelKind.DEEPFM, buckets=(buckets,) * criteo.NUM_CAT,
+                            embed_dims=(8,) * criteo.NUM_CAT, mlp_dims=(64, 32))
+  model = ctr.make_model(mcfg)
+  ex = train.take(np.arange(2))
+  params0 = model.init(jax.random.key(0), ex["dense"][0], ex["sparse"][0])["params"]
+  table_rows = {("embed", "table", "embedding"): buckets * criteo.NUM_CAT,
+                ("linear", "table", "embedding"): buckets * criteo.NUM_CAT}
+
+  def loss(p, e):
+    z = model.apply({"params": p}, e["dense"], e["sparse"])
+    return optax.sigmoid_binary_cross_entropy(z, e["label"])
+
+  predict = jax.jit(lambda p, x: jax.nn.sigmoid(model.apply({"params": p}, x["dense"], x["sparse"])))
+  ev = evaluation.take(np.arange(len(evaluation)))
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=1))
+  opt = optax.adam(lr)
+  micro = 256
+  sigma1 = sparse.split_noise_multiplier(sigma, 0.5)[0]
+  spec = sparse.SparseTables(tuple(table_rows), sparse.SelectionConfig(
+      count_clip=1.0, threshold=threshold_sd * sigma1, max_rows=max_rows, max_touched=2 * batch * criteo.NUM_CAT))
+  row_ids = sparse.ctr_row_ids((buckets,) * criteo.NUM_CAT, tuple(table_rows))
+  out = {"epsilon": epsilon, "delta": delta, "sigma_eff": sigma, "steps": steps, "batch": batch, "train_rows": n,
+         "table_rows": sum(table_rows.values()), "oracle_auc": None}
+  for mode in ("dense", "sparse"):
+    ps = step_lib.make_private_step(loss, opt, mesh, params0, clip_norm=1.0, microbatch_size=micro,
+                                    max_microbatches=8)
+    update = step_lib.make_update_fn(opt, mesh, ps.param_shardings, ps.opt_shardings, clip_norm=1.0,
+                                     sparse=spec if mode == "sparse" else None)
+    count = sparse.make_count_fn(row_ids, table_rows, mesh, count_clip=1.0)
+    state = ps.shard_state(step_lib.TrainState(jnp.zeros((), jnp.int32), params0, opt.init(params0)))
+    rng = np.random.default_rng(1)  # the same Poisson samples for both modes (a benchmark, not a release)
+    secret = noise.insecure_secret_from_seed(1)
+    sparsity, cap_hits, t0 = [], 0, time.perf_counter()
+    for t in range(steps):
+      idx = np.flatnonzero(rng.random(n) < batch / n)
+      rows = max(micro, -(-len(idx) // micro) * micro)
+      b = train.take(idx)
+      mask = np.zeros(rows, np.float32)
+      mask[:len(idx)] = 1
+      b = {k: np.concatenate([v, np.zeros((rows - len(idx),) + v.shape[1:], v.dtype)]) for k, v in b.items()}
+      acc = ps.accumulate(state.params, ps.zero_accumulator(state.params), b, mask)
+      counts = None
+      if mode == "sparse":
+        counts = count(sparse.zero_counts(table_rows, spec.selection.max_touched), b, mask)
+      state, m = update(state, acc.grad_sum, noise.step_key(secret, t), sigma, float(batch), row_counts=counts)
+      if mode == "sparse":
+        sparsity.append(float(m["update_sparsity"]))
+        cap_hits += int(float(m["selection_cap_hit"]))
+    auc = metrics.auc(ev["label"], np.asarray(predict(sharding.to_host(state.params), ev)))
+    out[mode] = {"auc": round(float(auc), 4), "seconds": round(time.perf_counter() - t0, 1)}
+    if sparsity:
+      out[mode].update(mean_update_sparsity=float(np.mean(sparsity)), cap_hits=cap_hits)
+    print(f"  {mode:6s} AUC {auc:.4f}  ({out[mode]})", flush=True)
+  print(f"  epsilon {epsilon} (delta {delta:.1e}), sigma_eff {sigma:.3f}: sparse - dense AUC "
+        f"{out['sparse']['auc'] - out['dense']['auc']:+.4f}")
+  return out
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--what", choices=["time", "memory", "utility", "_memory_one"], default="time")
+  p.add_argument("--rows", type=int, default=None)
+  p.add_argument("--batch", type=int, default=1024)
+  p.add_argument("--reps", type=int, default=10)
+  p.add_argument("--max_rows", type=int, default=16384, help="K: rows kept per table and step at most")
+  p.add_argument("--steps", type=int, default=3)
+  p.add_argument("--mode", default="dp sparse")
+  p.add_argument("--modes", default="non-private,dp sparse,dp dense")
+  p.add_argument("--epsilon", type=float, default=3.0)
+  p.add_argument("--train_rows", type=int, default=40_000, help="utility: generated training rows")
+  p.add_argument("--out", default=None, help="write the results as JSON here")
+  a = p.parse_args()
+  if a.what == "_memory_one":
+    print(json.dumps(memory_one(a.mode, a.rows or 10**7, a.batch, a.max_rows, a.steps)))
+    return
+  print(f"jax {jax.__version__}, devices {jax.devices()}")
+  if a.what == "time":
+    res = time_modes(a.rows or 10**6, a.batch, a.reps, a.max_rows)
+  elif a.what == "memory":
+    res = memory_modes(a.rows or 10**7, a.batch, a.max_rows, a.steps, a.modes.split(","))
+  else:
+    res = utility(a.epsilon, steps=a.steps if a.steps != 3 else 200, train_rows=a.train_rows,
+                  eval_rows=a.train_rows // 4, batch=a.batch)
+  if a.out:
+    with open(a.out, "w") as f:
+      json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()

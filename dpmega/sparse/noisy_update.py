@@ -1,0 +1,141 @@
+"""The sparse Gaussian release of one logical step: selection, then noise on the dense leaves and the selected rows.
+
+:func:`sparse_privatize` is :func:`dpmega.noise.privatize` for a pytree with
+embedding tables: from the step's one key it draws the row selection of every
+table (:func:`dpmega.sparse.selection.select_rows`, noise ``σ1 C1``), then
+``N(0, (σ2 C)²)`` on every coordinate of the dense leaves and on the selected
+rows of the tables only -- ``K x d`` draws per table, never ``R x d`` -- and
+divides by the expected batch size. ``noise_multiplier`` is the effective
+``σ_eff`` that the accountant records; ``(σ1, σ2)`` come from it by the
+configured split (:func:`dpmega.sparse.selection.split_noise_multiplier`).
+The privacy analysis is in :mod:`dpmega.sparse.selection`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dpmega import noise as noise_lib
+from dpmega.sparse import lazy
+from dpmega.sparse import selection as sel
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseTables:
+  """Which parameter leaves are row tables with a private selection, and how it is made.
+
+  Attributes:
+    tables: parameter paths of the tables (e.g. ``(("embed", "table"), ("linear", "table"))``).
+    selection: the selection's values (the same for every table).
+  """
+
+  tables: tuple[tuple[str, ...], ...]
+  selection: sel.SelectionConfig = sel.SelectionConfig()
+
+  def __post_init__(self):
+    if not self.tables:
+      raise ValueError("tables must name at least one parameter path, got tables=().")
+    object.__setattr__(self, "tables", tuple(tuple(str(k) for k in t) for t in self.tables))
+
+
+class SparseRelease(NamedTuple):
+  """The step's release: noisy mean gradient (tables as selected rows) and the selection of each table."""
+
+  grads: PyTree
+  rows: dict
+  num_selected: dict
+
+
+def sparse_privatize(grad_sum: PyTree, counts: Mapping[tuple[str, ...], Any], key: jax.Array, *,
+                     spec: SparseTables, noise_multiplier, clip_norm, expected_batch_size,
+                     sampler: noise_lib.NoiseSampler | str = noise_lib.NoiseSampler.WIDE_TAIL) -> SparseRelease:
+  """Selection with ``σ1``, then the noisy mean with ``σ2`` on dense leaves and selected rows (module docstring).
+
+  Args:
+    grad_sum: the clipped sum over the whole logical batch (L2 sensitivity ``clip_norm``).
+    counts: per table path, the :class:`dpmega.sparse.counts.RowCounts` of the same batch.
+    key: the step's noise key (used once).
+    spec: the tables and the selection's values.
+    noise_multiplier: ``σ_eff`` (what the accountant records), >= 0.
+    clip_norm: C.
+    expected_batch_size: B, the public denominator.
+    sampler: the Gaussian sampler of the gradient noise.
+
+  Returns:
+    :class:`SparseRelease`; its ``grads`` holds ``[K, ...]`` at each table leaf
+    (zero at invalid slots), ``rows[path] = (ids, valid)``.
+  """
+  noise_lib.validate_noise_multiplier(noise_multiplier)
+  noise_lib.validate_expected_batch_size(expected_batch_size)
+  cfg = spec.selection
+  sigma = jnp.asarray(noise_multiplier, jnp.float32)
+  sigma1, sigma2 = sel.split_noise_multiplier(sigma, cfg.selection_fraction)
+  k_sel, k_grad = jax.random.split(key)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(grad_sum)
+  paths = [lazy.key_path(p) for p, _ in flat]
+  missing = [t for t in spec.tables if t not in paths]
+  if missing:
+    raise ValueError(f"spec.tables names tables that are not parameters: {missing}; parameters: {paths}.")
+  sel_keys = jax.random.split(k_sel, len(spec.tables))
+  rows, num_selected = {}, {}
+  for t, k in zip(spec.tables, sel_keys):
+    rc = counts[t]
+    s = sel.select_rows(rc.counts, k, noise_std=sigma1 * cfg.count_clip, threshold=cfg.threshold,
+                        max_rows=cfg.max_rows, max_touched=cfg.max_touched, touched=rc.touched,
+                        num_touched=rc.num_touched)
+    rows[t], num_selected[t] = (s.ids, s.valid), s.num_selected
+  draw = noise_lib.gaussian_noise_like
+  leaf_keys = jax.random.split(k_grad, max(len(flat), 1))
+  std = sigma2 * jnp.asarray(clip_norm, jnp.float32)
+  denom = jnp.asarray(expected_batch_size, jnp.float32)
+  out = []
+  for (_, g), path, k in zip(flat, paths, leaf_keys):
+    g = jnp.asarray(g, jnp.float32)
+    if path in rows:
+      ids, valid = rows[path]
+      g = g.at[ids].get(mode="fill", fill_value=0.0)
+      g = g + draw(g, k, std, sampler=sampler)
+      g = jnp.where(valid.reshape(valid.shape + (1,) * (g.ndim - 1)), g, 0.0)
+    else:
+      g = g + draw(g, k, std, sampler=sampler)
+    out.append(g / denom)
+  return SparseRelease(jax.tree_util.tree_unflatten(treedef, out), rows, num_selected)
+
+
+def sparse_step(optimizer: optax.GradientTransformation, spec: SparseTables, params: PyTree, opt_state: PyTree,
+                grad_sum: PyTree, counts: Mapping[tuple[str, ...], Any], key: jax.Array, *, noise_multiplier,
+                clip_norm, expected_batch_size, sampler: noise_lib.NoiseSampler | str = noise_lib.NoiseSampler.WIDE_TAIL
+                ) -> tuple[PyTree, PyTree, dict[str, jax.Array]]:
+  """:func:`sparse_privatize`, then ``optimizer`` lazily on it: ``(params, opt_state, metrics)``.
+
+  ``optimizer`` gets the extra argument ``noise_std`` = ``σ2 C / B`` (the
+  gradient noise of the mean). Metrics (functions of the release only):
+  ``noisy_grad_norm``, ``update_norm``, ``params_finite`` (of what changed:
+  rows not selected keep their values), ``selected_rows`` (kept, all
+  tables), ``update_sparsity`` (kept / table rows), ``selection_cap_hit``
+  (1.0 when a table selected more than ``max_rows``), ``selection_sigma``
+  (σ1) and ``gradient_sigma`` (σ2).
+  """
+  release = sparse_privatize(grad_sum, counts, key, spec=spec, noise_multiplier=noise_multiplier,
+                             clip_norm=clip_norm, expected_batch_size=expected_batch_size, sampler=sampler)
+  sigma1, sigma2 = sel.split_noise_multiplier(noise_multiplier, spec.selection.selection_fraction)
+  params, opt_state, updates = lazy.lazy_update(optimizer, params, opt_state, release.grads, release.rows,
+                                                noise_std=sigma2 * clip_norm / expected_batch_size)
+  finite = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(updates)]
+  kept = sum(jnp.sum(v, dtype=jnp.int32) for _, v in release.rows.values())
+  total_rows = sum(c.counts.shape[0] for c in counts.values())
+  cap = spec.selection.max_rows
+  metrics = {"noisy_grad_norm": optax.tree.norm(release.grads), "update_norm": optax.tree.norm(updates),
+             "params_finite": jnp.all(jnp.stack(finite)).astype(jnp.float32),
+             "selected_rows": kept.astype(jnp.float32), "update_sparsity": kept / total_rows,
+             "selection_cap_hit": jnp.any(jnp.stack([n > cap for n in release.num_selected.values()])
+                                          ).astype(jnp.float32),
+             "selection_sigma": sigma1, "gradient_sigma": sigma2}
+  return params, opt_state, metrics

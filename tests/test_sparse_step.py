@@ -1,0 +1,231 @@
+"""The sparse private step (make_update_fn with sparse tables; dpmega/sparse/{noisy_update,counts}.py).
+
+The 8-device check runs this file as a script in a subprocess started with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (JAX fixes its device
+count at start-up).
+"""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dpmega import noise
+from dpmega import sharding
+from dpmega import sparse
+from dpmega.train import step as step_lib
+
+R, D, N_IDS = 512, 4, 3
+TABLE = ("emb", "table")
+
+
+def _params():
+  return {"emb": {"table": 0.1 * jax.random.normal(jax.random.key(0), (R, D))}, "w": jnp.ones((D,))}
+
+
+def _loss(params, ex):
+  h = jnp.sum(params["emb"]["table"][ex["ids"]], axis=0)
+  return jnp.tanh(jnp.dot(h, params["w"]) + ex["y"]) ** 2
+
+
+def _batch(seed, b=16):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(0, 40, (b, N_IDS)).astype(np.int32)  # rows 0..39 only: the rest stay zero-count
+  ids[0] = [7, 7, 7]  # duplicates
+  return {"ids": ids, "y": rng.normal(size=b).astype(np.float32)}
+
+
+def _spec(max_rows=64, max_touched=64, threshold=1.0):
+  return sparse.SparseTables((TABLE,), sparse.SelectionConfig(count_clip=1.0, threshold=threshold,
+                                                              max_rows=max_rows, max_touched=max_touched))
+
+
+def _build(mesh, optimizer, spec, params, *, microbatch_size):
+  ps = step_lib.make_private_step(_loss, optimizer, mesh, params, clip_norm=1.0, microbatch_size=microbatch_size,
+                                  max_microbatches=4, min_shard_size=1)  # the table sharded by rows on fsdp
+  update = step_lib.make_update_fn(optimizer, mesh, ps.param_shardings, ps.opt_shardings, clip_norm=1.0,
+                                   sparse=spec)
+  count = sparse.make_count_fn(lambda b: [b["ids"]], {TABLE: R}, mesh, count_clip=spec.selection.count_clip)
+  return ps, update, count
+
+
+def run_steps(mesh_config, steps=3):
+  """Three sparse private steps (two chunks each) from a fixed insecure secret: the final params, as numpy."""
+  mesh = sharding.make_mesh(mesh_config)
+  opt = optax.adam(0.05)
+  params = _params()
+  spec = _spec()
+  ps, update, count = _build(mesh, opt, spec, params, microbatch_size=2)
+  state = ps.shard_state(step_lib.TrainState(jnp.zeros((), jnp.int32), params, opt.init(params)))
+  secret = noise.insecure_secret_from_seed(7)
+  metrics = []
+  for t in range(steps):
+    acc = ps.zero_accumulator(state.params)
+    counts = sharding.shard(sparse.zero_counts({TABLE: R}, spec.selection.max_touched), sharding.replicated(mesh))
+    for c in range(2):
+      b = _batch(10 * t + c)
+      mask = np.ones(16, np.float32)
+      acc = ps.accumulate(state.params, acc, b, mask)
+      counts = count(counts, b, mask)
+    state, m = update(state, acc.grad_sum, noise.step_key(secret, t), 0.7, 32.0, row_counts=counts)
+    metrics.append({k: float(v) for k, v in m.items()})
+  host = sharding.to_host(state.params)
+  spec = ps.param_shardings["emb"]["table"].spec
+  rows_sharded = np.int32(len(spec) > 0 and spec[0] is not None)
+  return {"table": np.asarray(host["emb"]["table"]), "w": np.asarray(host["w"]), "rows_sharded": rows_sharded}, metrics
+
+
+# ----------------------------------------------------------------------------- the release
+
+
+def _uint32_sizes(jaxpr, out):
+  for eqn in jaxpr.eqns:
+    for v in eqn.outvars:
+      aval = getattr(v, "aval", None)
+      if aval is not None and getattr(aval, "dtype", None) == jnp.uint32:
+        out.append(int(np.prod(aval.shape)))
+    for p in eqn.params.values():
+      for sub in (p if isinstance(p, (list, tuple)) else [p]):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          _uint32_sizes(inner, out)
+  return out
+
+
+def test_no_table_sized_noise_draw_in_the_sparse_update():
+  rows, d = 4096, 8
+  params = {"emb": {"table": jnp.zeros((rows, d))}, "w": jnp.ones((d,))}
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=1))
+  opt = optax.sgd(0.1)
+  shard = sharding.param_shardings(jax.eval_shape(lambda p: p, params), mesh=mesh)
+  opt_shard = sharding.param_shardings(jax.eval_shape(opt.init, params), mesh=mesh)
+  state = step_lib.TrainState(jnp.zeros((), jnp.int32), params, opt.init(params))
+  key = noise.step_key(noise.insecure_secret_from_seed(0), 0)
+  sizes = {}
+  for name, spec in (("sparse", _spec(max_rows=64, max_touched=64)), ("dense", None)):
+    update = step_lib.make_update_fn(opt, mesh, shard, opt_shard, clip_norm=1.0, sparse=spec)
+    counts = None if spec is None else sparse.zero_counts({TABLE: rows}, 64)
+    jaxpr = jax.make_jaxpr(update.jitted)(state, params, key, 1.0, 8.0, 0, counts)
+    sizes[name] = max(_uint32_sizes(jaxpr.jaxpr, []))
+  assert sizes["dense"] >= rows * d  # the check sees a table-sized draw when there is one
+  assert sizes["sparse"] <= rows  # at most one scalar per row (the dense-selection branch), never rows x dim
+
+
+def test_unselected_rows_unchanged_selected_rows_get_gradient_noise_sigma2():
+  rows, d, k = 4096, 8, 512
+  params = {"emb": {"table": jnp.zeros((rows, d))}, "w": jnp.zeros((d,))}
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=1))
+  opt = optax.sgd(1.0)
+  shard = sharding.param_shardings(jax.eval_shape(lambda p: p, params), mesh=mesh)
+  opt_shard = sharding.param_shardings(jax.eval_shape(opt.init, params), mesh=mesh)
+  spec = _spec(max_rows=k, max_touched=k, threshold=60.0)
+  update = step_lib.make_update_fn(opt, mesh, shard, opt_shard, clip_norm=1.0, sparse=spec)
+  selected = np.arange(0, 2 * k, 2)
+  counts = sparse.RowCounts(jnp.zeros((rows,)).at[selected].set(200.0),  # k rows far above tau; tau >> noise
+                            jnp.asarray(selected, jnp.int32), jnp.int32(k))
+  state = step_lib.TrainState(jnp.zeros((), jnp.int32), params, opt.init(params))
+  grads = jax.tree_util.tree_map(jnp.zeros_like, params)
+  key = noise.step_key(noise.insecure_secret_from_seed(3), 0)
+  state, m = update(state, grads, key, 1.0, 1.0, row_counts={TABLE: counts})
+  table = np.asarray(state.params["emb"]["table"])
+  others = np.setdiff1d(np.arange(rows), selected)
+  assert np.all(table[others] == 0.0)
+  sigma2 = sparse.split_noise_multiplier(1.0, 0.5)[1]
+  assert np.std(table[selected]) == pytest.approx(sigma2, rel=0.05)  # sgd(1), B = 1: minus the noise
+  assert m["selected_rows"] == k and m["update_sparsity"] == pytest.approx(k / rows)
+  assert m["selection_cap_hit"] == 0.0 and m["gradient_sigma"] == pytest.approx(sigma2)
+
+
+def test_update_refuses_row_counts_exactly_when_not_sparse():
+  params = {"emb": {"table": jnp.zeros((8, 2))}, "w": jnp.zeros((2,))}
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=1))
+  opt = optax.sgd(1.0)
+  shard = sharding.param_shardings(jax.eval_shape(lambda p: p, params), mesh=mesh)
+  opt_shard = sharding.param_shardings(jax.eval_shape(opt.init, params), mesh=mesh)
+  state = step_lib.TrainState(jnp.zeros((), jnp.int32), params, opt.init(params))
+  key = noise.step_key(noise.insecure_secret_from_seed(3), 0)
+  upd = step_lib.make_update_fn(opt, mesh, shard, opt_shard, clip_norm=1.0, sparse=_spec())
+  with pytest.raises(ValueError, match="row_counts must be given"):
+    upd(state, params, key, 1.0, 1.0)
+  dense = step_lib.make_update_fn(opt, mesh, shard, opt_shard, clip_norm=1.0)
+  with pytest.raises(ValueError, match="row_counts must be given"):
+    dense(state, params, key, 1.0, 1.0, row_counts=sparse.zero_counts({TABLE: 8}, 8))
+
+
+def test_counts_accumulated_over_chunks_equal_the_whole_batch_counts():
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=1))
+  count = sparse.make_count_fn(lambda b: [b["ids"]], {TABLE: R}, mesh, count_clip=1.0)
+  b = _batch(0, 32)
+  mask = np.ones(32, np.float32)
+  mask[5] = 0.0  # a padding row: its ids touch nothing
+  b["ids"][5] = [300, 301, 302]
+  whole = count(sparse.zero_counts({TABLE: R}, 64), b, mask)[TABLE]
+  halves = sparse.zero_counts({TABLE: R}, 64)
+  for sl in (slice(0, 16), slice(16, 32)):
+    halves = count(halves, {k: v[sl] for k, v in b.items()}, mask[sl])
+  halves = halves[TABLE]
+  np.testing.assert_allclose(np.asarray(halves.counts), np.asarray(whole.counts), rtol=1e-6)
+  assert float(whole.counts[7]) >= 1.0 * (1 - 1e-6)  # example 0's [7, 7, 7]: one distinct row, weight 1
+  # The touched list is exactly the rows with a positive count, each once, whatever the chunking.
+  for rc in (whole, halves):
+    positive = np.flatnonzero(np.asarray(rc.counts) > 0)
+    n = int(rc.num_touched)
+    assert n == len(positive) and 300 not in positive
+    np.testing.assert_array_equal(np.sort(np.asarray(rc.touched)[:n]), positive)
+    assert np.all(np.asarray(rc.touched)[n:] == R)
+
+
+def test_selection_from_the_touched_list_equals_selection_from_the_counts():
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=1))
+  count = sparse.make_count_fn(lambda b: [b["ids"]], {TABLE: R}, mesh, count_clip=1.0)
+  rc = count(sparse.zero_counts({TABLE: R}, 64), _batch(1, 32), np.ones(32, np.float32))[TABLE]
+  key = jax.random.key(5)
+  kw = dict(noise_std=0.5, threshold=0.4, max_rows=16, max_touched=64)
+  a = sparse.select_rows(rc.counts, key, **kw)
+  b = sparse.select_rows(rc.counts, key, touched=rc.touched, num_touched=rc.num_touched, **kw)
+  np.testing.assert_array_equal(np.asarray(a.ids), np.asarray(b.ids))
+  assert int(a.num_selected) == int(b.num_selected) > 0
+
+
+# ----------------------------------------------------------------------------- 8 simulated devices
+
+
+@pytest.fixture(scope="module")
+def devices8(tmp_path_factory):
+  out = tmp_path_factory.mktemp("sparse8")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(out)], env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return dict(np.load(out / "sparse8.npz"))
+
+
+@pytest.mark.slow
+def test_same_sparse_update_on_1_and_8_devices_with_tables_sharded_by_rows(devices8):
+  ref, metrics = run_steps(sharding.MeshConfig(data=1))
+  assert metrics[-1]["selected_rows"] > 0 and metrics[-1]["update_sparsity"] < 0.5
+  assert not np.allclose(ref["table"], np.asarray(_params()["emb"]["table"]))  # it trained
+  assert devices8["d2f4/rows_sharded"] == 1 and devices8["d8/rows_sharded"] == 0
+  for mesh in ("d8", "d2f4"):
+    np.testing.assert_allclose(devices8[f"{mesh}/table"], ref["table"], rtol=1e-5, atol=1e-6, err_msg=mesh)
+    np.testing.assert_allclose(devices8[f"{mesh}/w"], ref["w"], rtol=1e-5, atol=1e-6, err_msg=mesh)
+    moved = np.any(devices8[f"{mesh}/table"] != np.asarray(_params()["emb"]["table"]), axis=1)
+    np.testing.assert_array_equal(moved, np.any(ref["table"] != np.asarray(_params()["emb"]["table"]), axis=1))
+
+
+def _worker(out_dir):
+  assert jax.device_count() == 8, jax.device_count()
+  arrays = {}
+  for name, cfg in (("d8", sharding.MeshConfig(data=8)), ("d2f4", sharding.MeshConfig(data=2, fsdp=4))):
+    got, _ = run_steps(cfg)
+    arrays.update({f"{name}/{k}": v for k, v in got.items()})
+  np.savez(os.path.join(out_dir, "sparse8.npz"), **arrays)
+
+
+if __name__ == "__main__":
+  _worker(sys.argv[1])

@@ -31,5 +31,4 @@ def get_config(variant=None):
   else:
     m.embed_dim = 8
     m.mlp_dims = (64, 32)
-    config.optimizer.learning_rate = 0.3  # the FM term's gradients are larger than DLRM's
   return config

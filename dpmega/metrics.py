@@ -1,4 +1,4 @@
-"""Exact evaluation metrics for binary prediction (CTR): AUC and log loss.
+"""Exact evaluation metrics for binary prediction (CTR): AUC, log loss, normalized entropy, calibration.
 
 Everything here runs on the host in float64 NumPy over the WHOLE evaluation
 split at once: no streaming approximation (no histogram AUC, no mini-batch
@@ -15,6 +15,8 @@ empty input                 ``ValueError`` naming ``labels``
 labels not in {0, 1}        ``ValueError`` naming ``labels``
 NaN / inf score or logit    ``ValueError`` naming the argument
 probability 0 or 1          clipped to ``[eps, 1 - eps]`` in ``log_loss``
+empty calibration bucket    count 0, NaN rates, no weight in the ECE
+num_buckets < 1             ``ValueError`` naming ``num_buckets``
 ==========================  ===============================================
 
 Metrics on an evaluation split are computed without noise: they are private
@@ -25,7 +27,13 @@ evaluation split disjoint from training, and treat it as non-private.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
+
+from dpmega import validation
+
+BINNINGS = ("uniform", "quantile")
 
 
 def _labels(labels) -> np.ndarray:
@@ -143,11 +151,96 @@ def normalized_entropy(labels, logits) -> float:
   return log_loss_from_logits(labels, logits) / base
 
 
+class CalibrationTable(NamedTuple):
+  """Predicted vs observed positive rate per bucket of predicted probability.
+
+  Attributes:
+    edges: ``[k + 1]`` bucket edges in probability (bucket ``i`` is
+      ``[edges[i], edges[i + 1])``, the last one closed).
+    count: ``[k]`` examples per bucket.
+    mean_predicted: ``[k]`` mean predicted probability (NaN when empty).
+    observed_rate: ``[k]`` fraction of positives (NaN when empty).
+  """
+
+  edges: np.ndarray
+  count: np.ndarray
+  mean_predicted: np.ndarray
+  observed_rate: np.ndarray
+
+  def rows(self) -> list[dict[str, float]]:
+    """One dict per non-empty bucket (``lo``, ``hi``, ``count``, ``predicted``, ``observed``), for reports."""
+    return [{"lo": float(self.edges[i]), "hi": float(self.edges[i + 1]), "count": int(self.count[i]),
+             "predicted": float(self.mean_predicted[i]), "observed": float(self.observed_rate[i])}
+            for i in range(self.count.size) if self.count[i]]
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+  return np.exp(-np.logaddexp(0.0, -z))
+
+
+def calibration_table(labels, logits, *, num_buckets: int = 10, binning: str = "uniform") -> CalibrationTable:
+  """Buckets examples by predicted probability ``sigmoid(logit)`` and compares predicted with observed rates.
+
+  Args:
+    labels: ``[n]`` 0/1 labels.
+    logits: ``[n]`` finite logits.
+    num_buckets: number of buckets ``k >= 1``.
+    binning: ``"uniform"``: ``k`` equal-width buckets of ``[0, 1]`` (the usual
+      reliability diagram); ``"quantile"``: edges at the ``i / k`` quantiles of
+      the predictions (equal counts up to ties; informative when most
+      predictions are small, as in CTR).
+
+  Returns:
+    A :class:`CalibrationTable`.
+
+  Example:
+    >>> t = calibration_table([0, 1, 1, 1], [-10.0, -10.0, 10.0, 10.0], num_buckets=2)
+    >>> t.count.tolist(), t.observed_rate.tolist()
+    ([2, 2], [0.5, 1.0])
+  """
+  num_buckets = validation.check_int("num_buckets", num_buckets, 1)
+  binning = validation.check_choice("binning", binning, BINNINGS)
+  y = _labels(labels)
+  p = _sigmoid(_finite("logits", logits, y.size))
+  if binning == "uniform":
+    edges = np.linspace(0.0, 1.0, num_buckets + 1)
+  else:
+    edges = np.quantile(p, np.linspace(0.0, 1.0, num_buckets + 1))
+    edges[0], edges[-1] = 0.0, 1.0
+  which = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, num_buckets - 1)
+  count = np.bincount(which, minlength=num_buckets)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    mean_predicted = np.bincount(which, weights=p, minlength=num_buckets) / count
+    observed = np.bincount(which, weights=y, minlength=num_buckets) / count
+  return CalibrationTable(edges, count, mean_predicted, observed)
+
+
+def expected_calibration_error(labels, logits, *, num_buckets: int = 10, binning: str = "uniform") -> float:
+  """ECE: the count-weighted mean of ``|mean predicted - observed rate|`` over the buckets of
+  :func:`calibration_table` (Naeini et al. 2015; Guo et al. 2017, eq. 3). 0 for a calibrated model.
+
+  References:
+    Guo et al., "On Calibration of Modern Neural Networks", ICML 2017. https://arxiv.org/abs/1706.04599
+
+  Example:
+    >>> round(expected_calibration_error([0, 1, 1, 1], [-10.0, -10.0, 10.0, 10.0], num_buckets=2), 12)
+    0.25
+  """
+  t = calibration_table(labels, logits, num_buckets=num_buckets, binning=binning)
+  full = t.count > 0
+  gap = np.abs(t.mean_predicted[full] - t.observed_rate[full])
+  return float(np.sum(t.count[full] * gap) / np.sum(t.count))
+
+
 def binary_metrics(labels, logits) -> dict[str, float]:
-  """``auc``, ``log_loss``, ``normalized_entropy`` and ``positive_rate`` of logits on labels."""
+  """``auc``, ``log_loss``, ``normalized_entropy``, ``ece`` (10 uniform buckets), ``mean_predicted`` and
+  ``positive_rate`` of logits on labels (scalars: what a progress line and ``summary.json`` carry)."""
+  z = _finite("logits", logits, _labels(labels).size)
   return {
-      "auc": auc(labels, logits),
-      "log_loss": log_loss_from_logits(labels, logits),
-      "normalized_entropy": normalized_entropy(labels, logits),
+      "auc": auc(labels, z),
+      "log_loss": log_loss_from_logits(labels, z),
+      "normalized_entropy": normalized_entropy(labels, z),
+      "ece": expected_calibration_error(labels, z),
+      "mean_predicted": float(np.mean(_sigmoid(z))),
       "positive_rate": float(np.mean(_labels(labels))),
   }

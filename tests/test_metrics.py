@@ -84,4 +84,57 @@ def test_constant_predictor_has_normalized_entropy_one():
   assert metrics.constant_log_loss(np.ones(3)) == 0.0
   out = metrics.binary_metrics(y, np.full(8, logit))
   assert out["auc"] == 0.5 and out["positive_rate"] == 0.25
-  assert set(out) == {"auc", "log_loss", "normalized_entropy", "positive_rate"}
+  assert set(out) == {"auc", "log_loss", "normalized_entropy", "ece", "mean_predicted", "positive_rate"}
+  assert out["ece"] == pytest.approx(0.0, abs=1e-12)  # one bucket, predicted = observed = 0.25
+  assert out["mean_predicted"] == pytest.approx(0.25)
+
+
+def _logit(p):
+  return math.log(p / (1 - p))
+
+
+def test_calibration_table_by_hand_uniform_buckets():
+  # Predictions 0.1, 0.1, 0.3 | 0.7, 0.9 in two buckets [0, .5), [.5, 1].
+  y = [0, 1, 0, 1, 1]
+  z = [_logit(0.1), _logit(0.1), _logit(0.3), _logit(0.7), _logit(0.9)]
+  t = metrics.calibration_table(y, z, num_buckets=2)
+  assert t.edges.tolist() == [0.0, 0.5, 1.0]
+  assert t.count.tolist() == [3, 2]
+  np.testing.assert_allclose(t.mean_predicted, [0.5 / 3, 0.8], rtol=1e-12)
+  np.testing.assert_allclose(t.observed_rate, [1 / 3, 1.0], rtol=1e-12)
+  # ECE = 3/5 |1/6 - 1/3| + 2/5 |0.8 - 1| = 0.1 + 0.08.
+  assert metrics.expected_calibration_error(y, z, num_buckets=2) == pytest.approx(0.18, rel=1e-12)
+  assert [r["count"] for r in t.rows()] == [3, 2]
+
+
+def test_calibration_empty_bucket_has_no_weight():
+  y = [0, 1]
+  z = [_logit(0.05), _logit(0.95)]
+  t = metrics.calibration_table(y, z, num_buckets=4)
+  assert t.count.tolist() == [1, 0, 0, 1]
+  assert math.isnan(t.mean_predicted[1]) and math.isnan(t.observed_rate[2])
+  assert len(t.rows()) == 2
+  assert metrics.expected_calibration_error(y, z, num_buckets=4) == pytest.approx(0.05, rel=1e-12)
+
+
+def test_calibration_quantile_buckets_hold_equal_counts():
+  rng = np.random.default_rng(0)
+  z = rng.normal(-2.0, 1.0, size=1000)
+  y = (rng.random(1000) < 1 / (1 + np.exp(-z))).astype(int)
+  t = metrics.calibration_table(y, z, num_buckets=10, binning="quantile")
+  assert t.count.tolist() == [100] * 10
+  assert t.edges[0] == 0.0 and t.edges[-1] == 1.0
+  # Labels drawn from the predictions: calibrated up to sampling error (a few / sqrt(100) per bucket).
+  assert metrics.expected_calibration_error(y, z, binning="quantile") < 0.05
+  # Logits doubled (over-confident): the same ranking, a clearly larger ECE and NE.
+  assert metrics.expected_calibration_error(y, 2 * z, binning="quantile") > 0.1
+  assert metrics.normalized_entropy(y, 2 * z) > metrics.normalized_entropy(y, z)
+
+
+def test_calibration_rejects_bad_input():
+  with pytest.raises(ValueError, match="num_buckets"):
+    metrics.calibration_table([0, 1], [0.0, 0.0], num_buckets=0)
+  with pytest.raises(ValueError, match="binning"):
+    metrics.calibration_table([0, 1], [0.0, 0.0], binning="log")
+  with pytest.raises(ValueError, match="logits must all be finite"):
+    metrics.expected_calibration_error([0, 1], [0.0, math.nan])

@@ -7,7 +7,9 @@
 ``model``
   ``buckets`` (int or 26 ints: hash buckets per categorical feature),
   ``embed_dim`` (int or 26 ints), ``mlp_dims``, ``bottom_mlp_dims`` (DLRM),
-  ``num_crosses`` and ``cross_buckets`` (Wide & Deep), ``embed_init_std``.
+  ``num_crosses`` and ``cross_buckets`` (Wide & Deep), ``embed_init_std``,
+  ``project_to`` (mixed-dimension embeddings) and ``mlet_inner`` (MLET): 0 is off
+  (:class:`dpmega.models.ctr.CtrModelConfig`).
 ``data``
   ``train_dir``: a directory written by :func:`dpmega.data.criteo.convert`;
   empty: generate learnable data (:mod:`dpmega.data.criteo_synthetic`) of
@@ -65,6 +67,8 @@ def default_task_config(name: str = "ctr_dlrm") -> ml_collections.ConfigDict:
           "num_crosses": 8,
           "cross_buckets": 10_000,
           "embed_init_std": 0.05,
+          "project_to": 0,
+          "mlet_inner": 0,
       },
       "data": {
           "train_dir": "",
@@ -98,6 +102,8 @@ def model_config(cfg: Any) -> ctr.CtrModelConfig:
         crosses=ctr.default_crosses(criteo.NUM_CAT, num_crosses),
         cross_buckets=int(m.get("cross_buckets", 10_000)),
         embed_init_std=float(m.get("embed_init_std", 0.05)),
+        project_to=m.get("project_to", 0),
+        mlet_inner=m.get("mlet_inner", 0),
     )
   except ValueError as e:
     raise ValueError(f"task.model: {e}") from None
@@ -140,24 +146,40 @@ def sources(cfg: Any) -> tuple[criteo.CriteoSource, criteo.CriteoSource]:
   return criteo.CriteoSource(columns, buckets, stop=cut), criteo.CriteoSource(columns, buckets, start=cut)
 
 
-def make_evaluate(model, source: criteo.CriteoSource, *, batch_size: int = 4096, max_rows: int = 0):
-  """``params -> metrics`` on the first ``max_rows`` (0: all) rows of ``source``, exactly.
+def make_predict(model, source: criteo.CriteoSource, *, batch_size: int = 4096, max_rows: int = 0):
+  """``params -> (labels, logits)`` (float64 NumPy) on the first ``max_rows`` (0: all) rows of ``source``.
 
-  Batches are padded to ``batch_size`` so the prediction compiles once.
+  Batches are padded to ``batch_size`` so the prediction compiles once. For
+  the calibration table of a model: ``metrics.calibration_table(*predict(params))``.
   """
   batch_size = validation.check_int("task.data.eval_batch_size", batch_size, 1)
   max_rows = validation.check_int("task.data.eval_max_rows", max_rows, 0)
   n = len(source) if not max_rows else min(max_rows, len(source))
-  predict = jax.jit(lambda params, dense, sparse: model.apply({"params": params}, dense, sparse))
+  apply = jax.jit(lambda params, dense, sparse: model.apply({"params": params}, dense, sparse))
 
-  def evaluate(params) -> dict[str, float]:
+  def predict(params) -> tuple[np.ndarray, np.ndarray]:
     logits, labels = [], []
     for lo in range(0, n, batch_size):
       idx = np.arange(lo, min(lo + batch_size, n))
       batch = source.take(np.pad(idx, (0, batch_size - idx.size), mode="edge"))
-      logits.append(np.asarray(predict(params, batch["dense"], batch["sparse"]))[:idx.size])
+      logits.append(np.asarray(apply(params, batch["dense"], batch["sparse"]))[:idx.size])
       labels.append(batch["label"][:idx.size])
-    return metrics_lib.binary_metrics(np.concatenate(labels), np.concatenate(logits).astype(np.float64))
+    return np.concatenate(labels).astype(np.float64), np.concatenate(logits).astype(np.float64)
+
+  return predict
+
+
+def make_evaluate(model, source: criteo.CriteoSource, *, batch_size: int = 4096, max_rows: int = 0):
+  """``params -> metrics`` on the first ``max_rows`` (0: all) rows of ``source``, exactly.
+
+  The metrics are :func:`dpmega.metrics.binary_metrics`: AUC, log loss,
+  normalized entropy, ECE, mean prediction and positive rate (the trainer's
+  eval line shows them all).
+  """
+  predict = make_predict(model, source, batch_size=batch_size, max_rows=max_rows)
+
+  def evaluate(params) -> dict[str, float]:
+    return metrics_lib.binary_metrics(*predict(params))
 
   return evaluate
 

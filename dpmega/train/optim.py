@@ -1,7 +1,14 @@
 """Learning rates and optimizers of a run, built from its :class:`~dpmega.train.config.OptimizerConfig`.
 
 Everything here is optax: the private step hands its noisy mean gradient to the
-optimizer made here (post-processing, so the choice costs no privacy).
+optimizer made here (post-processing, so the choice costs no privacy). The
+optimizer may treat the embedding tables and the dense layers differently
+(``optax.multi_transform``): its own optimizer and learning rate for the
+tables (``table_name``, ``table_learning_rate``), their L2 term
+(``table_weight_decay``) and CowClip (:mod:`dpmega.train.cowclip`). Every
+optimizer made here takes the step's noise std as the extra argument
+``noise_std`` of ``update`` (DP-AdamBC, :mod:`dpmega.train.dp_adam`, uses it;
+the others ignore it).
 
 Example:
   >>> from dpmega.train import config as config_lib
@@ -12,14 +19,23 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from typing import Any
+
+import jax
 import optax
 
 from dpmega.train import config as config_lib
+from dpmega.train import cowclip as cowclip_lib
+from dpmega.train import dp_adam
+
+TABLES, DENSE = "tables", "dense"
 
 
-def make_learning_rate(cfg: config_lib.OptimizerConfig, num_steps: int) -> optax.Schedule:
-  """Linear warmup over ``warmup_steps``, then the optax decay named by ``cfg.schedule``."""
-  lr = cfg.learning_rate
+def make_learning_rate(cfg: config_lib.OptimizerConfig, num_steps: int, peak: float | None = None) -> optax.Schedule:
+  """Linear warmup over ``warmup_steps`` to ``peak`` (default ``cfg.learning_rate``), then ``cfg.schedule``."""
+  lr = cfg.learning_rate if peak is None else peak
   decay_steps = max(num_steps - cfg.warmup_steps, 1)
   end = lr * cfg.final_lr_fraction
   kind = cfg.schedule
@@ -36,20 +52,98 @@ def make_learning_rate(cfg: config_lib.OptimizerConfig, num_steps: int) -> optax
   return optax.join_schedules([optax.linear_schedule(0.0, lr, cfg.warmup_steps), decay], [cfg.warmup_steps])
 
 
-def make_optimizer(cfg: config_lib.OptimizerConfig, num_steps: int) -> optax.GradientTransformation:
-  """The optax optimizer of ``cfg`` (sgd, momentum, adam, adamw, lamb)."""
-  lr = make_learning_rate(cfg, num_steps)
-  name = cfg.name
-  if name == config_lib.Optimizer.SGD:
+def param_labels(params: Any) -> Any:
+  """``"tables"`` for every embedding table (a leaf named ``embedding``, as ``flax.linen.Embed`` names it),
+  ``"dense"`` for every other leaf.
+
+  Example:
+    >>> param_labels({"embed": {"embedding": 0}, "mlp": {"kernel": 0}})
+    {'embed': {'embedding': 'tables'}, 'mlp': {'kernel': 'dense'}}
+  """
+  def label(path, _):
+    last = path[-1] if path else None
+    name = getattr(last, "key", getattr(last, "name", None))
+    return TABLES if name == "embedding" else DENSE
+
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _one(name: config_lib.Optimizer, lr: optax.Schedule, cfg: config_lib.OptimizerConfig,
+         weight_decay: float) -> optax.GradientTransformation:
+  """The optimizer ``name`` at ``lr``; ``weight_decay`` added to the gradient (decoupled for adamw, lamb)."""
+  o = config_lib.Optimizer
+  if name == o.ADAMW:
+    return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=weight_decay)
+  if name == o.LAMB:
+    return optax.lamb(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=weight_decay)
+  if name == o.ADAM:
+    opt = optax.adam(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+  elif name == o.SGD:
     opt = optax.sgd(lr)
-  elif name == config_lib.Optimizer.MOMENTUM:
+  elif name == o.MOMENTUM:
     opt = optax.sgd(lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-  elif name == config_lib.Optimizer.ADAM:
-    return optax.adam(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
-  elif name == config_lib.Optimizer.ADAMW:
-    return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+  elif name == o.ADAGRAD:
+    opt = optax.adagrad(lr, eps=cfg.eps)
   else:
-    return optax.lamb(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
-  if cfg.weight_decay:
-    opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay), opt)
+    opt = dp_adam.adam_bc(lr, b1=cfg.b1, b2=cfg.b2, floor=cfg.adam_bc_floor)
+  if weight_decay:
+    opt = optax.chain(optax.add_decayed_weights(weight_decay), opt)
   return opt
+
+
+def is_grouped(cfg: config_lib.OptimizerConfig) -> bool:
+  """Whether the tables get their own transform (any table_* field or CowClip set)."""
+  return (cfg.table_name != "same" or cfg.table_learning_rate is not None or cfg.table_weight_decay > 0
+          or cfg.cowclip)
+
+
+def make_optimizer(cfg: config_lib.OptimizerConfig, num_steps: int) -> optax.GradientTransformationExtraArgs:
+  """The optax optimizer of ``cfg``: one for every parameter, or tables and dense layers apart.
+
+  Tables (:func:`param_labels`): CowClip on the update if ``cowclip``, then
+  ``table_weight_decay`` times the row added, then ``table_name`` (or ``name``)
+  at ``table_learning_rate`` (or ``learning_rate``), with the same schedule.
+  Dense layers: ``name`` at ``learning_rate`` with ``weight_decay``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from dpmega.train import config as config_lib
+    >>> cfg = config_lib.OptimizerConfig(name=config_lib.Optimizer.SGD, learning_rate=1.0, table_name="sgd",
+    ...                                  table_learning_rate=0.1)
+    >>> params = {"embed": {"embedding": jnp.ones(1)}, "mlp": {"kernel": jnp.ones(1)}}
+    >>> tx = make_optimizer(cfg, num_steps=10)
+    >>> u, _ = tx.update(params, tx.init(params), params, noise_std=0.0)
+    >>> round(float(u["embed"]["embedding"][0]), 6), float(u["mlp"]["kernel"][0])
+    (-0.1, -1.0)
+  """
+  dense = _one(cfg.name, make_learning_rate(cfg, num_steps), cfg, cfg.weight_decay)
+  if not is_grouped(cfg):
+    return optax.with_extra_args_support(dense)
+  name = cfg.name if cfg.table_name == "same" else config_lib.Optimizer(cfg.table_name)
+  table_lr = make_learning_rate(cfg, num_steps, cfg.table_learning_rate)
+  decoupled = name in (config_lib.Optimizer.ADAMW, config_lib.Optimizer.LAMB)
+  tables = _one(name, table_lr, cfg, cfg.table_weight_decay if decoupled else 0.0)
+  if cfg.table_weight_decay and not decoupled:
+    tables = optax.chain(optax.add_decayed_weights(cfg.table_weight_decay), tables)
+  if cfg.cowclip:
+    tables = optax.chain(cowclip_lib.cowclip(cfg.cowclip_ratio, cfg.cowclip_min_norm), tables)
+  return optax.multi_transform({TABLES: tables, DENSE: dense}, param_labels)
+
+
+def scale_for_batch(cfg: config_lib.OptimizerConfig, factor: float) -> config_lib.OptimizerConfig:
+  """CowClip's rules for a batch ``factor`` times larger (Zheng et al. 2022, Section 4.2): the tables keep
+  their learning rate, their L2 term grows ``factor`` times; the dense layers' learning rate grows
+  ``sqrt(factor)`` times (square-root scaling, for adaptive optimizers; with plain SGD use linear scaling).
+
+  Example:
+    >>> from dpmega.train import config as config_lib
+    >>> cfg = config_lib.OptimizerConfig(learning_rate=1e-3, table_weight_decay=1e-5)
+    >>> s = scale_for_batch(cfg, 4.0)
+    >>> s.learning_rate, s.table_learning_rate, s.table_weight_decay
+    (0.002, 0.001, 4e-05)
+  """
+  if not factor > 0:
+    raise ValueError(f"factor must be > 0, got {factor=}.")
+  table_lr = cfg.learning_rate if cfg.table_learning_rate is None else cfg.table_learning_rate
+  return dataclasses.replace(cfg, learning_rate=cfg.learning_rate * math.sqrt(factor), table_learning_rate=table_lr,
+                             table_weight_decay=cfg.table_weight_decay * factor)

@@ -1,25 +1,28 @@
-"""Utility of private tiny-BERT pretraining on the CPU corpus (stdlib docstrings).
+"""Mega-batch utility of private tiny-BERT pretraining on CPU (issue 20): one command per sweep.
 
-Two sweeps, every arm on the same data, model, optimizer and number of
-processed examples (``--examples``, the compute budget):
+Data: the installed-packages corpus (``task.source = "packages"``, :mod:`dpmega.data.package_corpus`; eval on
+held-out packages) or, with ``--corpus stdlib``, the stdlib docstrings. Model, masking and optimizer (Adam,
+constant learning rate) are those of ``configs/bert_tiny_mlm.py``.
 
-1. privacy: non-private vs DP at epsilon in {2, 5.36, 8}, batch 512;
-2. batch size at fixed epsilon 5.36 and fixed compute: batch B for
-   ``examples / B`` steps, B in {256, 512, 1024, 2048} -- the trend of
-   Anil et al. 2021 (arXiv 2108.01624) that bigger batches help DP-SGD;
-3. (``--sweep steps``) batch size at fixed epsilon 5.36 and a fixed number of
-   steps, so compute grows with B.
+Sweeps (``--sweep``):
 
-DP arms run through ``dpmega.train.train`` (Poisson sampling, sigma calibrated
-for the whole run, clipping "auto", noise once per step); the non-private arm
-is a plain Adam loop on the mean loss (no clipping, no noise) over batches of
-the same size drawn uniformly, with the same masking.
+* ``reference``: the non-private ceiling -- a plain Adam loop on the mean loss (no clipping, no noise), a
+  learning-rate grid for ``--ref_grid_steps`` steps, then the best rate for ``--ref_steps`` steps with its curve.
+* ``batch``: at fixed epsilon (5.36 and 2) and a fixed number of examples processed (``--examples``), batch B
+  from 256 to the largest that keeps >= 30 steps, learning rate per B on ``--lrs``. Arms run as the
+  effective-noise simulation (:mod:`dpmega.train.simulation`) at batch ``--sim_batch`` (k = B / sim_batch),
+  sigma calibrated for the real run at B; ``--confirm`` reruns the B = 256 and the best B of epsilon 5.36 for real.
+* ``schedule``: at epsilon 5.36 and final batch B (``--schedule_batch``), the geometric schedule B/8 -> B
+  against fixed B over the same steps; accuracy against examples processed (simulated, or real with ``--real``).
+* ``simulation``: one real run at ``--sim_check_batch`` against its simulations at k in {4, 16}.
 
-  python bench/bert_utility.py                 # both sweeps: 7 runs, ~8 CPU-minutes
-  python bench/bert_utility.py --sweep privacy --examples 16384   # quicker
+Every arm is cached in ``--cache`` (JSON, keyed by its settings) so sweeps share arms and a rerun resumes.
+Tables go to stdout; a PNG per sweep goes next to ``--out``. ``--full`` gives the issue's sizes (hours on CPU).
 
-Prints a Markdown table (MLM accuracy on the held-out modules, unigram
-baseline, sigma, epsilon, seconds) and writes it as JSON next to --out.
+  python bench/bert_utility.py --sweep reference
+  python bench/bert_utility.py --sweep batch --confirm
+  python bench/bert_utility.py --sweep schedule
+  python bench/bert_utility.py --sweep simulation
 """
 
 from __future__ import annotations
@@ -40,120 +43,278 @@ import optax
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dpmega.train import config as config_lib  # noqa: E402
+from dpmega import accounting  # noqa: E402
+from dpmega import schedules  # noqa: E402
 from dpmega import tasks  # noqa: E402
 from dpmega import train as train_lib  # noqa: E402
+from dpmega.train import config as config_lib  # noqa: E402
+
+DELTA = 1e-6
+
+# Every arm builds a new trainer: the persistent compilation cache lets arms that share shapes (the clipped
+# sum does not depend on the batch size, sigma or k) skip the XLA compile, minutes each on a loaded CPU.
+jax.config.update("jax_compilation_cache_dir", os.environ.get("DPMEGA_BENCH_JAX_CACHE", "/tmp/dpmega_bench_jax"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def base_config(args) -> object:
+def base_config(args, lr: float) -> object:
   config = config_lib.load_config(str(ROOT / "configs" / "bert_tiny_mlm.py"))
+  config.task.source = args.corpus
   config.task.cache_dir = args.cache_dir
-  config.optimizer.learning_rate = args.learning_rate
+  config.optimizer.learning_rate = lr
   config.log_every = 0
   config.eval_every = 0
   config.checkpoint_every = 0
   config.tensorboard = False
+  config.delta = DELTA
+  config.microbatch_size = 64
+  config.max_microbatches = 16
   config.init_seed = args.seed  # public, init only: the DP runs key noise and sampling by a fresh secret
   return config
 
 
-def run_dp(args, batch: int, epsilon: float, steps: int | None = None) -> dict:
-  config = base_config(args)
-  steps = steps or max(1, args.examples // batch)
-  config.num_steps = steps
-  config.batch_schedule = f"constant:{batch}"
-  config.microbatch_size = min(batch, 128)
-  config.max_microbatches = max(1, min(8, batch // 128))
-  config.target_epsilon = epsilon
-  config.noise_multiplier = None
-  with tempfile.TemporaryDirectory() as workdir:
-    config.workdir = workdir
+_TASKS = {}
+
+
+def task_of(args):
+  if args.corpus not in _TASKS:
+    _TASKS[args.corpus] = tasks.build_task(base_config(args, 1e-3))
+  return _TASKS[args.corpus]
+
+
+def calibrate(args, spec: str, steps: int, epsilon: float) -> float:
+  """sigma of the real run (``spec`` for ``steps`` over the corpus) at ``epsilon``, ``DELTA``."""
+  plan = accounting.Plan(dataset_size=len(task_of(args).train_source), schedule=schedules.parse_schedule(spec),
+                         num_steps=steps, delta=DELTA, scheme="poisson", accountant="rdp")
+  return plan.calibrate(epsilon)
+
+
+def _cached(args, key: dict, fn) -> dict:
+  path = pathlib.Path(args.cache)
+  cache = json.loads(path.read_text()) if path.is_file() else {}
+  name = json.dumps(key, sort_keys=True)
+  if name not in cache:
+    cache[name] = {**key, **fn()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cache = {**(json.loads(path.read_text()) if path.is_file() else {}), name: cache[name]}
+    path.write_text(json.dumps(cache, indent=1))
+  print(json.dumps({k: v for k, v in cache[name].items() if k != "curve"}), flush=True)
+  return cache[name]
+
+
+def run_dp(args, spec: str, steps: int, lr: float, *, epsilon: float, k: int = 0, eval_every: int = 0) -> dict:
+  """One DP arm through ``dpmega.train``: real (``k = 0``, sigma calibrated to ``epsilon``) or simulated."""
+  key = {"arm": "dp", "corpus": args.corpus, "schedule": spec, "steps": steps, "lr": lr, "epsilon": epsilon,
+         "k": k, "eval_every": eval_every, "seed": args.seed}
+
+  def go():
+    config = base_config(args, lr)
+    config.num_steps, config.batch_schedule, config.eval_every = steps, spec, eval_every
+    if k:
+      config.noise_multiplier, config.target_epsilon, config.simulate_k = calibrate(args, spec, steps, epsilon), None, k
+    else:
+      config.noise_multiplier, config.target_epsilon = None, epsilon
+    full = schedules.parse_schedule(spec).batch_sizes(steps)
+    with tempfile.TemporaryDirectory() as workdir:
+      config.workdir = workdir
+      start = time.perf_counter()
+      result = train_lib.Trainer(config_lib.validate(config), task_of(args), out=lambda s: None,
+                                 config_dict=config).run()
+      seconds = time.perf_counter() - start
+    done = np.cumsum(full)
+    curve = [(int(done[r["step"] - 1]), r["eval_mlm_accuracy"]) for r in result.history if "eval_mlm_accuracy" in r]
+    curve.append((int(done[result.steps - 1]), result.eval_metrics["mlm_accuracy"]))
+    return {"sigma": result.noise_multiplier, "epsilon_real": None if k else result.epsilon, "seconds": seconds,
+            "examples": int(done[-1]), "computed_examples": int(done[-1] // max(k, 1)), "curve": curve,
+            **result.eval_metrics}
+  return _cached(args, key, go)
+
+
+def run_non_private(args, batch: int, steps: int, lr: float, eval_every: int = 0) -> dict:
+  """A plain Adam loop on the mean loss over uniform batches (no clipping, no noise), same masking."""
+  key = {"arm": "non-private", "corpus": args.corpus, "batch": batch, "steps": steps, "lr": lr,
+         "eval_every": eval_every, "seed": args.seed}
+
+  def go():
+    task = task_of(args)
+    optimizer = optax.adam(lr)
+    params = task.init_params(jax.random.fold_in(jax.random.key(args.seed), 0))  # the trainer's init
+    opt_state = optimizer.init(params)
+
+    def mean_loss(p, b):
+      losses, _ = jax.vmap(task.loss_fn, in_axes=(None, 0))(p, b)
+      return jnp.mean(losses)
+
+    @jax.jit
+    def step(p, s, b):
+      updates, s = optimizer.update(jax.grad(mean_loss)(p, b), s, p)
+      return optax.apply_updates(p, updates), s
+
+    rng = np.random.default_rng(args.seed)
+    n, curve = len(task.train_source), []
     start = time.perf_counter()
-    result = train_lib.train(config, out=lambda line: None)
-    seconds = time.perf_counter() - start
-  return {"arm": f"DP eps={epsilon:g}", "batch": batch, "steps": steps, "sigma": result.noise_multiplier,
-          "epsilon": result.epsilon, "delta": result.delta, "seconds": seconds, **result.eval_metrics}
+    for t in range(steps):
+      rows = task.train_source.take(rng.integers(0, n, batch))
+      params, opt_state = step(params, opt_state, task.prepare_batch(rows, jax.random.fold_in(jax.random.key(1), t)))
+      if eval_every and (t + 1) % eval_every == 0 and t + 1 < steps:
+        curve.append(((t + 1) * batch, task.evaluate(params)["mlm_accuracy"]))
+    final = task.evaluate(params)
+    curve.append((steps * batch, final["mlm_accuracy"]))
+    return {"seconds": time.perf_counter() - start, "examples": steps * batch, "curve": curve, **final}
+  return _cached(args, key, go)
 
 
-def run_non_private(args, batch: int) -> dict:
-  config = base_config(args)
-  steps = max(1, args.examples // batch)
-  config.num_steps = steps
-  config.noise_multiplier = 1.0  # unused: only to pass validation of the shared config
-  task = tasks.build_task(config)
-  optimizer = optax.adam(args.learning_rate)
-  params = task.init_params(jax.random.fold_in(jax.random.key(args.seed), 0))  # the trainer's init for init_seed = seed
-  opt_state = optimizer.init(params)
+# ---------------------------------------------------------------------------------------------- the sweeps
+def sweep_reference(args) -> list[dict]:
+  rows = [run_non_private(args, args.ref_batch, args.ref_grid_steps, lr) for lr in args.lrs]
+  best = max(rows, key=lambda r: r["mlm_accuracy"])["lr"]
+  rows.append(run_non_private(args, args.ref_batch, args.ref_steps, best, eval_every=max(1, args.ref_steps // 20)))
+  curve = rows[-1]["curve"]
+  tail = [a for _, a in curve[-4:]]
+  rows[-1]["plateau"] = f"last 4 evals within {max(tail) - min(tail):.4f}"
+  plot(args, "reference", {f"non-private lr {best:g}": curve}, "non-private reference")
+  return rows
 
-  def mean_loss(p, b):
-    losses, _ = jax.vmap(task.loss_fn, in_axes=(None, 0))(p, b)
-    return jnp.mean(losses)
 
-  @jax.jit
-  def step(p, s, b):
-    g = jax.grad(mean_loss)(p, b)
-    updates, s = optimizer.update(g, s, p)
-    return optax.apply_updates(p, updates), s
+def batch_sizes(args) -> list[int]:
+  sizes, b = [], 256
+  while args.examples // b >= 30:
+    sizes.append(b)
+    b *= 2
+  return sizes
 
-  rng = np.random.default_rng(args.seed)
-  n = len(task.train_source)
-  start = time.perf_counter()
-  for t in range(steps):
-    rows = task.train_source.take(rng.integers(0, n, batch))
-    b = task.prepare_batch(rows, jax.random.fold_in(jax.random.key(args.seed + 1), t))
-    params, opt_state = step(params, opt_state, b)
-  jax.block_until_ready(params)
-  seconds = time.perf_counter() - start
-  return {"arm": "non-private", "batch": batch, "steps": steps, "sigma": 0.0, "epsilon": float("inf"),
-          "delta": 0.0, "seconds": seconds, **task.evaluate(params)}
+
+def sweep_batch(args) -> list[dict]:
+  rows, best = [], {}
+  for eps in args.epsilons:
+    for b in batch_sizes(args):
+      k = 0 if args.real else max(1, b // args.sim_batch)
+      arms = [run_dp(args, f"constant:{b}", args.examples // b, lr, epsilon=eps, k=k) for lr in args.lrs]
+      rows += arms
+      best[(eps, b)] = max(arms, key=lambda r: r["mlm_accuracy"])
+  if args.confirm and not args.real:
+    eps = args.epsilons[0]
+    top = max((r for (e, _), r in best.items() if e == eps), key=lambda r: r["mlm_accuracy"])
+    for r in {best[(eps, 256)]["schedule"]: best[(eps, 256)], top["schedule"]: top}.values():
+      rows.append(run_dp(args, r["schedule"], r["steps"], r["lr"], epsilon=eps))
+  series = {}
+  for (eps, b), r in sorted(best.items()):
+    series.setdefault(f"eps {eps:g} (best lr{'' if args.real else ', simulated'})", []).append((b, r["mlm_accuracy"]))
+  plot(args, "batch", series, f"MLM accuracy vs batch size at {args.examples:,} examples", xlabel="batch size")
+  return rows
+
+
+def sweep_schedule(args) -> list[dict]:
+  b, steps = args.schedule_batch, args.examples // args.schedule_batch
+  k = 0 if args.real else max(1, b // 8 // (args.sim_batch // 2))  # the ramp starts at batch sim_batch / 2
+  every = max(1, steps // 10)
+  rows = [run_dp(args, spec, steps, args.schedule_lr, epsilon=args.epsilons[0], k=k, eval_every=every)
+          for spec in (f"constant:{b}", f"geometric:{b // 8}->{b}@{steps}")]
+  plot(args, "schedule", {r["schedule"] + ("" if args.real else f" (simulated k={k})"): r["curve"] for r in rows},
+       f"eps {args.epsilons[0]:g}: fixed vs increasing batch")
+  fixed, ramp = rows
+  reach = next((x for x, a in ramp["curve"] if a >= fixed["mlm_accuracy"]), None)
+  ramp["examples_to_reach_fixed"] = reach
+  ramp["fraction_of_fixed_examples"] = None if reach is None else reach / fixed["examples"]
+  return rows
+
+
+def sweep_simulation(args) -> list[dict]:
+  b = args.sim_check_batch
+  steps, eps = args.examples // b, args.epsilons[0]
+  every = max(1, steps // 8)
+  rows = [run_dp(args, f"constant:{b}", steps, args.schedule_lr, epsilon=eps, k=k, eval_every=every)
+          for k in (0, 4, 16)]
+  for r in rows[1:]:
+    r["relative_error"] = r["mlm_accuracy"] / rows[0]["mlm_accuracy"] - 1
+  plot(args, "simulation", {("real" if r["k"] == 0 else f"simulated k={r['k']}"): r["curve"] for r in rows},
+       f"B = {b}, eps {eps:g}: real vs effective-noise simulation")
+  return rows
+
+
+def plot(args, name: str, series: dict, title: str, xlabel: str = "examples processed") -> None:
+  import matplotlib  # noqa: PLC0415
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for label, pts in series.items():
+    xs, ys = zip(*pts)
+    ax.plot(xs, ys, marker="o", label=label)
+  if xlabel == "batch size":
+    ax.set_xscale("log", base=2)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel("held-out MLM accuracy")
+  ax.set_title(title, fontsize=9)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  path = pathlib.Path(args.out).with_name(f"bert_{name}.png")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=80)
+  print(f"plot: {path}")
 
 
 def table(rows: list[dict]) -> str:
-  lines = ["| arm | batch | steps | sigma | epsilon (delta) | MLM acc | unigram | eval loss | seconds |",
-           "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+  lines = ["| arm | schedule / batch | steps | lr | k | sigma | epsilon | examples | MLM acc | unigram | seconds |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
-    eps = "inf" if r["epsilon"] == float("inf") else f"{r['epsilon']:.3g} ({r['delta']:g})"
-    lines.append(f"| {r['arm']} | {r['batch']} | {r['steps']} | {r['sigma']:.3g} | {eps} | "
-                 f"{r['mlm_accuracy']:.4f} | {r['unigram_accuracy']:.4f} | {r['mlm_loss']:.3f} | {r['seconds']:.0f} |")
+    eps = "inf" if r["arm"] == "non-private" else f"{r['epsilon']:g}"
+    arm = r["arm"] if r["arm"] == "non-private" else ("DP" if not r["k"] else "simulated (not private)")
+    lines.append(f"| {arm} | {r.get('schedule', r.get('batch'))} | {r['steps']} | {r['lr']:g} | {r.get('k', '')} | "
+                 f"{r.get('sigma', 0):.3g} | {eps} | {r['examples']:,} | {r['mlm_accuracy']:.4f} | "
+                 f"{r['unigram_accuracy']:.4f} | {r['seconds']:.0f} |")
   return "\n".join(lines)
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--sweep", choices=("privacy", "batch", "both", "steps"), default="both",
-                      help="steps: the batch sweep at a fixed number of steps (--steps), compute growing with B")
-  parser.add_argument("--steps", type=int, default=32, help="steps of every arm of --sweep steps")
-  parser.add_argument("--examples", type=int, default=32_768, help="examples processed per arm (compute budget)")
-  parser.add_argument("--batches", default="256,512,1024,2048", help="batch sizes of the batch sweep")
-  parser.add_argument("--learning_rate", type=float, default=1e-2)
+  parser.add_argument("--sweep", choices=("reference", "batch", "schedule", "simulation"), required=True)
+  parser.add_argument("--full", action="store_true", help="the issue's sizes (hours on CPU; an accelerator)")
+  parser.add_argument("--corpus", choices=("packages", "stdlib"), default="packages")
+  parser.add_argument("--examples", type=int, default=None, help="examples processed per arm")
+  parser.add_argument("--lrs", default=None, help="learning-rate grid, comma-separated")
+  parser.add_argument("--epsilons", default="5.36,2")
+  parser.add_argument("--sim_batch", type=int, default=64, help="batch the simulated arms sample")
+  parser.add_argument("--real", action="store_true", help="run every arm for real (no simulation)")
+  parser.add_argument("--confirm", action="store_true", help="batch sweep: rerun B = 256 and the best B for real")
+  parser.add_argument("--schedule_batch", type=int, default=None)
+  parser.add_argument("--schedule_lr", type=float, default=None)
+  parser.add_argument("--sim_check_batch", type=int, default=1024)
+  parser.add_argument("--ref_batch", type=int, default=256)
+  parser.add_argument("--ref_grid_steps", type=int, default=None)
+  parser.add_argument("--ref_steps", type=int, default=None)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--cache_dir", default=os.environ.get("DPMEGA_CACHE_DIR", ""))
+  parser.add_argument("--cache", default=str(ROOT / "bench" / "results" / "bert_arms.json"))
   parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "bert_utility.json"))
   args = parser.parse_args(argv)
-  rows = []
-  done = {}
-
-  def record(row):
-    rows.append(row)
-    print(json.dumps(row), flush=True)
-
-  if args.sweep in ("privacy", "both"):
-    record(run_non_private(args, 512))
-    for eps in (2.0, 5.36, 8.0):
-      done[(512, eps)] = run_dp(args, 512, eps)
-      record(done[(512, eps)])
-  if args.sweep in ("batch", "both"):
-    for batch in map(int, args.batches.split(",")):
-      row = done.get((batch, 5.36)) or run_dp(args, batch, 5.36)
-      if (batch, 5.36) not in done:
-        record(row)
-  if args.sweep == "steps":
-    for batch in map(int, args.batches.split(",")):
-      record(run_dp(args, batch, 5.36, steps=args.steps))
+  # CPU defaults (a shared 2-core machine, one sweep well under an hour) and --full (the issue's sizes).
+  size = dict(examples=1 << 21, lrs="1e-3,3e-3,1e-2", schedule_batch=16384, ref_grid_steps=2000,
+              ref_steps=40000) if args.full else dict(examples=1 << 16, lrs="3e-3,1e-2,3e-2",
+                                                      schedule_batch=2048, ref_grid_steps=200, ref_steps=1500)
+  for name, value in size.items():
+    if getattr(args, name) is None:
+      setattr(args, name, value)
+  args.lrs = [float(x) for x in str(args.lrs).split(",")]
+  args.epsilons = [float(x) for x in args.epsilons.split(",")]
+  if args.schedule_lr is None:
+    args.schedule_lr = 1e-2
+  start = time.perf_counter()
+  task = task_of(args)
+  print(f"corpus {args.corpus}: {len(task.train_source):,} train rows of 32 tokens "
+        f"({32 * len(task.train_source):,} token slots); {os.getloadavg()=}", flush=True)
+  rows = globals()[f"sweep_{args.sweep}"](args)
   print(table(rows))
-  out = pathlib.Path(args.out)
+  for r in rows:
+    extra = {k: r[k] for k in ("plateau", "relative_error", "examples_to_reach_fixed", "fraction_of_fixed_examples")
+             if k in r}
+    if extra:
+      print(r.get("schedule", r.get("lr")), extra)
+  out = pathlib.Path(args.out).with_name(f"bert_{args.sweep}.json")
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps({"args": vars(args), "device": str(jax.devices()[0]), "rows": rows}, indent=1))
+  out.write_text(json.dumps({"args": vars(args), "device": str(jax.devices()[0]), "load": os.getloadavg(),
+                             "seconds": time.perf_counter() - start, "rows": rows}, indent=1))
+  print(f"done in {time.perf_counter() - start:.0f} s; load {os.getloadavg()}")
   return 0
 
 

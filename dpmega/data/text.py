@@ -69,14 +69,8 @@ def read_documents(paths: Sequence[str | os.PathLike]) -> Iterator[str]:
       yield " ".join(lines)
 
 
-def stdlib_docstrings(min_chars: int = 40) -> list[tuple[str, str]]:
-  """``(module, docstring)`` of the running Python's standard library, in a fixed order.
-
-  Module, class and function docstrings of ``sys.stdlib_module_names`` (pure
-  Python files only, test and GUI packages skipped), each with its whitespace
-  collapsed. Real English prose available offline wherever Python is; its
-  exact content depends on the Python version.
-  """
+def stdlib_files() -> list[tuple[str, pathlib.Path]]:
+  """``(module, path)`` of the pure-Python files of ``sys.stdlib_module_names``, sorted; tests and GUI skipped."""
   root = pathlib.Path(sysconfig.get_paths()["stdlib"])
   files: list[tuple[str, pathlib.Path]] = []
   for name in sorted(sys.stdlib_module_names):
@@ -91,8 +85,18 @@ def stdlib_docstrings(min_chars: int = 40) -> list[tuple[str, str]]:
         rel = q.relative_to(root)
         if not {"test", "tests"} & set(rel.parts):
           files.append((".".join(rel.with_suffix("").parts), q))
+  return files
+
+
+def stdlib_docstrings(min_chars: int = 40) -> list[tuple[str, str]]:
+  """``(module, docstring)`` of the running Python's standard library, in a fixed order.
+
+  Module, class and function docstrings of :func:`stdlib_files`, each with its
+  whitespace collapsed. Real English prose available offline wherever Python
+  is; its exact content depends on the Python version.
+  """
   out = []
-  for module, path in files:
+  for module, path in stdlib_files():
     try:
       tree = ast.parse(path.read_text(encoding="utf-8"))
     except (SyntaxError, UnicodeDecodeError, ValueError):

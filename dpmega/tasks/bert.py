@@ -23,6 +23,7 @@ import numpy as np
 
 from dpmega import validation
 from dpmega.data import masking as masking_lib
+from dpmega.data import package_corpus
 from dpmega.data import text
 from dpmega.data import wordpiece
 from dpmega.models import bert
@@ -37,6 +38,7 @@ class TextSourceKind(str, enum.Enum):
   """Where the task's text comes from."""
 
   STDLIB = "stdlib"  # docstrings of the running Python (public, offline; demo and tests)
+  PACKAGES = "packages"  # docstrings and docs of the installed packages + stdlib (dpmega.data.package_corpus)
   TEXT = "text"  # plain text files: documents separated by blank lines
   TFDS = "tfds"  # a TFDS text dataset read through tfds.data_source
 
@@ -50,7 +52,9 @@ def default_task_config() -> ml_collections.ConfigDict:
   Rows: ``seq_len``, ``mask_rate``, ``max_predictions`` (0: ``ceil(mask_rate *
   seq_len)``, BERT's 20 at 128).
   Data: ``source`` (a :class:`TextSourceKind`); ``train_files`` /
-  ``eval_files`` for ``text``; ``tfds_name``, ``tfds_train_split``,
+  ``eval_files`` for ``text``; ``corpus_packages`` (empty: all installed) and
+  ``corpus_eval_percent``, ``corpus_site_dir`` (empty: this interpreter's
+  site-packages) for ``packages`` (:mod:`dpmega.data.package_corpus`); ``tfds_name``, ``tfds_train_split``,
   ``tfds_eval_split``, ``tfds_feature``, ``tfds_data_dir`` for ``tfds``;
   ``vocab_path`` (a BERT ``vocab.txt``; empty: train one of ``vocab_size`` on
   the train text -- see the warning of :func:`dpmega.data.wordpiece.train_wordpiece`;
@@ -74,6 +78,9 @@ def default_task_config() -> ml_collections.ConfigDict:
       "source": "stdlib",
       "train_files": (),
       "eval_files": (),
+      "corpus_packages": (),
+      "corpus_eval_percent": 10,
+      "corpus_site_dir": "",
       "tfds_name": "",
       "tfds_train_split": "train",
       "tfds_eval_split": "validation",
@@ -146,6 +153,15 @@ def _tokenizer_and_sources(task_cfg):
     eval_docs = lambda: text.read_documents([corpus.eval])
     vocab_path = vocab_path or corpus.vocab
     identity = ("stdlib", str(corpus.train))
+  elif kind == TextSourceKind.PACKAGES:
+    corpus = package_corpus.prepare_package_corpus(
+        cache / "text", packages=tuple(map(str, task_cfg.corpus_packages)), vocab_size=vocab_size,
+        eval_percent=_task_int(task_cfg, "corpus_eval_percent", 1, 50),
+        site_dir=str(task_cfg.corpus_site_dir) or None).files
+    train_docs = lambda: text.read_documents([corpus.train])
+    eval_docs = lambda: text.read_documents([corpus.eval])
+    vocab_path = vocab_path or corpus.vocab
+    identity = ("packages", str(corpus.train))
   elif kind == TextSourceKind.TEXT:
     train_files = tuple(map(str, task_cfg.train_files))
     eval_files = tuple(map(str, task_cfg.eval_files))

@@ -1,0 +1,149 @@
+"""Effective-noise simulation: a run at batch B/k and noise sigma/k that predicts the utility of B, sigma. NOT private.
+
+At a fixed number of steps the utility of DP-SGD follows the noise on the averaged gradient, sigma C / B
+(Sander, Stock, Sablayrolles, "TAN without a burn: scaling laws of DP-SGD", ICML 2023,
+https://arxiv.org/abs/2210.03403). A run with ``simulate_k = k`` draws batches of B_t / k and adds noise
+sigma_t = sigma * b_t / B_t (= sigma / k when k divides B_t), so that sigma_t / b_t = sigma / B_t at every step:
+it predicts the accuracy of the run at batch B and noise sigma for 1/k of its compute. This is how a mega-batch
+run is tuned without paying for the search.
+
+.. warning::
+   A simulation is NOT a private release. Its sigma / k is far too little noise for the privacy of the batch
+   B / k that it samples, so it keeps no ledger and no journal, writes no checkpoint, and never states an
+   epsilon: every line it prints starts with :data:`TAG`, and ``metrics.jsonl`` and ``summary.json`` carry
+   ``"simulation": true``. :func:`dpmega.train.config.validate` refuses it together with a privacy budget
+   (``target_epsilon``, ``clipped_count_noise``), and :class:`dpmega.train.privacy.RunPrivacy` refuses to
+   record or account its steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from dpmega import accounting
+from dpmega.accounting import journal as journal_lib
+from dpmega.errors import UsageError
+from dpmega.train import report
+from dpmega.train import workdir as workdir_lib
+from dpmega.train.writer import MetricsWriter
+
+TAG = "SIMULATION (not private):"
+REFUSAL = ("an effective-noise simulation (simulate_k > 0) is NOT private: it keeps no ledger and has no epsilon; "
+           "run without simulate_k for a private run")
+
+
+def simulated_batch_sizes(full_sizes: np.ndarray, k: int) -> np.ndarray:
+  """The batch sizes the simulation samples: ``max(1, round(B_t / k))``.
+
+  >>> simulated_batch_sizes(np.array([1024, 4096, 3]), 4).tolist()
+  [256, 1024, 1]
+  """
+  return np.maximum(1, np.rint(np.asarray(full_sizes) / k)).astype(np.int64)
+
+
+def simulated_sigmas(sigma: float, full_sizes: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+  """sigma_t = sigma * b_t / B_t: the same noise on the mean gradient, sigma_t / b_t = sigma / B_t, every step.
+
+  >>> simulated_sigmas(2.0, np.array([1024, 1000]), np.array([256, 250])).tolist()
+  [0.5, 0.5]
+  """
+  return sigma * np.asarray(sizes, np.float64) / np.asarray(full_sizes, np.float64)
+
+
+def check_config(values: dict[str, Any]) -> None:
+  """Refuses a simulation combined with a privacy budget; it needs the full run's ``noise_multiplier``.
+
+  Raises:
+    UsageError: naming the fields.
+  """
+  k = values["simulate_k"]
+  if not k:
+    return
+  budget = {f: values[f] for f in ("target_epsilon", "clipped_count_noise") if values[f] is not None}
+  if budget:
+    raise UsageError(f"simulate_k = {k} (the effective-noise simulation, NOT private) cannot be combined with a "
+                     f"privacy budget: target_epsilon and clipped_count_noise must be None, got {budget}. Set "
+                     "noise_multiplier to the sigma of the run it predicts (dpmega calibrate gives it).")
+  if values["noise_multiplier"] is None:
+    raise UsageError(f"simulate_k = {k} needs noise_multiplier: the sigma of the run at the full batch schedule "
+                     "that it predicts (dpmega calibrate gives it), got None.")
+
+
+def run(trainer: Any, *, resume: bool, overwrite: bool, stop: Any) -> report.TrainResult:
+  """Runs ``trainer`` (a :class:`dpmega.train.loop.Trainer` with ``cfg.simulate_k > 0``) as a simulation.
+
+  Writes ``metrics.jsonl`` and ``summary.json`` (labelled ``"simulation": true``, no epsilon), no checkpoint,
+  no journal. The returned result's ``epsilon`` is NaN and its ledgers are empty.
+  """
+  cfg, out = trainer.cfg, trainer.out
+  k, sigma = cfg.simulate_k, cfg.noise_multiplier
+  if resume:
+    raise UsageError(f"simulate_k = {k}: a simulation writes no checkpoint, so it cannot be resumed; run it again.")
+  # A workdir of a private run keeps its journal and checkpoints: a simulation never writes beside them.
+  if overwrite:
+    workdir_lib.discard_run(cfg.workdir, journal_name=journal_lib.FILENAME)
+  if os.path.isdir(cfg.workdir) and {"checkpoints", journal_lib.FILENAME} & set(os.listdir(cfg.workdir)):
+    raise UsageError(f"simulate_k = {k}: workdir {cfg.workdir!r} holds an earlier run; a simulation starts in a "
+                     "fresh workdir (or pass --overwrite).")
+  os.makedirs(cfg.workdir, exist_ok=True)
+  full, sizes = trainer.full_batch_sizes, trainer.batch_sizes
+  sigmas = simulated_sigmas(sigma, full, sizes)
+  out(f"{TAG} effective-noise simulation with k = {k}: {cfg.num_steps} steps at batch B_t / k (from "
+      f"{int(sizes.min()):,} to {int(sizes.max()):,}) with noise sigma_t = sigma * b_t / B_t (from {sigmas.min():.4g} "
+      f"to {sigmas.max():.4g}), predicting the utility of the run at batch schedule {cfg.batch_schedule.to_spec()} "
+      f"with sigma = {sigma:.6g} over N = {trainer.dataset_size:,} examples")
+  out(f"{TAG} no ledger, no journal, no checkpoint, no epsilon: this run protects nothing")
+  writer = MetricsWriter(cfg.workdir, resume_step=None, tensorboard=cfg.tensorboard)
+  state = trainer.initial_state()
+  history: list[dict[str, Any]] = []
+  stop_reason = None
+  try:
+    while int(state.step) < cfg.num_steps:
+      t = int(state.step)
+      if stop is not None and stop.is_set():
+        stop_reason = f"stopped by SIGTERM after step {t}"
+        out(f"{TAG} {stop_reason}")
+        break
+      state, metrics = trainer.train_step(state, float(sigmas[t]))
+      step = t + 1
+      record = {"simulation": True, "simulate_k": k, "step": step, **metrics, "sigma": float(sigmas[t]),
+                "full_batch_size": int(full[t]), "full_sigma": sigma, "effective_noise": sigma / float(full[t])}
+      if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
+        record.update({f"eval_{n}": v for n, v in trainer._evaluate(state.params).items()})  # noqa: SLF001
+      history.append(record)
+      report.check_finite(metrics, step, None)
+      writer.write(record)
+      if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.num_steps):
+        out(progress_line(cfg, record))
+    eval_metrics = trainer._evaluate(state.params)  # noqa: SLF001
+    writer.write({"simulation": True, "simulate_k": k, "step": int(state.step), "final": True,
+                  **{f"eval_{n}": v for n, v in eval_metrics.items()}})
+  finally:
+    writer.close()
+  with open(os.path.join(cfg.workdir, "summary.json"), "w") as f:
+    json.dump({"simulation": True, "private": False, "epsilon": None, "simulate_k": k, "steps": int(state.step),
+               "num_steps": cfg.num_steps, "batch_schedule": cfg.batch_schedule.to_spec(),
+               "noise_multiplier": sigma, "clip_norm": cfg.clip_norm, "stop_reason": stop_reason,
+               "eval": eval_metrics, "note": REFUSAL}, f, indent=2)
+  out(f"{TAG} done: {int(state.step)} steps; predicts the run at batch schedule {cfg.batch_schedule.to_spec()} "
+      f"with sigma = {sigma:.6g}; no privacy guarantee, no epsilon")
+  out(f"{TAG} eval: " + ", ".join(f"{n} {v:.4f}" for n, v in eval_metrics.items()))
+  return report.TrainResult(int(state.step), math.nan, cfg.delta, sigma, stop_reason, eval_metrics,
+                            state.params, accounting.Ledger(), history, math.nan, accounting.Ledger())
+
+
+def progress_line(cfg: Any, r: dict[str, Any]) -> str:
+  """The line a logged simulation step prints: always :data:`TAG` first, never an epsilon."""
+  line = (f"{TAG} step {r['step']}/{cfg.num_steps}  batch {r['batch_size']:,} (stands for {r['full_batch_size']:,})"
+          f"  sigma {r['sigma']:.4g} (stands for {r['full_sigma']:.4g})")
+  if "loss" in r:
+    line += f"  loss {r['loss']:.4f}"
+  evals = {n[5:]: v for n, v in r.items() if n.startswith("eval_")}
+  if evals:
+    line += "  eval " + " ".join(f"{n} {v:.4f}" for n, v in evals.items())
+  return line

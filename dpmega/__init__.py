@@ -3,6 +3,7 @@
 Public API (nothing else is promised):
 """
 
+from dpmega.clipping import ClipRule
 from dpmega.clipping import ClipStats
 from dpmega.clipping import clip_factors
 from dpmega.clipping import clipped_grad_sum

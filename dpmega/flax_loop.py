@@ -41,6 +41,7 @@ def nnx_value_and_grad(
     grad_dtype: str | None = None,
     return_stats: bool = False,
     clipping: str = "auto",
+    clip_rule: Any = None,
     noise_sampler: noise_lib.NoiseSampler | str = noise_lib.NoiseSampler.WIDE_TAIL,
 ) -> Callable[..., Any]:
   """The private counterpart of ``nnx.value_and_grad(loss_fn, has_aux=...)``.
@@ -77,6 +78,7 @@ def nnx_value_and_grad(
     grad_dtype: None (float32) or ``"params"``.
     return_stats: also return the :class:`dpmega.ClipStats`.
     clipping: ``"auto"``, ``"ghost"`` or ``"vmap"``.
+    clip_rule: None or a :class:`dpmega.clipping.ClipRule` (normalized clipping, per-group clip budgets).
     noise_sampler: see :func:`dpmega.private_value_and_grad`.
 
   Returns:
@@ -103,7 +105,7 @@ def nnx_value_and_grad(
     raise ValueError(f"batch_argnums must be >= 1 (position 0 is the model), got {batch_argnums=!r}.")
   kwargs = dict(clip_norm=clip_norm, noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size,
                 microbatch_size=microbatch_size, has_aux=has_aux, grad_dtype=grad_dtype, return_stats=return_stats,
-                clipping=clipping, noise_sampler=noise_sampler)
+                clipping=clipping, clip_rule=clip_rule, noise_sampler=noise_sampler)
 
   def split_loss(params, rest, graphdef, *args):
     return loss_fn(nnx.merge(graphdef, params, rest), *args)

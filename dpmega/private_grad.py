@@ -134,6 +134,7 @@ def private_value_and_grad(
     grad_dtype: str | None = None,
     return_stats: bool = False,
     clipping: str = "auto",
+    clip_rule: clipping_lib.ClipRule | None = None,
     noise_sampler: noise_lib.NoiseSampler | str = noise_lib.NoiseSampler.WIDE_TAIL,
 ) -> Callable[..., Any]:
   """Makes a function returning the loss and a DP-SGD noisy mean gradient.
@@ -195,6 +196,8 @@ def private_value_and_grad(
     return_stats: with ``batch_argnums``, also return the :class:`dpmega.ClipStats`.
     clipping: how per-example norms are computed: ``"auto"`` (default, fast ghost norms where possible),
       ``"ghost"`` or ``"vmap"``; all exact (see :func:`dpmega.clipping.clipped_grad_sum`).
+    clip_rule: how norms become weights: None (``min(1, C / ||g||)``) or a :class:`dpmega.clipping.ClipRule`
+      (normalized clipping, per-group clip budgets ``C sqrt(share)``); the sensitivity is ``C`` for every rule.
     noise_sampler: the Gaussian sampler (:class:`dpmega.noise.NoiseSampler`): ``"wide_tail"`` (default,
       support ±9.155 std) or ``"jax_bounded"``. Pass the same one to the accountant's ``δ_tail``.
 
@@ -237,6 +240,10 @@ def private_value_and_grad(
   noise_sampler = noise_lib.as_sampler(noise_sampler)
   if clipping not in clipping_lib.clipping_modes():
     raise ValueError(f"clipping must be one of {clipping_lib.clipping_modes()}, got {clipping=!r}.")
+  if clip_rule is not None:
+    if not isinstance(clip_rule, clipping_lib.ClipRule):
+      raise ValueError(f"clip_rule must be a dpmega.clipping.ClipRule or None, got {clip_rule!r}.")
+    clip_rule.validate_clip_norm(clip_norm)
   single = isinstance(argnums, int)
   argnums_t = _as_indices("argnums", argnums, allow_none=False)
   batch_t = _as_indices("batch_argnums", batch_argnums, allow_none=True)
@@ -316,7 +323,8 @@ def private_value_and_grad(
       key_data = jax.random.key_data(jax.random.split(ex_root, b))
     grad_sum, aux, stats = clipping_lib.clipped_grad_sum(
         per_example, diff, (ex_args, key_data), mask,
-        clip_norm=clip_norm, microbatch_size=microbatch_size, has_aux=has_aux, clipping=clipping)
+        clip_norm=clip_norm, microbatch_size=microbatch_size, has_aux=has_aux, clipping=clipping,
+        clip_rule=clip_rule)
     grads = noise_lib.privatize(
         grad_sum, noise_key, noise_multiplier=sigma, clip_norm=clip_norm,
         expected_batch_size=expected_b, sampler=noise_sampler)

@@ -35,6 +35,7 @@ Modules (imports go one way, down this list; this ``__init__`` imports them all)
 =================  ==========================================================
 ``floats``         rounding bounds (gamma), summation trees, power-of-two
                    scaling, scaled norms
+``rules``          how a norm becomes a weight: plain, normalized, per-group
 ``stats``          ``ClipStats``, clip factors, ``combine`` (shared weights)
 ``vmap``           per-example gradients, global norms, the vmap clipped sum
 ``jaxpr``          which parameters take the fast path (``plan_layers``)
@@ -54,6 +55,7 @@ import jax.numpy as jnp
 
 from dpmega import validation
 from dpmega.clipping import ghost
+from dpmega.clipping import rules as rules_lib
 from dpmega.clipping import vmap as vmap_lib
 # Public names, kept importable from dpmega.clipping.
 from dpmega.clipping.floats import gamma
@@ -61,6 +63,8 @@ from dpmega.clipping.floats import scaled_norms
 from dpmega.clipping.floats import scaled_norms_many
 from dpmega.clipping.floats import sum_nonneg
 from dpmega.clipping.floats import tree_gamma
+from dpmega.clipping.rules import ClipRule
+from dpmega.clipping.rules import parse_clip_groups
 from dpmega.clipping.stats import ClipStats
 from dpmega.clipping.stats import clip_factors
 from dpmega.clipping.stats import combine
@@ -70,9 +74,9 @@ from dpmega.clipping.vmap import per_example_grads
 from dpmega.clipping.vmap import weighted_sum
 
 __all__ = [
-    "ClipStats", "check_batch", "clip_factors", "clipped_grad_sum", "clipped_sum_vmap", "clipping_modes", "combine",
-    "gamma", "global_norms", "leading_size", "per_example_grads", "scaled_norms", "scaled_norms_many", "sum_nonneg",
-    "tree_gamma", "validate_clip_norm", "validate_microbatch_size", "validate_params", "weighted_sum",
+    "ClipRule", "ClipStats", "check_batch", "clip_factors", "clipped_grad_sum", "clipped_sum_vmap", "clipping_modes",
+    "combine", "gamma", "global_norms", "leading_size", "parse_clip_groups", "per_example_grads", "scaled_norms",
+    "scaled_norms_many", "sum_nonneg", "tree_gamma", "validate_clip_norm", "validate_microbatch_size", "validate_params", "weighted_sum",
 ]
 
 PyTree = Any
@@ -160,6 +164,7 @@ def clipped_grad_sum(
     microbatch_size: int | None = None,
     has_aux: bool = False,
     clipping: str = "auto",
+    clip_rule: ClipRule | None = None,
 ) -> tuple[PyTree, Any, ClipStats]:
   """Sum of per-example clipped gradients over a batch, micro-batch by micro-batch.
 
@@ -185,6 +190,8 @@ def clipped_grad_sum(
       norms, ``vmap`` for the other parameters), ``"ghost"`` (the same with
       Gram norms only), ``"vmap"`` (materialize every per-example gradient).
       All modes give the same result to float tolerance.
+    clip_rule: how norms become weights (:class:`ClipRule`: normalized clipping, per-group clip budgets);
+      None: ``min(1, C / ||g||)`` over all parameters. Every rule keeps the guarantee above.
 
   Returns:
     ``(grad_sum, aux, stats)``: float32 pytree like ``params``; per-example aux
@@ -202,6 +209,10 @@ def clipped_grad_sum(
     8
   """
   validate_clip_norm(clip_norm)
+  rule = rules_lib.PLAIN if clip_rule is None else clip_rule
+  if not isinstance(rule, ClipRule):
+    raise ValueError(f"clip_rule must be a dpmega.clipping.ClipRule or None, got {clip_rule!r}.")
+  rule.validate_clip_norm(clip_norm)
   validation.check_choice("clipping", clipping, clipping_modes())
   validate_params(params)
   b = check_batch(batch, mask, microbatch_size)
@@ -210,7 +221,7 @@ def clipped_grad_sum(
   m = b if microbatch_size is None else microbatch_size
   k = b // m
   if k == 1:
-    return impl(loss_fn, params, batch, mask, clip_norm, has_aux)
+    return impl(loss_fn, params, batch, mask, clip_norm, has_aux, rule)
 
   reshape = lambda x: jnp.reshape(x, (k, m) + jnp.shape(x)[1:])
   micro_batches = jax.tree_util.tree_map(reshape, batch)
@@ -220,7 +231,7 @@ def clipped_grad_sum(
   def step(carry, xs):
     acc, stats = carry
     mb, mk = xs
-    g, aux, s = impl(loss_fn, params, mb, mk, clip_norm, has_aux)
+    g, aux, s = impl(loss_fn, params, mb, mk, clip_norm, has_aux, rule)
     acc = jax.tree_util.tree_map(jnp.add, acc, g)
     return (acc, stats.merge(s)), aux
 

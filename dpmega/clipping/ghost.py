@@ -100,6 +100,7 @@ from dpmega.clipping import gram as gram_lib
 from dpmega.clipping import jaxpr as jaxpr_lib
 from dpmega.clipping import rows as rows_lib
 from dpmega.clipping import stats as stats_lib
+from dpmega.clipping import rules
 from dpmega.clipping import vmap as vmap_lib
 # The analysis's public names, for callers of the fast path (plan_layers reports which leaves take it).
 from dpmega.clipping.jaxpr import LayerPlan
@@ -153,29 +154,6 @@ def _from_canonical(mat: jax.Array, shape: tuple[int, ...], canon: frozenset[int
   return jnp.transpose(full, np.argsort(order))
 
 
-def _clamp_ids(idx: jax.Array, hi: int) -> jax.Array:
-  """``clip(idx, 0, hi)`` in ``idx``'s own integer type, then int32 (a uint32 id >= 2^31 must not wrap to < 0)."""
-  if jnp.issubdtype(idx.dtype, jnp.unsignedinteger):
-    return jnp.minimum(idx, hi).astype(jnp.int32)
-  return jnp.clip(idx, 0, hi).astype(jnp.int32)
-
-
-def _gather_ids(idx: jax.Array, v_rows: int, mode) -> tuple[jax.Array, jax.Array]:
-  """``(ids int32, valid)`` of a row gather, with JAX's gradient semantics for out-of-range ids.
-
-  ``clip`` clamps in the forward pass and in the gradient; ``fill`` and
-  ``promise_in_bounds`` (plain ``E[ids]``) drop the row from the gradient
-  (XLA's scatter skips out-of-bounds updates), whatever the forward pass read.
-  Compared in ``idx``'s own type, so unsigned ids are exact.
-  """
-  if mode == lax.GatherScatterMode.CLIP:
-    return _clamp_ids(idx, v_rows - 1), jnp.ones(idx.shape, bool)
-  valid = idx < v_rows
-  if not jnp.issubdtype(idx.dtype, jnp.unsignedinteger):
-    valid = valid & (idx >= 0)
-  return jnp.where(valid, idx, 0).astype(jnp.int32), valid
-
-
 def _materialize_count(method: NormMethod, b: int, x, y, rows, auto: bool = False) -> int:
   """How many examples of a dense leaf get their gradient materialized (static).
 
@@ -206,6 +184,7 @@ def clipped_sum_ghost(
     mask: jax.Array,
     clip_norm: float | jax.Array,
     has_aux: bool = False,
+    rule: rules.ClipRule = rules.PLAIN,
     *,
     method: NormMethod = NormMethod.AUTO,
 ) -> tuple[PyTree, Any, stats_lib.ClipStats]:
@@ -220,6 +199,8 @@ def clipped_sum_ghost(
     mask: ``[b]``, 1 for real examples.
     clip_norm: the L2 bound C.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    rule: how norms become weights (:mod:`dpmega.clipping.rules`); with clip groups, each group's norm is
+      taken over its own leaves, and each leaf's book-keeping uses its group's weights.
     method: norm method for recognised layers (:class:`NormMethod`).
 
   Returns:
@@ -231,6 +212,8 @@ def clipped_sum_ghost(
   if not leaves:
     raise ValueError("params has no leaves: nothing to differentiate.")
   leaves = [jnp.asarray(x) for x in leaves]
+  groups = (0,) * len(leaves) if rule.num_groups == 1 else rule.assign(
+      [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]])
   ex_leaves, ex_def = jax.tree_util.tree_flatten(batch)
   ex_leaves = [jnp.asarray(x) for x in ex_leaves]
   b = ex_leaves[0].shape[0]
@@ -265,7 +248,8 @@ def clipped_sum_ghost(
 
   # Per-leaf factors in canonical orientation: dense (X [b,n,K], Y [b,n,N]) and lookups (ids, first, summed rows).
   factors = {}
-  est_norms, upper_norms = [], []  # [b] per leaf: the estimate, and a rigorous bound on what is added
+  est_norms, upper_norms, item_groups = [], [], []  # [b] per leaf: the estimate, a rigorous bound on what is
+  # added, and the leaf's clip group
   # Arrays whose plain (scaled) row norms are needed, taken after the loop (one fast-path cond each: merging them
   # into one cond, floats.scaled_norms_many, measured no faster on the MLP or DeepFM).
   plain: list[jax.Array] = []
@@ -278,13 +262,13 @@ def clipped_sum_ghost(
       act = captured[u.path]
       if u.kind == "slice":
         v_rows, k = shape[0], u.slice_rows
-        start = _clamp_ids(act.reshape(b), v_rows - k)  # dynamic_slice clamps its start, as does its transpose
+        start = rows_lib.clamp_ids(act.reshape(b), v_rows - k)  # dynamic_slice clamps its start, as does its transpose
         ids_l.append(start[:, None] + jnp.arange(k, dtype=jnp.int32)[None])
         valid_l.append(jnp.ones((b, k), bool))
         rows_l.append(g.reshape(b, k, -1))
       elif u.kind == "gather":
         rows = g.reshape(b, -1, shape[1])
-        ids, valid = _gather_ids(act.reshape(b, rows.shape[1]), shape[0], u.mode)
+        ids, valid = rows_lib.gather_ids(act.reshape(b, rows.shape[1]), shape[0], u.mode)
         ids_l.append(ids)
         valid_l.append(valid)
         rows_l.append(jnp.where(valid[..., None], rows, 0.0))
@@ -344,23 +328,33 @@ def clipped_sum_ghost(
     factors[leaf] = (xd, yd, ids, first, rows, sel, g_sel, used, danger)
     est_norms.append(est)
     upper_norms.append(upper)
-  for g in fb_grads:
+    item_groups.append(groups[leaf])
+  for j, g in zip(fb, fb_grads):
     est_norms.append((plain_norm(g),))
     upper_norms.append(est_norms[-1])
+    item_groups.append(groups[j])
   plain_norms = [floats.scaled_norms(a) for a in plain]
   resolve = lambda v: (functools.reduce(jnp.multiply, [plain_norms[i] for i in v]) if isinstance(v, tuple) else v)
-  if all(e is u for e, u in zip(est_norms, upper_norms)):  # no Gram bound: the estimate is its own bound
-    est = upper = floats.hypot([resolve(v) for v in est_norms])
-  elif len(est_norms) == 1:
-    est, upper = resolve(est_norms[0]), resolve(upper_norms[0])
-  else:
-    est, upper = floats.hypot([resolve(v) for v in est_norms]), floats.hypot([resolve(v) for v in upper_norms])
-  # The estimate is what vmap would give; the bound is used only where it exceeds the estimate by more than
-  # the slack, so benign examples keep vmap's clip factors and a crafted one is clipped by its bound.
-  norms = jnp.maximum(est, upper / (1.0 + _BOUND_SLACK))
 
-  weights, stats = stats_lib.combine(norms, mask, clip_norm, losses)
-  keep = weights > 0
+  def group_norm(ests, uppers):
+    if all(e is u for e, u in zip(ests, uppers)):  # no Gram bound: the estimate is its own bound
+      return floats.hypot([resolve(v) for v in ests])
+    if len(ests) == 1:
+      est, upper = resolve(ests[0]), resolve(uppers[0])
+    else:
+      est, upper = floats.hypot([resolve(v) for v in ests]), floats.hypot([resolve(v) for v in uppers])
+    # The estimate is what vmap would give; the bound is used only where it exceeds the estimate by more than
+    # the slack, so benign examples keep vmap's clip factors and a crafted one is clipped by its bound.
+    return jnp.maximum(est, upper / (1.0 + _BOUND_SLACK))
+
+  if rule.num_groups == 1:
+    norms = group_norm(est_norms, upper_norms)
+  else:
+    norms = jnp.stack([group_norm([e for e, g in zip(est_norms, item_groups) if g == j],
+                                  [u for u, g in zip(upper_norms, item_groups) if g == j])
+                       for j in range(rule.num_groups)])
+  weights, stats = stats_lib.combine(norms, mask, clip_norm, losses, rule)
+  leaf_weights = lambda leaf: weights if rule.num_groups == 1 else weights[groups[leaf]]
   out_leaves = [jnp.zeros(np.shape(x), jnp.float32) for x in leaves]  # unused leaves stay 0
   for leaf, (xd, yd, ids, first, rows, sel, g_sel, used, danger) in factors.items():
     us, canon = ghost[leaf]
@@ -368,13 +362,14 @@ def clipped_sum_ghost(
     order = sorted(canon) + [d for d in range(len(shape)) if d not in canon]
     k = int(np.prod([shape[d] for d in sorted(canon)], dtype=np.int64))
     total = None  # no zeros-and-add pass over a whole (embedding) table
-    w_bk, keep_bk = weights, keep
+    w_leaf = leaf_weights(leaf)
+    w_bk, keep_bk = w_leaf, w_leaf > 0
     if sel is not None:
-      w_sel = weights[sel]
+      w_sel = w_leaf[sel]
       g_w = jnp.where((w_sel > 0)[:, None, None], g_sel * w_sel[:, None, None], 0.0)
       total = jnp.sum(g_w, axis=0)
       # The materialized examples are not added again by the book-keeping below.
-      w_bk = weights.at[sel].set(0.0) if used is True else jnp.where(used, weights.at[sel].set(0.0), weights)
+      w_bk = w_leaf.at[sel].set(0.0) if used is True else jnp.where(used, w_leaf.at[sel].set(0.0), w_leaf)
       keep_bk = w_bk > 0
     if danger is not None:  # left to the book-keeping, underflow could add more than FLUSH_REL C: dropped
       w_bk = jnp.where(danger, 0.0, w_bk)
@@ -390,12 +385,11 @@ def clipped_sum_ghost(
       total = scattered if total is None else total + scattered
     out_leaves[leaf] = _from_canonical(total, shape, canon) if order != list(range(len(shape))) else total.reshape(shape)
   if fb:
-    sums = vmap_lib.weighted_sum(fb_grads, weights)
-    for j, s in zip(fb, sums):
-      out_leaves[j] = s
+    for j, g in zip(fb, fb_grads):
+      out_leaves[j] = vmap_lib.weighted_sum(g, leaf_weights(j))
   return jax.tree_util.tree_unflatten(treedef, out_leaves), aux, stats
 
 
-def clipped_sum_gram(loss_fn, params, batch, mask, clip_norm, has_aux=False):
+def clipped_sum_gram(loss_fn, params, batch, mask, clip_norm, has_aux=False, rule=rules.PLAIN):
   """:func:`clipped_sum_ghost` with pure Gram (ghost) norms for every recognised layer."""
-  return clipped_sum_ghost(loss_fn, params, batch, mask, clip_norm, has_aux, method=NormMethod.GRAM)
+  return clipped_sum_ghost(loss_fn, params, batch, mask, clip_norm, has_aux, rule, method=NormMethod.GRAM)

@@ -171,3 +171,26 @@ def scatter_add_rows(
   ids = jnp.where(keep, ids, num_rows)
   out = jnp.zeros((num_rows, d), jnp.float32)
   return out.at[ids.reshape(-1)].add(rows.reshape(-1, d), mode="drop")
+
+
+def clamp_ids(idx: jax.Array, hi: int) -> jax.Array:
+  """``clip(idx, 0, hi)`` in ``idx``'s own integer type, then int32 (a uint32 id >= 2^31 must not wrap to < 0)."""
+  if jnp.issubdtype(idx.dtype, jnp.unsignedinteger):
+    return jnp.minimum(idx, hi).astype(jnp.int32)
+  return jnp.clip(idx, 0, hi).astype(jnp.int32)
+
+
+def gather_ids(idx: jax.Array, v_rows: int, mode) -> tuple[jax.Array, jax.Array]:
+  """``(ids int32, valid)`` of a row gather, with JAX's gradient semantics for out-of-range ids.
+
+  ``clip`` clamps in the forward pass and in the gradient; ``fill`` and
+  ``promise_in_bounds`` (plain ``E[ids]``) drop the row from the gradient
+  (XLA's scatter skips out-of-bounds updates), whatever the forward pass read.
+  Compared in ``idx``'s own type, so unsigned ids are exact.
+  """
+  if mode == jax.lax.GatherScatterMode.CLIP:
+    return clamp_ids(idx, v_rows - 1), jnp.ones(idx.shape, bool)
+  valid = idx < v_rows
+  if not jnp.issubdtype(idx.dtype, jnp.unsignedinteger):
+    valid = valid & (idx >= 0)
+  return jnp.where(valid, idx, 0).astype(jnp.int32), valid

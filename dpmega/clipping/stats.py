@@ -14,6 +14,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from dpmega.clipping import floats
+from dpmega.clipping import rules
+
 class ClipStats(NamedTuple):
   """What clipping did to a batch (sums, so they add across micro-batches).
 
@@ -61,9 +64,7 @@ class ClipStats(NamedTuple):
 
 def clip_factors(norms: jax.Array, clip_norm: float | jax.Array) -> jax.Array:
   """``min(1, clip_norm / norm)``, safe for ``norm == 0`` and ``clip_norm in {0, inf}``."""
-  clip_norm = jnp.asarray(clip_norm, jnp.float32)
-  safe = jnp.where(norms > 0, norms, 1.0)
-  return jnp.where(norms > clip_norm, clip_norm / safe, 1.0).astype(jnp.float32)
+  return rules.PLAIN.weights(jnp.asarray(norms), clip_norm)
 
 
 def combine(
@@ -71,6 +72,7 @@ def combine(
     mask: jax.Array,
     clip_norm: float | jax.Array,
     losses: jax.Array,
+    rule: rules.ClipRule = rules.PLAIN,
 ) -> tuple[jax.Array, ClipStats]:
   """Per-example weights (clip factor, 0 for padding and non-finite) and stats.
 
@@ -78,22 +80,30 @@ def combine(
   exactly the same thing whichever way the norms were computed.
 
   Args:
-    norms: ``[b]`` per-example global gradient norms.
+    norms: ``[b]`` per-example global gradient norms, or ``[G, b]`` per clip group
+      (:attr:`dpmega.clipping.rules.ClipRule.groups`).
     mask: ``[b]`` 1 for real examples, 0 for padding.
     clip_norm: the L2 bound C.
     losses: ``[b]`` per-example losses (for the stats only).
+    rule: how norms become weights (:class:`dpmega.clipping.rules.ClipRule`).
 
   Returns:
-    ``(weights [b] float32, ClipStats)``.
+    ``(weights, ClipStats)``: float32 weights shaped like ``norms``; an example with a non-finite norm in any
+    group gets weight 0 in every group. The stats count an example as clipped when its norm exceeds its budget
+    in some group (under normalized clipping too), and take its norm over all groups.
   """
   mask = mask.astype(bool)
-  finite = jnp.isfinite(norms)
+  finite = jnp.isfinite(norms) if norms.ndim == 1 else jnp.all(jnp.isfinite(norms), axis=0)
   ok = mask & finite
-  weights = jnp.where(ok, clip_factors(jnp.where(finite, norms, 0.0), clip_norm), 0.0)
-  clean_norms = jnp.where(ok, norms, 0.0)
+  weights = jnp.where(ok, rule.weights(jnp.where(ok, norms, 0.0), clip_norm), 0.0)
+  total = norms if norms.ndim == 1 else floats.hypot(list(norms))
+  budgets = rule.budgets(clip_norm)
+  over = norms > (budgets[0] if norms.ndim == 1 else budgets[:, None])
+  clipped = over if norms.ndim == 1 else jnp.any(over, axis=0)
+  clean_norms = jnp.where(ok, total, 0.0)
   stats = ClipStats(
       num_examples=jnp.sum(mask, dtype=jnp.int32),
-      num_clipped=jnp.sum(ok & (norms > jnp.asarray(clip_norm, jnp.float32)), dtype=jnp.int32),
+      num_clipped=jnp.sum(ok & clipped, dtype=jnp.int32),
       num_nonfinite=jnp.sum(mask & ~finite, dtype=jnp.int32),
       norm_sum=jnp.sum(clean_norms),
       norm_max=jnp.max(clean_norms, initial=0.0),

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from dpmega.clipping import floats
+from dpmega.clipping import rules
 from dpmega.clipping import stats as stats_lib
 
 PyTree = Any
@@ -70,6 +71,17 @@ def per_example_grads(
   return losses, aux, grads
 
 
+def group_norms(per_example_grads: PyTree, rule: rules.ClipRule) -> tuple[jax.Array, tuple[int, ...]]:
+  """Per-example norms by clip group: ``([G, b] norms, group of each leaf)``, or ``([b], all 0)`` for one group."""
+  flat = jax.tree_util.tree_flatten_with_path(per_example_grads)[0]
+  if rule.num_groups == 1:
+    return global_norms(per_example_grads), (0,) * len(flat)
+  groups = rule.assign([jax.tree_util.keystr(path) for path, _ in flat])
+  norms = [floats.scaled_norms(x) for _, x in flat]
+  return jnp.stack([floats.hypot([n for n, g in zip(norms, groups) if g == j])
+                    for j in range(rule.num_groups)]), groups
+
+
 def clipped_sum_vmap(
     loss_fn: Callable[..., Any],
     params: PyTree,
@@ -77,15 +89,21 @@ def clipped_sum_vmap(
     mask: jax.Array,
     clip_norm: float | jax.Array,
     has_aux: bool = False,
+    rule: rules.ClipRule = rules.PLAIN,
 ) -> tuple[PyTree, Any, stats_lib.ClipStats]:
   """Clipped, masked sum of one micro-batch by materializing per-example grads.
 
   The general fallback: works for any differentiable ``loss_fn``; memory is
-  ``b x |params|``.
+  ``b x |params|``. ``rule``: how norms become weights (:mod:`dpmega.clipping.rules`).
 
   Returns:
     ``(grad_sum (float32, like params), aux (batched) or None, ClipStats)``.
   """
   losses, aux, grads = per_example_grads(loss_fn, params, batch, has_aux=has_aux)
-  weights, stats = stats_lib.combine(global_norms(grads), mask, clip_norm, losses)
-  return weighted_sum(grads, weights), aux, stats
+  norms, groups = group_norms(grads, rule)
+  weights, stats = stats_lib.combine(norms, mask, clip_norm, losses, rule)
+  if norms.ndim == 1:
+    return weighted_sum(grads, weights), aux, stats
+  leaves, treedef = jax.tree_util.tree_flatten(grads)
+  sums = [weighted_sum(x, weights[g]) for x, g in zip(leaves, groups)]
+  return jax.tree_util.tree_unflatten(treedef, sums), aux, stats

@@ -47,8 +47,9 @@ class Spec:
 
   Attributes:
     default: the value :func:`config_dict` writes (what a config file starts from); None: unset.
-    kind: ``"int"``, ``"real"``, ``"bool"``, ``"choice"``, ``"path"`` (a non-empty string) or ``"schedule"``
-      (:func:`dpmega.schedules.as_schedule`; a ramp without ``@RAMP`` spans the field ``num_steps``).
+    kind: ``"int"``, ``"real"``, ``"bool"``, ``"choice"``, ``"path"`` (a non-empty string), ``"schedule"``
+      (:func:`dpmega.schedules.as_schedule`; a ramp without ``@RAMP`` spans the field ``num_steps``) or
+      ``"text"`` (a string, possibly empty, that ``parse`` turns into the stored value).
     doc: what the field means.
     lo: lower end of an int's or a real's range.
     hi: upper end; a str names an earlier top-level field whose value is the bound (``"num_steps"``).
@@ -70,6 +71,8 @@ class Spec:
   optional: bool = False
   choices: type[enum.Enum] | Callable[[], Sequence[str]] | None = None
   key: str | None = None
+  parse: Callable[[str], Any] | None = None
+  syntax: str = ""
 
   def typed_default(self) -> Any:
     """The default as :func:`checked` returns it (an enum member, a float, a schedule)."""
@@ -81,6 +84,8 @@ class Spec:
       return float(self.default)
     if self.kind == "schedule":
       return schedules.as_schedule(self.default)
+    if self.kind == "text":
+      return self.parse(self.default)
     return self.default
 
   def allowed(self) -> str:
@@ -90,7 +95,8 @@ class Spec:
     elif self.kind == "choice":
       text = str(_choice_values(self.choices))
     else:
-      text = {"bool": "True or False", "path": "a non-empty path", "schedule": "a batch schedule"}[self.kind]
+      text = {"bool": "True or False", "path": "a non-empty path", "schedule": "a batch schedule",
+              "text": self.syntax}[self.kind]
     return text + (" or None" if self.optional else "")
 
 
@@ -130,6 +136,11 @@ def choice(default: str, choices: type[enum.Enum] | Callable[[], Sequence[str]],
 def path(default: str, *, doc: str) -> Any:
   """A non-empty string (a file or directory path)."""
   return field(Spec(default, "path", doc))
+
+
+def text(default: str, parse: Callable[[str], Any], *, syntax: str, doc: str) -> Any:
+  """A string (possibly empty) that ``parse`` turns into the stored value; its ValueError names the field."""
+  return field(Spec(default, "text", doc, parse=parse, syntax=syntax))
 
 
 def schedule(default: str, *, doc: str) -> Any:
@@ -203,6 +214,15 @@ def check(spec: Spec, name: str, value: Any, top: Mapping[str, Any]) -> Any:
     if not isinstance(value, str) or not value:
       raise UsageError(f"{name} must be a non-empty path, got {name}={value!r}.")
     return value
+  if spec.kind == "text":
+    if value is None:
+      value = ""
+    if not isinstance(value, str):
+      raise UsageError(f"{name} must be a string ({spec.syntax}), got {name}={value!r}.")
+    try:
+      return spec.parse(value)
+    except ValueError as e:
+      raise UsageError(f"{name}: {e}") from None
   try:
     return schedules.as_schedule(value, num_steps=top["num_steps"])
   except ValueError as e:

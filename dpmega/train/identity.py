@@ -27,6 +27,14 @@ def differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, An
   return [] if old == new else [(prefix.rstrip("."), old, new)]
 
 
+def _clip_rule(cfg: Any) -> dict[str, Any] | None:
+  """The clip rule's fields, or None for the plain rule (as checkpoints written before the rules existed say)."""
+  groups, normalized = getattr(cfg, "clip_groups", ()), getattr(cfg, "normalized_clipping", False)
+  if not groups and not normalized:
+    return None
+  return {"groups": groups, "normalized": normalized, "stability": getattr(cfg, "clip_stability", 0.01)}
+
+
 def fingerprint(cfg: Any, *, task_config: Any, data: dict[str, Any],
                 noise_multiplier: float) -> dict[str, dict[str, Any]]:
   """Everything that decides what a step computes, in the three parts a resume treats differently.
@@ -61,6 +69,8 @@ def fingerprint(cfg: Any, *, task_config: Any, data: dict[str, Any],
       "clip_norm": cfg.clip_norm, "noise_multiplier": noise_multiplier, "noise_sampler": cfg.noise_sampler,
       "clipped_count_noise": cfg.clipped_count_noise, "target_epsilon": cfg.target_epsilon, "delta": cfg.delta,
       "accountant": cfg.accountant,
+      # None for the plain rule, so that checkpoints written before the clip rules existed still compare equal.
+      "clip_rule": _clip_rule(cfg),
   }
   optimizer = {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(cfg.optimizer).items()}
   devices = jax.devices()

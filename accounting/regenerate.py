@@ -2,12 +2,14 @@
 
   python accounting/regenerate.py            # rewrite the table
   python accounting/regenerate.py --check    # exit 1 if the table is stale
+  python accounting/regenerate.py --recalibrate   # search every calibrated sigma again (slow)
 
 Each run file gives the dataset size, the batch schedule (CLI syntax), the
 length (``steps`` or ``epochs``), ``delta``, the sampling scheme and either a
 ``noise_multiplier`` or a ``target_epsilon`` (then σ is calibrated with RDP,
 as the trainer does, and rounded UP to 4 significant digits so the target
-still holds). The table lists ε under both accountants at that σ, with the
+still holds; a σ the table already states is kept when it is the smallest
+4-digit σ that meets the target, checked with two evaluations). The table lists ε under both accountants at that σ, with the
 default noise sampler's ``δ_tail`` (over 1e9 noised coordinates) taken out of δ.
 A progress line per run goes to stderr (the whole table takes minutes).
 """
@@ -72,9 +74,24 @@ def _round_up(x: float, digits: int = 4) -> float:
   return math.ceil(x * scale - 1e-9) / scale
 
 
-def resolve(run: dict[str, Any], progress=None) -> dict[str, Any]:
+def _below(sigma: float, digits: int = 4) -> float:
+  """The largest number with ``digits`` significant digits below ``sigma`` (itself one)."""
+  unit = 10.0 ** (math.floor(math.log10(sigma)) - digits + 1)
+  lower = round(sigma - unit, 12)
+  if math.floor(math.log10(lower)) < math.floor(math.log10(sigma)):
+    lower = round(sigma - unit / 10, 12)
+  return lower
+
+
+def resolve(run: dict[str, Any], progress=None, sigma_hint: float | None = None) -> dict[str, Any]:
   """Steps and sigma of a run (calibrating sigma when the run gives a target; ``progress``: a stream for a line
-  every 10 s of calibration)."""
+  every 10 s of calibration).
+
+  ``sigma_hint`` (a calibrated row's sigma as the table states it) replaces the search by its check: the hint
+  is taken when it meets the target and the 4-digit number just below it does not, i.e. when it is the
+  smallest 4-digit sigma that meets the target, which is what the search rounded up gives. Otherwise the
+  search runs as without a hint. Two evaluations instead of a search: the staleness test uses it.
+  """
   from dpmega import accounting  # pylint: disable=import-outside-toplevel
   from dpmega import schedules  # pylint: disable=import-outside-toplevel
 
@@ -87,6 +104,9 @@ def resolve(run: dict[str, Any], progress=None) -> dict[str, Any]:
     steps = schedules.steps_for_epochs(schedule, run["epochs"], n)
   if "noise_multiplier" in run:
     sigma, calibrated = run["noise_multiplier"], False
+  elif sigma_hint is not None and _meets(run, schedule, steps, sigma_hint) and not _meets(
+      run, schedule, steps, _below(sigma_hint)):
+    sigma, calibrated = sigma_hint, True
   else:
     sigma = _round_up(accounting.calibrate_noise_multiplier(
         target_epsilon=run["target_epsilon"], delta=run["delta"], dataset_size=n,
@@ -96,6 +116,15 @@ def resolve(run: dict[str, Any], progress=None) -> dict[str, Any]:
             progress, every=10.0, label=f"  {run['name']}: calibrating")))
     calibrated = True
   return {"schedule": schedule, "steps": steps, "sigma": sigma, "calibrated": calibrated}
+
+
+def _meets(run: dict[str, Any], schedule, steps: int, sigma: float) -> bool:
+  """Whether RDP at ``sigma`` meets the run's target epsilon (as the calibration checks it)."""
+  from dpmega import accounting  # pylint: disable=import-outside-toplevel
+
+  return accounting.epsilon_for_schedule(
+      noise_multiplier=sigma, delta=run["delta"], dataset_size=run["dataset_size"], batch_sizes=schedule,
+      num_steps=steps, scheme=run["sampling"], accountant="rdp", tail=default_tail()) <= run["target_epsilon"]
 
 
 # The δ the table states covers the default noise sampler on a model this large (δ_tail grows with it).
@@ -166,7 +195,8 @@ def _tail_note(shares: dict[str, float]) -> str:
   return head + "; it is " + ", ".join(f"{x:.3g} delta on {name}" for name, x in sorted(big.items())) + "."
 
 
-def render(runs: list[dict[str, Any]], progress=None) -> str:
+def render(runs: list[dict[str, Any]], progress=None, sigma_hints: dict[str, float] | None = None) -> str:
+  """The whole table; ``sigma_hints``: calibrated sigmas to check rather than search for (:func:`resolve`)."""
   import importlib.metadata  # pylint: disable=import-outside-toplevel
 
   rows, shares, start = [], {}, time.time()
@@ -175,7 +205,7 @@ def render(runs: list[dict[str, Any]], progress=None) -> str:
       print(f"[{i + 1}/{len(runs)}] {run['name']}: "
             + ("calibrating sigma, then " if "target_epsilon" in run else "") + "RDP and PLD ...",
             file=progress, flush=True)
-    resolved = resolve(run, progress)
+    resolved = resolve(run, progress, (sigma_hints or {}).get(run["name"]))
     eps = epsilons(run, resolved["schedule"], resolved["steps"], resolved["sigma"], progress)
     shares[run["name"]] = tail_share(run, resolved["schedule"], resolved["steps"], resolved["sigma"])
     rows.append(row(run, resolved, eps) + "\n")
@@ -192,12 +222,20 @@ def parse_table(text: str) -> list[list[str]]:
   return [[c.strip() for c in l.strip().strip("|").split("|")] for l in rows]
 
 
+def calibrated_sigmas(text: str) -> dict[str, float]:
+  """``{run name: sigma}`` of the table's calibrated rows (``1.234 cal``)."""
+  return {cells[0]: float(cells[6].split()[0]) for cells in parse_table(text) if cells[6].endswith(" cal")}
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--check", action="store_true", help="exit 1 if EPSILONS.md is stale")
+  parser.add_argument("--recalibrate", action="store_true",
+                      help="search every calibrated sigma again, rather than check the table's (see resolve)")
   args = parser.parse_args(argv)
   sys.path.insert(0, str(HERE.parent))
-  text = render(load_runs(), progress=sys.stderr)
+  hints = None if args.recalibrate or not TABLE.exists() else calibrated_sigmas(TABLE.read_text())
+  text = render(load_runs(), progress=sys.stderr, sigma_hints=hints)
   if args.check:
     if not TABLE.exists() or TABLE.read_text() != text:
       print(f"{TABLE} is stale: run python accounting/regenerate.py", file=sys.stderr)

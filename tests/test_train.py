@@ -122,7 +122,7 @@ def test_update_is_divided_by_the_expected_not_the_realized_batch_size(tmp_path,
   np.testing.assert_allclose(float(result.params["w"][0]), -0.5 * realized / 100, rtol=1e-5)
 
 
-@pytest.mark.parametrize("scheme, spec", [("poisson", "linear:32->128"), ("without_replacement", "steps:40@0,90@3"),
+@pytest.mark.parametrize("scheme, spec", [("poisson", "linear:32->128"), ("without_replacement", "steps:40@1,90@4"),
                                           ("poisson", "geometric:16->256")])
 def test_ledger_is_exactly_the_steps_that_ran(tmp_path, scheme, spec):
   config = _config(tmp_path, f"sampling='{scheme}'", f"batch_schedule='{spec}'", "noise_multiplier=1.3")

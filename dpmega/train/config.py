@@ -58,6 +58,8 @@ class Optimizer(enum.Enum):
   ADAM = "adam"
   ADAMW = "adamw"
   LAMB = "lamb"
+  ADAGRAD = "adagrad"
+  ADAM_BC = "adam_bc"  # DP-AdamBC: the noise variance subtracted from Adam's second moment (dpmega.train.dp_adam)
 
 
 class MetricsMode(enum.Enum):
@@ -82,6 +84,11 @@ def _task_names() -> list[str]:
   return list(tasks.task_names())
 
 
+def _clip_groups(spec: str) -> tuple:
+  from dpmega.clipping import rules  # noqa: PLC0415 - keeps `import dpmega.train.config` light
+  return rules.parse_clip_groups(spec)
+
+
 def _clipping_modes() -> list[str]:
   from dpmega import clipping  # noqa: PLC0415 - keeps `import dpmega.train.config` light
   return list(clipping.clipping_modes())
@@ -90,6 +97,10 @@ def _clipping_modes() -> list[str]:
 def _noise_samplers() -> list[str]:
   from dpmega import noise  # noqa: PLC0415 - keeps `import dpmega.train.config` light
   return [s.value for s in noise.NoiseSampler]
+
+
+def _table_optimizers() -> list[str]:
+  return ["same"] + [o.value for o in Optimizer]
 
 
 def _accountants() -> list[str]:
@@ -113,6 +124,18 @@ class OptimizerConfig:
   eps: float = fields.real(1e-8, 0.0, math.inf, hi_open=True, doc="epsilon of adam, adamw, lamb")
   weight_decay: float = fields.real(0.0, 0.0, math.inf, hi_open=True, doc="weight decay (sgd, momentum: added to "
                                     "the gradient; adamw, lamb: decoupled); must be 0 for adam")
+  adam_bc_floor: float = fields.positive(1e-8, doc="adam_bc: floor of the noise-corrected second moment (choose "
+                                         "near (sigma C / B)^2 or above: dpmega.train.dp_adam)")
+  table_name: str = fields.choice("same", _table_optimizers, doc="optimizer of the embedding tables (leaves named "
+                                  "'embedding'); same: the one of name, for every parameter")
+  table_learning_rate: float | None = fields.positive(None, optional=True, doc="peak learning rate of the tables; "
+                                                      "None: learning_rate")
+  table_weight_decay: float = fields.real(0.0, 0.0, math.inf, hi_open=True, doc="L2 term of the tables, added to "
+                                          "their gradient (CowClip scales it with the batch)")
+  cowclip: bool = fields.flag(False, doc="clip each table row's update to max(cowclip_ratio ||row||, "
+                              "cowclip_min_norm), after the noise (dpmega.train.cowclip)")
+  cowclip_ratio: float = fields.real(1.0, 0.0, math.inf, hi_open=True, doc="CowClip's r (relative to the row norm)")
+  cowclip_min_norm: float = fields.positive(1e-5, doc="CowClip's zeta (bound of rows of small norm)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,13 +182,22 @@ class TrainConfig:
                                         "the fewest steps whose expected batches add up to epochs * N "
                                         "(replaces num_steps; constant or step schedules)")
   batch_schedule: schedules.Schedule = fields.schedule(
-      "constant:4096", doc="expected logical batch size per step: 'constant:4096', 'steps:1024@0,8192@50', "
+      "constant:4096", doc="expected logical batch size per step: 'constant:4096', 'steps:1024@1,8192@51' (steps count from 1), "
       "'linear:1024->65536@100', 'geometric:1024->65536' (ramp over the whole run)")
   microbatch_size: int = fields.integer(256, 1, 2**20, doc="examples per vmapped micro-batch (bounds memory)")
   max_microbatches: int = fields.integer(8, 1, 2**16, doc="micro-batches per jitted call (scan length)")
   clipping: str = fields.choice("auto", _clipping_modes, doc="clipping mode (dpmega.clipping.clipped_grad_sum); "
                                 "auto: ghost norms where a layer allows, sparse rows for lookups, vmap elsewhere")
   clip_norm: float = fields.positive(1.0, doc="L2 bound C of each example's gradient")
+  clip_groups: tuple = fields.text(
+      "", _clip_groups, syntax="'' or 'regex=share;regex=share'",
+      doc="per-group clip budgets (Opacus' per-layer clipping): a parameter goes to the first group whose regex "
+      "matches its path and is clipped to C*sqrt(share) on its own; shares sum to <= 1, so the sensitivity "
+      "stays C; '': one budget C over all parameters")
+  normalized_clipping: bool = fields.flag(False, doc="normalized ('automatic') clipping, Bu et al. 2022: every "
+                                          "example's gradient g becomes C*g/(||g|| + clip_stability*C) instead "
+                                          "of min(1, C/||g||)*g (sensitivity still C)")
+  clip_stability: float = fields.positive(0.01, doc="gamma of normalized clipping, relative to C")
   noise_multiplier: float | None = fields.positive(None, optional=True, doc="sigma; None: calibrate to "
                                                    "target_epsilon")
   target_epsilon: float | None = fields.positive(None, optional=True, doc="the privacy budget; None: no cap")
@@ -182,6 +214,12 @@ class TrainConfig:
   clipped_count_noise: float | None = fields.positive(
       None, optional=True, doc="private metrics: std of the Gaussian added to the count of clipped examples "
       "(sensitivity 1, accounted in the ledger); None: no clip fraction logged")
+  adaptive_clip: bool = fields.flag(False, doc="adaptive clip norm (Andrew et al. 2021, dpmega.train.adaptive_clip): "
+                                    "clip_norm is the initial C, moved each step toward adaptive_clip_quantile of "
+                                    "the norms from the noisy clipped count (needs clipped_count_noise)")
+  adaptive_clip_quantile: float = fields.real(0.5, 0.0, 1.0, lo_open=True, hi_open=True,
+                                              doc="adaptive clipping: target fraction of unclipped examples")
+  adaptive_clip_lr: float = fields.positive(0.2, doc="adaptive clipping: eta_C of C <- C exp(-eta_C (b - gamma))")
   optimizer: OptimizerConfig = fields.group(OptimizerConfig, doc="optimizer and learning-rate schedule")
   mesh: Any = fields.group(MeshSettings, build=_mesh, doc="device mesh")
   log_every: int = fields.integer(1, 0, 10**9, doc="steps between progress lines (0: only at the end)")
@@ -190,6 +228,10 @@ class TrainConfig:
   keep_checkpoints: int = fields.integer(3, 2, 10**6, doc="checkpoints kept (>= 2, so a good one survives a "
                                          "bad one)")
   tensorboard: bool = fields.flag(True, doc="also write TensorBoard summaries when a writer is installed")
+  simulate_k: int = fields.integer(0, 0, 2**20, doc="0: a private run. k > 0: the effective-noise SIMULATION "
+                                   "(dpmega.train.simulation), NOT private: batch B/k and noise sigma/k predict "
+                                   "the utility of batch B, sigma; no ledger, no epsilon; needs noise_multiplier, "
+                                   "refuses target_epsilon")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -209,6 +251,8 @@ def describe_fields() -> str:
 # ---------------------------------------------------------------------------------------------- validation
 def _check_together(v: Mapping[str, Any]) -> None:
   """The rules that tie fields together."""
+  from dpmega.train import simulation  # noqa: PLC0415 - simulation imports this module
+  simulation.check_config(v)
   if v["noise_multiplier"] is None and v["target_epsilon"] is None:
     raise UsageError("set noise_multiplier (fixed sigma) or target_epsilon (calibrate sigma to a budget), "
                      "or both (fixed sigma, stop at the budget); got neither.")
@@ -217,9 +261,12 @@ def _check_together(v: Mapping[str, Any]) -> None:
   o = v["optimizer"]
   if o.schedule == LrSchedule.EXPONENTIAL and o.final_lr_fraction == 0:
     raise UsageError("optimizer.final_lr_fraction must be in (0, 1] for the exponential schedule, got 0.0.")
-  if o.weight_decay and o.name == Optimizer.ADAM:
+  if o.weight_decay and (o.name == Optimizer.ADAM or o.table_name == Optimizer.ADAM.value):
     raise UsageError("optimizer.weight_decay must be 0 for adam (use adamw for decoupled weight decay), "
                      f"got {o.weight_decay}.")
+  if v["adaptive_clip"] and v["clipped_count_noise"] is None:
+    raise UsageError("adaptive_clip needs clipped_count_noise (the noisy clipped count it adapts from, accounted "
+                     "in the ledger), got clipped_count_noise=None.")
   if v["clipped_count_noise"] is not None and v["metrics"] is not MetricsMode.PRIVATE:
     raise UsageError("clipped_count_noise must be None unless metrics='private' (raw mode logs the exact "
                      f"clipped fraction), got {v['clipped_count_noise']!r} with metrics={v['metrics'].value!r}.")

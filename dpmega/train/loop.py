@@ -21,9 +21,11 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import ml_collections
 
 from dpmega import accounting
+from dpmega import clipping as clipping_lib
 from dpmega import noise as noise_lib
 from dpmega import sampling
 from dpmega import schedules
@@ -34,12 +36,14 @@ from dpmega.data import sources as sources_lib
 from dpmega.errors import UsageError
 from dpmega.tasks import Task
 from dpmega.tasks import build_task
+from dpmega.train import adaptive_clip
 from dpmega.train import checkpoint as checkpoint_lib
 from dpmega.train import config as config_lib
 from dpmega.train import identity
 from dpmega.train import randomness as randomness_lib
 from dpmega.train import report
 from dpmega.train import resume as resume_lib
+from dpmega.train import simulation
 from dpmega.train import step as step_lib
 from dpmega.train import workdir as workdir_lib
 from dpmega.train.optim import make_optimizer
@@ -72,6 +76,9 @@ class Trainer:
     self.dataset_size = len(task.train_source)
     config_lib.validate_against_dataset(cfg, self.dataset_size)
     self.batch_sizes = cfg.batch_schedule.batch_sizes(cfg.num_steps)
+    self.full_batch_sizes = self.batch_sizes  # a simulation samples B_t / k and predicts B_t
+    if cfg.simulate_k:
+      self.batch_sizes = simulation.simulated_batch_sizes(self.full_batch_sizes, cfg.simulate_k)
     # Public by design: the initialization does not depend on the data (the module docstring).
     # fold_in(., 0): the initialization stream of earlier versions, so a config initializes as it did.
     self.init_key = jax.random.fold_in(jax.random.key(cfg.init_seed), 0)
@@ -83,9 +90,15 @@ class Trainer:
     # delta_tail (invariant 8) depends on how many coordinates get noise: every parameter, plus the count.
     shapes = jax.eval_shape(task.init_params, self.init_key)
     num_noised = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes))
+    self.clip_rule = clipping_lib.ClipRule(normalize=cfg.normalized_clipping, stability=cfg.clip_stability,
+                                           groups=cfg.clip_groups)
+    try:  # before any compute: a group that matches no parameter, or a parameter in no group
+      self.clip_rule.assign([jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]])
+    except ValueError as e:
+      raise UsageError(str(e)) from None
     tail = truncation.TailModel(noise_lib.sampler_support(cfg.noise_sampler),
                                 max(1, num_noised + (cfg.clipped_count_noise is not None)))
-    self.privacy = RunPrivacy(cfg, dataset_size=self.dataset_size, batch_sizes=self.batch_sizes, tail=tail)
+    self.privacy = RunPrivacy(cfg, dataset_size=self.dataset_size, batch_sizes=self.full_batch_sizes, tail=tail)
     self.journal: journal_lib.Journal | None = None
     self.spent = accounting.Ledger()  # every distinct (generation, step) of the workdir's journal
     self._data_fingerprint: dict[str, Any] | None = None
@@ -97,13 +110,18 @@ class Trainer:
       self.mesh = sharding.make_mesh(mesh_config)
     except ValueError as e:
       raise UsageError(f"mesh: {e}") from None
+    # Adaptive clipping (dpmega.train.adaptive_clip): the step clips at norm 1 the gradient of loss / C_t and
+    # scales by C_t; C_t is train state (checkpointed), moved after each step from the noisy clipped count.
+    self.clip_norm_t = float(np.float32(cfg.clip_norm))  # float32 values only: the checkpoint keeps it exactly
     self.private_step = step_lib.make_private_step(
-        task.loss_fn, self.optimizer, self.mesh, shapes, clip_norm=cfg.clip_norm,
+        task.loss_fn, self.optimizer, self.mesh, shapes, clip_norm=1.0 if cfg.adaptive_clip else cfg.clip_norm,
+        adaptive=cfg.adaptive_clip,
         microbatch_size=cfg.microbatch_size, max_microbatches=cfg.max_microbatches, has_aux=task.has_aux,
-        clipping=cfg.clipping, noise_sampler=cfg.noise_sampler, clipped_count_noise=cfg.clipped_count_noise,
+        clipping=cfg.clipping, clip_rule=self.clip_rule, noise_sampler=cfg.noise_sampler, clipped_count_noise=cfg.clipped_count_noise,
         min_shard_size=mesh_config.min_shard_size, on_trace=self._count_trace)
     if jax.process_index() != 0:
       self.out = lambda s: None
+    self.stage = report.Stage("building the model")  # train() passes its own, which a signal handler reads
 
   def _count_trace(self) -> None:
     self.num_traces += 1
@@ -139,8 +157,11 @@ class Trainer:
 
   # ------------------------------------------------------------------ checkpoints
   def _checkpoint_tree(self, state: TrainState) -> dict[str, Any]:
-    return {"params": state.params, "opt_state": state.opt_state, "step": state.step,
+    tree = {"params": state.params, "opt_state": state.opt_state, "step": state.step,
             "rng": noise_lib.secret_to_words(self.secret)}
+    if self.cfg.adaptive_clip:
+      tree["clip_norm"] = np.float32(self.clip_norm_t)
+    return tree
 
   def _save(self, ckpt: checkpoint_lib.Checkpointer, state: TrainState, ledger: accounting.Ledger,
             sigma: float, epsilon: float) -> None:
@@ -169,6 +190,8 @@ class Trainer:
     if self.sampler.position != step:
       raise checkpoint_lib.CheckpointError(f"{where} has sampler position {self.sampler.position} != step {step}.")
     state = TrainState(jnp.asarray(tree["step"], jnp.int32), tree["params"], tree["opt_state"])
+    if self.cfg.adaptive_clip:
+      self.clip_norm_t = float(tree["clip_norm"])
     return self.private_step.shard_state(state), ledger
 
   # ------------------------------------------------------------------ one step
@@ -188,9 +211,13 @@ class Trainer:
 
     # Every process drew the same global sample; each reads only its share.
     chunks = self.private_step.chunks(self.task.train_source, indices)
-    acc = self.private_step.clipped_sum(state.params, chunks, None if self.task.prepare_batch is None else prepare)
+    adaptive, clip_t = cfg.adaptive_clip, self.clip_norm_t
+    acc = self.private_step.clipped_sum(state.params, chunks, None if self.task.prepare_batch is None else prepare,
+                                        clip_norm_t=clip_t if adaptive else None)
     self._spend(t, sigma)  # durably in the journal BEFORE the noisy update exists
-    state, update_metrics = self.private_step.update(state, acc.grad_sum, self.noise_key(t), sigma, expected,
+    # Adaptive: the step was built with clip norm 1, so noise multiplier sigma * C_t is noise std sigma * C_t.
+    state, update_metrics = self.private_step.update(state, acc.grad_sum, self.noise_key(t),
+                                                     sigma * clip_t if adaptive else sigma, expected,
                                                      acc.stats.num_clipped)
     metrics = {"batch_size": expected, "q": expected / self.dataset_size}
     if cfg.metrics is config_lib.MetricsMode.RAW:
@@ -207,6 +234,10 @@ class Trainer:
     if count is not None:
       # Over the EXPECTED batch size (public): unbiased, not clamped, so it may leave [0, 1].
       metrics["private_clipped_fraction"] = count / expected
+    if adaptive:  # post-processing of the noisy count: C_{t+1} for the next step
+      metrics["clip_norm"] = clip_t
+      self.clip_norm_t = float(np.float32(adaptive_clip.next_clip_norm(
+          clip_t, count, expected, target_quantile=cfg.adaptive_clip_quantile, learning_rate=cfg.adaptive_clip_lr)))
     metrics.update(update_metrics)
     return state, metrics
 
@@ -235,6 +266,8 @@ class Trainer:
     cfg = self.cfg
     if overwrite and (resume or resume_step is not None):
       raise UsageError("overwrite and resume exclude each other: pick one.")
+    if cfg.simulate_k:  # NOT private: no ledger, journal, checkpoint or epsilon (dpmega.train.simulation)
+      return simulation.run(self, resume=resume or resume_step is not None, overwrite=overwrite, stop=stop)
     if overwrite and jax.process_index() == 0:
       workdir_lib.discard_run(cfg.workdir, journal_name=journal_lib.FILENAME)
     os.makedirs(cfg.workdir, exist_ok=True)
@@ -256,6 +289,7 @@ class Trainer:
       raise checkpoint_lib.CheckpointError(f"--resume: no checkpoint in {ckpt.directory}.")
 
     # --- plan: sigma and what the schedule will spend.
+    self.stage.name = "calibrating sigma to the target epsilon" if cfg.noise_multiplier is None else "planning"
     sigma, how = privacy.choose_sigma()
     privacy.print_plan(sigma, how, self.out, randomness=self.randomness, mesh=self.mesh)
 
@@ -268,6 +302,7 @@ class Trainer:
     self.spent = self.journal.ledger()
     digest = identity.digest(self.fingerprint(sigma))
     latest = self.journal.latest_generation
+    self.stage.name = "restoring the checkpoint" if resume else "starting the run"
     if resume:
       state, ledger = self._restore(ckpt, state, sigma, resume_step)
       restored_at = int(state.step)
@@ -315,6 +350,7 @@ class Trainer:
                "their metrics are lost; the checkpoint's ledger and the journal still account every step")
 
     # --- the loop.
+    self.stage.name, self.stage.in_loop = "training", True  # from here SIGTERM stops between steps
     needs_checks = privacy.needs_checks(self.spent, ledger, sigma)
     epsilon = privacy.epsilon(self.spent)
     history, stop_reason, eval_metrics = [], None, {}
@@ -328,10 +364,15 @@ class Trainer:
         if stop_reason:
           self.out(stop_reason)
           break
+        if not history:  # this process's first step traces and compiles it: said, timed apart
+          self.out("compiling the step (first call) ...")
         start = time.perf_counter()
-        state, metrics = self.train_step(state, sigma)
-        jax.block_until_ready(state.params)
-        seconds = time.perf_counter() - start
+        with report.CompileClock() as compile_clock:
+          state, metrics = self.train_step(state, sigma)
+          jax.block_until_ready(state.params)
+        seconds = time.perf_counter() - start - compile_clock.seconds
+        if not history or compile_clock.seconds > 1:
+          self.out(report.compile_line(compile_clock.seconds, first=not history))
         privacy.record(ledger, t, sigma)
         step = t + 1
         epsilon = privacy.epsilon(self.spent)
@@ -339,7 +380,8 @@ class Trainer:
                   "delta": cfg.delta}
         if cfg.metrics is config_lib.MetricsMode.RAW:
           # Under Poisson sampling the step's time follows the realized batch size: raw mode only.
-          record.update(seconds=seconds, examples_per_s=metrics["sampled"] / max(seconds, 1e-9))
+          record.update(seconds=seconds, compile_seconds=compile_clock.seconds,
+                        examples_per_s=metrics["sampled"] / max(seconds, 1e-9))
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
           record.update({f"eval_{k}": v for k, v in self._evaluate(state.params).items()})
         history.append(record)
@@ -380,7 +422,7 @@ class Trainer:
 
 def train(config: ml_collections.ConfigDict, *, resume: bool = False, resume_step: int | None = None,
           overwrite: bool = False, out: Callable[[str], None] | None = None,
-          stop: threading.Event | None = None) -> TrainResult:
+          stop: threading.Event | None = None, stage: report.Stage | None = None) -> TrainResult:
   """Validates ``config``, locks its workdir, builds its task and trains (see :class:`Trainer`).
 
   The workdir is checked and locked before the dataset is built (:mod:`dpmega.train.workdir`): a second run
@@ -392,6 +434,8 @@ def train(config: ml_collections.ConfigDict, *, resume: bool = False, resume_ste
   """
   cfg = config_lib.validate(config)
   with workdir_lib.locked(cfg.workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+    stage = stage or report.Stage()
+    stage.name = "building the dataset"
     try:
       task = build_task(config)
     except UsageError:
@@ -407,5 +451,7 @@ def train(config: ml_collections.ConfigDict, *, resume: bool = False, resume_ste
       cfg = dataclasses.replace(cfg, num_steps=num_steps)
       (out or print)(f"plan: {cfg.epochs:g} epochs of N = {len(task.train_source):,} examples are {num_steps} "
                      "steps of the batch schedule (epochs replaces num_steps)")
-    return Trainer(cfg, task, out=out, config_dict=config).run(resume=resume, resume_step=resume_step,
-                                                               overwrite=overwrite, stop=stop)
+    stage.name = "building the model"
+    trainer = Trainer(cfg, task, out=out, config_dict=config)
+    trainer.stage = stage
+    return trainer.run(resume=resume, resume_step=resume_step, overwrite=overwrite, stop=stop)

@@ -48,12 +48,19 @@ class RunPrivacy:
     self.plan = accounting.Plan(dataset_size=dataset_size, schedule=cfg.batch_schedule, num_steps=cfg.num_steps,
                                 delta=cfg.delta, scheme=cfg.sampling, accountant=cfg.accountant, tail=tail)
 
+  def _refuse_simulation(self) -> None:
+    """An effective-noise simulation (``simulate_k``) has no ledger and no epsilon (:mod:`dpmega.train.simulation`)."""
+    if getattr(self.cfg, "simulate_k", 0):
+      raise RuntimeError("an effective-noise simulation (simulate_k > 0) is NOT private: it keeps no ledger and "
+                         "has no epsilon")
+
   def accounted(self, sigma: float) -> float:
     """The noise multiplier the ledger records for a step at gradient noise ``sigma``."""
     return effective_noise_multiplier(sigma, self.cfg.clipped_count_noise)
 
   def epsilon(self, ledger: accounting.Ledger) -> float:
     """epsilon(delta) of ``ledger``, delta covering the sampler's bounded support (delta_tail)."""
+    self._refuse_simulation()
     return accounting.compute_epsilon(ledger, self.cfg.delta, self.cfg.accountant, tail=self.tail)
 
   def tail_delta(self, ledger: accounting.Ledger) -> float:
@@ -70,6 +77,7 @@ class RunPrivacy:
 
   def record(self, ledger: accounting.Ledger, step: int, sigma: float) -> None:
     """Records step ``step`` (0-based) of the schedule at gradient noise ``sigma`` in ``ledger``."""
+    self._refuse_simulation()
     ledger.record(batch_size=int(self.batch_sizes[step]), dataset_size=self.dataset_size,
                   noise_multiplier=self.accounted(sigma), scheme=self.cfg.sampling)
 
@@ -106,6 +114,11 @@ class RunPrivacy:
     shape = " x ".join(f"{name} {size}" for name, size in mesh.shape.items())
     out(f"plan: mesh {shape} over {mesh.devices.size} device(s) of {mesh.devices.flat[0].platform}")
     out(f"plan: randomness {randomness}")
+    if cfg.clip_groups or cfg.normalized_clipping:
+      groups = ", ".join(f"{pattern!r} C*{share ** 0.5:.4g}" for pattern, share in cfg.clip_groups)
+      out("plan: clipping " + (f"normalized (C*g/(||g|| + {cfg.clip_stability:g}*C))" if cfg.normalized_clipping
+                               else "min(1, C/||g||)") + (f" per group: {groups}" if groups else "")
+          + "; each example's whole contribution stays <= C")
     if cfg.clipped_count_noise is not None:
       out(f"plan: metrics private; the clipped count gets noise sigma_b = {cfg.clipped_count_noise:g} "
           f"(sensitivity 1): every step is accounted at sigma_eff = {self.accounted(sigma):.6g}")

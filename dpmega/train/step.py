@@ -53,6 +53,7 @@ from dpmega import clipping as clipping_lib
 from dpmega import noise as noise_lib
 from dpmega import sampling
 from dpmega import sharding
+from dpmega import sparse as sparse_lib
 from dpmega.clipping import ClipStats
 from dpmega.validation import check_int
 
@@ -128,7 +129,9 @@ def make_accumulate_fn(
     microbatch_size: int,
     has_aux: bool = False,
     clipping: str = "auto",
+    clip_rule: clipping_lib.ClipRule | None = None,
     on_trace: Callable[[], None] | None = None,
+    adaptive: bool = False,
 ) -> Callable[..., Accumulator]:
   """A jitted ``accumulate(params, acc, batch, mask) -> acc`` that adds one chunk's clipped, masked sum.
 
@@ -152,7 +155,13 @@ def make_accumulate_fn(
       must be a multiple of ``mesh.size * microbatch_size``.
     has_aux: ``loss_fn`` returns ``(loss, aux)``.
     clipping: a mode of :func:`dpmega.clipping.clipping_modes`.
+    clip_rule: how norms become weights (:class:`dpmega.clipping.ClipRule`); None: ``min(1, C / ||g||)``.
     on_trace: called each time JAX traces (compiles) a new chunk shape.
+    adaptive: the clip norm is an argument, ``accumulate(params, acc, batch, mask, clip_norm_t)`` (traced:
+      one compilation for every value), and ``clip_norm`` must be 1: each example's gradient of
+      ``loss / clip_norm_t`` is clipped at norm 1 and the sum multiplied by ``clip_norm_t``, so each
+      contribution is at most ``clip_norm_t (1 + 1e-5)(1 + 2^-23)`` (:mod:`dpmega.train.adaptive_clip`);
+      the stats are in the gradient's own units (norms and losses times ``clip_norm_t``).
 
   Returns:
     ``accumulate`` (its jitted core, for ``.lower``, is ``accumulate.jitted``).
@@ -168,30 +177,42 @@ def make_accumulate_fn(
   specs = jax.tree_util.tree_map(lambda s: s.spec, param_shardings)
   bspec = P(axes)
 
-  def local(params, batch, mask):
+  if adaptive and clip_norm != 1.0:
+    raise ValueError(f"clip_norm must be 1.0 with adaptive=True (the clip norm is then an argument), got {clip_norm=}.")
+
+  def local(params, batch, mask, scale=None):
+    def scaled_loss(p, ex):  # the gradient of loss / C_t, clipped at 1 below: C_t times the clip at C_t
+      out = loss_fn(p, ex)
+      return (out[0] / scale, out[1]) if has_aux else out / scale
+
     g, _, stats = clipping_lib.clipped_grad_sum(
-        loss_fn, params, batch, mask, clip_norm=clip_norm, microbatch_size=microbatch_size,
-        has_aux=has_aux, clipping=clipping)
+        scaled_loss if adaptive else loss_fn, params, batch, mask, clip_norm=clip_norm,
+        microbatch_size=microbatch_size, has_aux=has_aux, clipping=clipping, clip_rule=clip_rule)
+    if adaptive:
+      g = jax.tree_util.tree_map(lambda x: x * scale.astype(x.dtype), g)
+      stats = stats._replace(norm_sum=stats.norm_sum * scale, norm_max=stats.norm_max * scale,
+                             loss_sum=stats.loss_sum * scale)
     g = jax.tree_util.tree_map(lambda x, s: _reduce_leaf(x, s, axes), g, specs)
     return g, _reduce_stats(stats, axes)
 
   # check_vma=False: clipped_grad_sum's scan starts from a device-invariant zero
   # carry; the psum / psum_scatter above make every output what out_specs say.
-  per_device = jax.shard_map(local, mesh=mesh, in_specs=(P(), bspec, bspec), out_specs=(specs, P()),
-                             check_vma=False)
+  per_device = jax.shard_map(local, mesh=mesh, in_specs=(P(), bspec, bspec) + ((P(),) if adaptive else ()),
+                             out_specs=(specs, P()), check_vma=False)
 
-  def step(params, acc: Accumulator, batch, mask) -> Accumulator:
+  def step(params, acc: Accumulator, batch, mask, *scale) -> Accumulator:
     if on_trace is not None:
       on_trace()
-    g, stats = per_device(params, batch, mask)
+    g, stats = per_device(params, batch, mask, *scale)
     return Accumulator(jax.tree_util.tree_map(jnp.add, acc.grad_sum, g), acc.stats.merge(stats))
 
   rep, bsh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   acc_sh = Accumulator(param_shardings, rep)
-  jitted = jax.jit(step, in_shardings=(param_shardings, acc_sh, bsh, bsh), out_shardings=acc_sh)
+  jitted = jax.jit(step, in_shardings=(param_shardings, acc_sh, bsh, bsh) + ((rep,) if adaptive else ()),
+                   out_shardings=acc_sh)
   per_step_rows = mesh.size * microbatch_size
 
-  def accumulate(params, acc: Accumulator, batch, mask) -> Accumulator:
+  def accumulate(params, acc: Accumulator, batch, mask, clip_norm_t=None) -> Accumulator:
     rows = clipping_lib.leading_size(batch)
     if rows == 0 or rows % per_step_rows:
       raise ValueError(
@@ -199,7 +220,13 @@ def make_accumulate_fn(
           f"(pad with masked rows), got {rows}.")
     if tuple(jnp.shape(mask)) != (rows,):
       raise ValueError(f"mask must have shape ({rows},) to match the batch, got {tuple(jnp.shape(mask))}.")
-    return jitted(params, acc, batch, mask)
+    if adaptive != (clip_norm_t is not None):
+      raise ValueError(f"clip_norm_t must be given exactly when adaptive=True, got {adaptive=} and {clip_norm_t=}.")
+    if adaptive:
+      clipping_lib.validate_clip_norm(clip_norm_t)
+      if not 0 < float(clip_norm_t) < math.inf:
+        raise ValueError(f"clip_norm_t must be positive and finite, got {clip_norm_t=}.")
+    return jitted(params, acc, batch, mask, *(() if clip_norm_t is None else (np.float32(clip_norm_t),)))
 
   accumulate.jitted = jitted
   return accumulate
@@ -217,8 +244,9 @@ def make_update_fn(
     clip_norm: float,
     noise_sampler: noise_lib.NoiseSampler | str = noise_lib.NoiseSampler.WIDE_TAIL,
     clipped_count_noise: float | None = None,
+    sparse: sparse_lib.SparseTables | None = None,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
-  """A jitted ``update(state, grad_sum, key, noise_multiplier, expected_batch_size, num_clipped=0)``.
+  """A jitted ``update(state, grad_sum, key, noise_multiplier, expected_batch_size, num_clipped=0, row_counts=None)``.
 
   Adds the step's single noise draw (:func:`dpmega.noise.privatize`, std
   ``noise_multiplier * clip_norm`` per coordinate, from ``key``) to the whole
@@ -231,11 +259,24 @@ def make_update_fn(
   ``noise_multiplier`` and ``expected_batch_size`` are traced (one compilation
   for a whole schedule) and validated on the host before each call.
 
+  With ``sparse`` (:class:`dpmega.sparse.SparseTables`), the tables it names
+  are updated sparsely (:func:`dpmega.sparse.sparse_privatize`, Ghazi et al.
+  2023): ``row_counts`` (per table, the logical batch's clipped row counts,
+  :func:`dpmega.sparse.make_count_fn`; ``state`` is donated) select rows with noise ``σ1``, the
+  gradient gets noise ``σ2`` on the dense leaves and the selected rows only,
+  and ``optimizer`` runs lazily on them (:func:`dpmega.sparse.lazy_update`;
+  it must be elementwise). ``noise_multiplier`` is then the effective
+  ``σ_eff = (σ1⁻² + σ2⁻²)^(-1/2)``, the one the accountant records; the
+  split is the config's ``selection_fraction``.
+
   Returns:
     ``update -> (state, metrics)``; metrics ``noisy_grad_norm``,
     ``update_norm``, ``params_finite`` (1.0 or 0.0) and, with
-    ``clipped_count_noise``, ``noisy_clipped_count``. The jitted core is
-    ``update.jitted``.
+    ``clipped_count_noise``, ``noisy_clipped_count``; with ``sparse``,
+    ``selected_rows`` (kept, all tables), ``update_sparsity`` (kept / table
+    rows), ``selection_cap_hit`` (1.0 when a table selected more than
+    ``max_rows``), ``selection_sigma`` and ``gradient_sigma``. The jitted
+    core is ``update.jitted``.
 
   Raises:
     RuntimeError: if ``jax_threefry_partitionable`` is off
@@ -244,17 +285,31 @@ def make_update_fn(
   clipping_lib.validate_clip_norm(clip_norm)
   noise_sampler = noise_lib.as_sampler(noise_sampler)
   sharding.check_partitionable_rng()
+  # Every optimizer gets the step's noise std sigma * C / B_t (public) as the extra argument noise_std
+  # (dpmega.train.dp_adam uses it); optax transforms that do not take extra arguments ignore it.
+  optimizer = optax.with_extra_args_support(optimizer)
 
-  def apply_update(state: TrainState, grad_sum, key, noise_multiplier, expected_batch_size, num_clipped):
+  def _sparse_update(state, grad_sum, key, noise_multiplier, expected_batch_size, row_counts, metrics):
+    params, opt_state, m = sparse_lib.sparse_step(
+        optimizer, sparse, state.params, state.opt_state, grad_sum, row_counts, key, noise_multiplier=noise_multiplier,
+        clip_norm=clip_norm, expected_batch_size=expected_batch_size, sampler=noise_sampler)
+    metrics.update(m)
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+  def apply_update(state: TrainState, grad_sum, key, noise_multiplier, expected_batch_size, num_clipped,
+                   row_counts=None):
     metrics = {}
     if clipped_count_noise is not None:
       key, count_key = jax.random.split(key)
       count = jnp.asarray(num_clipped, jnp.float32)
       metrics["noisy_clipped_count"] = noise_lib.add_gaussian_noise(
           count, count_key, noise_multiplier=clipped_count_noise, clip_norm=1.0, sampler=noise_sampler)
+    if sparse is not None:
+      return _sparse_update(state, grad_sum, key, noise_multiplier, expected_batch_size, row_counts, metrics)
     noisy_mean = noise_lib.privatize(grad_sum, key, noise_multiplier=noise_multiplier, clip_norm=clip_norm,
                                      expected_batch_size=expected_batch_size, sampler=noise_sampler)
-    updates, opt_state = optimizer.update(noisy_mean, state.opt_state, state.params)
+    updates, opt_state = optimizer.update(noisy_mean, state.opt_state, state.params,
+                                          noise_std=noise_multiplier * clip_norm / expected_batch_size)
     params = optax.apply_updates(state.params, updates)
     finite = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(params)]
     metrics.update({"noisy_grad_norm": optax.tree.norm(noisy_mean), "update_norm": optax.tree.norm(updates),
@@ -264,17 +319,22 @@ def make_update_fn(
   rep = sharding.replicated(mesh)
   state_sh = TrainState(rep, param_shardings, opt_shardings)
   # The key and the scalars may be host values (None: taken as they come).
-  jitted = jax.jit(apply_update, in_shardings=(state_sh, param_shardings, None, None, None, None),
-                   out_shardings=(state_sh, rep))
+  jitted = jax.jit(apply_update, in_shardings=(state_sh, param_shardings, None, None, None, None, None),
+                   out_shardings=(state_sh, rep), donate_argnums=(0,) if sparse is not None else ())
 
-  def update(state: TrainState, grad_sum, key, noise_multiplier, expected_batch_size, num_clipped=0):
+  def update(state: TrainState, grad_sum, key, noise_multiplier, expected_batch_size, num_clipped=0,
+             row_counts=None):
+    if (sparse is None) != (row_counts is None):
+      raise ValueError("row_counts must be given exactly when the update was built with sparse tables, "
+                       f"got row_counts={'None' if row_counts is None else 'counts'} and sparse={sparse}.")
     noise_lib.validate_noise_multiplier(noise_multiplier)
     noise_lib.validate_expected_batch_size(expected_batch_size)
     if not math.isfinite(float(clip_norm)) and float(noise_multiplier) != 0:
       raise ValueError(f"clip_norm must be finite when noise is added, got {clip_norm=}.")
     if not isinstance(num_clipped, jax.Array):
       num_clipped = np.int32(num_clipped)
-    return jitted(state, grad_sum, key, np.float32(noise_multiplier), np.float32(expected_batch_size), num_clipped)
+    return jitted(state, grad_sum, key, np.float32(noise_multiplier), np.float32(expected_batch_size), num_clipped,
+                  row_counts)
 
   update.jitted = jitted
   return update
@@ -329,7 +389,8 @@ class PrivateStep:
                                    process_count=jax.process_count())
 
   def clipped_sum(self, params: PyTree, chunks: Iterable[sampling.Chunk],
-                  prepare: Callable[[int, PyTree], PyTree] | None = None) -> Accumulator:
+                  prepare: Callable[[int, PyTree], PyTree] | None = None,
+                  clip_norm_t: float | None = None) -> Accumulator:
     """The clipped, masked gradient sum of a whole logical batch, one chunk on the device at a time.
 
     Args:
@@ -338,14 +399,16 @@ class PrivateStep:
         shapes on every process.
       prepare: ``prepare(i, batch) -> batch`` for chunk ``i`` on the host
         (e.g. BERT masking), before the chunk goes to the devices.
+      clip_norm_t: the step's clip norm when the step was built with ``adaptive=True``.
     """
     acc = self.zero_accumulator(params)
+    extra = () if clip_norm_t is None else (clip_norm_t,)
     for i, chunk in enumerate(chunks):
       batch = chunk.batch if prepare is None else prepare(i, chunk.batch)
       mask = chunk.mask
       if jax.process_count() > 1:  # one process: the jitted call places the host rows itself (cheaper)
         batch, mask = sharding.global_batch_from_process_local((batch, mask), self.mesh)
-      previous, acc = acc, self.accumulate(params, acc, batch, mask)
+      previous, acc = acc, self.accumulate(params, acc, batch, mask, *extra)
       # At most one chunk in flight while the host reads the next: memory stays
       # bounded by the chunk size whatever the logical batch size.
       jax.block_until_ready(previous)
@@ -363,10 +426,12 @@ def make_private_step(
     max_microbatches: int,
     has_aux: bool = False,
     clipping: str = "auto",
+    clip_rule: clipping_lib.ClipRule | None = None,
     noise_sampler: noise_lib.NoiseSampler | str = noise_lib.NoiseSampler.WIDE_TAIL,
     clipped_count_noise: float | None = None,
     min_shard_size: int = sharding.DEFAULT_MIN_SHARD_SIZE,
     on_trace: Callable[[], None] | None = None,
+    adaptive: bool = False,
 ) -> PrivateStep:
   """Builds the sharded accumulate and update of a run on ``mesh``.
 
@@ -375,7 +440,7 @@ def make_private_step(
     optimizer: the optax optimizer the noisy mean gradient goes to.
     mesh: from :func:`dpmega.sharding.make_mesh`; ``MeshConfig(data=1)`` for one device.
     params: the parameters or their shapes (``jax.eval_shape``): only shapes are read.
-    clip_norm, microbatch_size, has_aux, clipping, on_trace: as in :func:`make_accumulate_fn`
+    clip_norm, microbatch_size, has_aux, clipping, clip_rule, on_trace, adaptive: as in :func:`make_accumulate_fn`
       (``microbatch_size`` is per device).
     max_microbatches: micro-batches per chunk (one jitted call) at most.
     noise_sampler, clipped_count_noise: as in :func:`make_update_fn`.
@@ -403,7 +468,8 @@ def make_private_step(
   opt_shardings = sharding.param_shardings(jax.eval_shape(optimizer.init, shapes), **rule)
   accumulate = make_accumulate_fn(loss_fn, mesh, param_shardings, clip_norm=clip_norm,
                                   microbatch_size=microbatch_size, has_aux=has_aux, clipping=clipping,
-                                  on_trace=on_trace)
+                                  clip_rule=clip_rule,
+                                  on_trace=on_trace, adaptive=adaptive)
   update = make_update_fn(optimizer, mesh, param_shardings, opt_shardings, clip_norm=clip_norm,
                           noise_sampler=noise_sampler, clipped_count_noise=clipped_count_noise)
   return PrivateStep(mesh, param_shardings, opt_shardings, accumulate, update,

@@ -212,7 +212,7 @@ def clipped_sum_ghost(
   if not leaves:
     raise ValueError("params has no leaves: nothing to differentiate.")
   leaves = [jnp.asarray(x) for x in leaves]
-  groups = (0,) * len(leaves) if rule.num_groups == 1 else rule.assign(
+  groups = (0,) * len(leaves) if not rule.groups else rule.assign(
       [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]])
   ex_leaves, ex_def = jax.tree_util.tree_flatten(batch)
   ex_leaves = [jnp.asarray(x) for x in ex_leaves]

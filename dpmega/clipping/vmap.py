@@ -74,9 +74,11 @@ def per_example_grads(
 def group_norms(per_example_grads: PyTree, rule: rules.ClipRule) -> tuple[jax.Array, tuple[int, ...]]:
   """Per-example norms by clip group: ``([G, b] norms, group of each leaf)``, or ``([b], all 0)`` for one group."""
   flat = jax.tree_util.tree_flatten_with_path(per_example_grads)[0]
-  if rule.num_groups == 1:
+  if not rule.groups:
     return global_norms(per_example_grads), (0,) * len(flat)
-  groups = rule.assign([jax.tree_util.keystr(path) for path, _ in flat])
+  groups = rule.assign([jax.tree_util.keystr(path) for path, _ in flat])  # every parameter in a group, or an error
+  if rule.num_groups == 1:
+    return global_norms(per_example_grads), groups
   norms = [floats.scaled_norms(x) for _, x in flat]
   return jnp.stack([floats.hypot([n for n, g in zip(norms, groups) if g == j])
                     for j in range(rule.num_groups)]), groups

@@ -56,7 +56,8 @@ from dp_accounting.rdp import rdp_privacy_accountant
 import numpy as np
 from scipy import special
 
-__all__ = ["ORDERS", "EpsilonRoundingWarning", "step_rdp", "total_rdp", "total_variation", "epsilon", "delta", "negative_rdp_unlogged"]
+__all__ = ["ORDERS", "EpsilonRoundingWarning", "step_rdp", "total_rdp", "total_variation", "epsilon", "delta",
+           "negative_rdp_unlogged"]
 
 # The integer orders of dp-accounting's DEFAULT_RDP_ORDERS (the formulas above are for integer α).
 ORDERS = tuple(range(2, 64)) + (128, 256, 512, 1024)

@@ -76,7 +76,8 @@ from dpmega.clipping.vmap import weighted_sum
 __all__ = [
     "ClipRule", "ClipStats", "check_batch", "clip_factors", "clipped_grad_sum", "clipped_sum_vmap", "clipping_modes",
     "combine", "gamma", "global_norms", "leading_size", "parse_clip_groups", "per_example_grads", "scaled_norms",
-    "scaled_norms_many", "sum_nonneg", "tree_gamma", "validate_clip_norm", "validate_microbatch_size", "validate_params", "weighted_sum",
+    "scaled_norms_many", "sum_nonneg", "tree_gamma", "validate_clip_norm", "validate_microbatch_size",
+    "validate_params", "weighted_sum",
 ]
 
 PyTree = Any

@@ -159,8 +159,8 @@ def _materialize_count(method: NormMethod, b: int, x, y, rows, auto: bool = Fals
 
   All of them under MATERIALIZE, and under "auto" (``auto``) for a multi-row
   leaf without lookups whose ``b K M`` is at most ``_MATERIALIZE_SMALL_LEAF``
-  (unless the budget is 0: the bound alone, for tests). Otherwise, none when the bound cannot be loose (one row, no lookups: no
-  cancellation), else as many as fit in ``_MATERIALIZE_BUDGET`` floats, at
+  (unless the budget is 0: the bound alone, for tests). Otherwise, none when
+  the bound cannot be loose (one row, no lookups: no cancellation), else as many as fit in ``_MATERIALIZE_BUDGET`` floats, at
   least one: the examples whose bound is loosest, which on benign inputs covers
   every example of a small layer and a crafted one in a large layer; the others
   keep the (never permissive) bound.

@@ -182,7 +182,8 @@ class TrainConfig:
                                         "the fewest steps whose expected batches add up to epochs * N "
                                         "(replaces num_steps; constant or step schedules)")
   batch_schedule: schedules.Schedule = fields.schedule(
-      "constant:4096", doc="expected logical batch size per step: 'constant:4096', 'steps:1024@1,8192@51' (steps count from 1), "
+      "constant:4096", doc="expected logical batch size per step: 'constant:4096', 'steps:1024@1,8192@51' "
+      "(steps count from 1), "
       "'linear:1024->65536@100', 'geometric:1024->65536' (ramp over the whole run)")
   microbatch_size: int = fields.integer(256, 1, 2**20, doc="examples per vmapped micro-batch (bounds memory)")
   max_microbatches: int = fields.integer(8, 1, 2**16, doc="micro-batches per jitted call (scan length)")

@@ -117,7 +117,8 @@ class Trainer:
         task.loss_fn, self.optimizer, self.mesh, shapes, clip_norm=1.0 if cfg.adaptive_clip else cfg.clip_norm,
         adaptive=cfg.adaptive_clip,
         microbatch_size=cfg.microbatch_size, max_microbatches=cfg.max_microbatches, has_aux=task.has_aux,
-        clipping=cfg.clipping, clip_rule=self.clip_rule, noise_sampler=cfg.noise_sampler, clipped_count_noise=cfg.clipped_count_noise,
+        clipping=cfg.clipping, clip_rule=self.clip_rule, noise_sampler=cfg.noise_sampler,
+        clipped_count_noise=cfg.clipped_count_noise,
         min_shard_size=mesh_config.min_shard_size, on_trace=self._count_trace)
     if jax.process_index() != 0:
       self.out = lambda s: None

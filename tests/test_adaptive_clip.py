@@ -21,6 +21,8 @@ from dpmega.tasks import register_task
 from dpmega.train import adaptive_clip
 from dpmega.train import config as config_lib
 from dpmega.train import step as step_lib
+from tests.interrupts import Interrupt
+from tests.interrupts import interrupt_at
 
 
 def build_norms_task(config) -> Task:
@@ -91,23 +93,12 @@ def test_clip_norm_tracks_a_higher_quantile(tmp_path):
   assert 7.8 < float(np.mean(c[-20:])) < 10.5  # the 0.9 quantile is 9
 
 
-class _Interrupt(Exception):
-  pass
-
-
-def _interrupt_at(step):
-  def out(line):
-    if line.startswith(f"step {step}/"):
-      raise _Interrupt()
-  return out
-
-
 def test_resume_continues_with_the_checkpointed_clip_norm(tmp_path):
   common = ("num_steps=12", "checkpoint_every=4")
   full = train_lib.train(_config(tmp_path, *common, name="full"), out=lambda s: None)
   config = _config(tmp_path, *common, name="cut")
-  with pytest.raises(_Interrupt):
-    train_lib.train(config, out=_interrupt_at(6))  # dies after step 6; last checkpoint at step 4
+  with pytest.raises(Interrupt):
+    train_lib.train(config, out=interrupt_at(6))  # dies after step 6; last checkpoint at step 4
   resumed = train_lib.train(config, resume=True, out=lambda s: None)
   want = [r["clip_norm"] for r in full.history]
   got = [r["clip_norm"] for r in resumed.history]

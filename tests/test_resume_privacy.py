@@ -19,6 +19,8 @@ from dpmega.train.checkpoint import CheckpointError
 from dpmega.data.sources import ArraySource
 from dpmega.data.sources import fingerprint
 from dpmega.tasks import build_task
+from tests.interrupts import Interrupt
+from tests.interrupts import interrupt_at
 
 from tests import train_configs
 
@@ -45,17 +47,6 @@ def _epsilon_of_steps(n, config):
   ledger = accounting.Ledger()
   ledger.record(batch_size=32, dataset_size=256, noise_multiplier=cfg.noise_multiplier, scheme=cfg.sampling, steps=n)
   return accounting.compute_epsilon(ledger, cfg.delta, cfg.accountant)
-
-
-class _Interrupt(Exception):
-  pass
-
-
-def _interrupt_after(step):
-  def out(line):
-    if line.startswith(f"step {step}/"):
-      raise _Interrupt()
-  return out
 
 
 def test_issue_reproduction_resume_on_other_data_and_computation_is_refused_naming_the_fields(tmp_path):
@@ -113,8 +104,8 @@ def test_rewind_draws_new_noise_and_epsilon_counts_the_discarded_steps(tmp_path)
 def test_crash_resume_is_bit_identical_and_spends_nothing_new(tmp_path):
   full = train_lib.train(_config(tmp_path, "num_steps=6", "checkpoint_every=2", name="full"), out=lambda s: None)
   config = _config(tmp_path, "num_steps=6", "checkpoint_every=2", "log_every=1", name="cut")
-  with pytest.raises(_Interrupt):
-    train_lib.train(config, out=_interrupt_after(5))  # step 5 computed and journaled; last checkpoint at 4
+  with pytest.raises(Interrupt):
+    train_lib.train(config, out=interrupt_at(5))  # step 5 computed and journaled; last checkpoint at 4
   assert len(journal_lib.Journal(config.workdir)) == 5
   resumed = train_lib.train(config, resume=True, out=lambda s: None)
   assert resumed.generation == 0
@@ -124,8 +115,8 @@ def test_crash_resume_is_bit_identical_and_spends_nothing_new(tmp_path):
 
 def test_resume_with_a_new_learning_rate_is_allowed_in_a_new_generation(tmp_path):
   config = _config(tmp_path, "checkpoint_every=2", "log_every=1")
-  with pytest.raises(_Interrupt):
-    train_lib.train(config, out=_interrupt_after(3))  # steps 1-3 spent; checkpoint at 2
+  with pytest.raises(Interrupt):
+    train_lib.train(config, out=interrupt_at(3))  # steps 1-3 spent; checkpoint at 2
   lines = []
   changed = config_lib.apply_overrides(config, ["optimizer.learning_rate=0.05"])
   result = train_lib.train(changed, resume=True, out=lines.append)

@@ -28,6 +28,8 @@ from dpmega import train as train_lib
 from dpmega.train.checkpoint import Checkpointer
 from dpmega.errors import UsageError
 from dpmega.tasks import build_task
+from tests.interrupts import Interrupt
+from tests.interrupts import interrupt_at
 from tests import train_configs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -147,18 +149,10 @@ def test_overwrite_draws_a_new_secret(small_config, tmp_path):
   assert _checkpoint_secret(small_config, tmp_path / "w") != secret
 
 
-class _Interrupt(Exception):
-  pass
-
-
 def test_resume_keeps_the_secret_of_the_checkpoint(small_config, tmp_path):
-  def die_after_step_3(line):
-    if line.startswith("step 3/"):
-      raise _Interrupt()
-
   config = _load(small_config, tmp_path / "cut", "num_steps=6", "checkpoint_every=2")
-  with pytest.raises(_Interrupt):
-    train_lib.train(config, out=die_after_step_3)  # last checkpoint at step 2
+  with pytest.raises(Interrupt):
+    train_lib.train(config, out=interrupt_at(3))  # last checkpoint at step 2
   secret = _checkpoint_secret(small_config, tmp_path / "cut", step=2)
   resumed = train_lib.train(config, resume=True, out=lambda s: None)
   assert _checkpoint_secret(small_config, tmp_path / "cut") == secret

@@ -31,6 +31,8 @@ from dpmega.tasks import build_task
 from dpmega.tasks import register_task
 from dpmega.train import optim
 from dpmega.train import step as step_lib
+from tests.interrupts import Interrupt
+from tests.interrupts import interrupt_at
 
 
 def build_tiny_task(config) -> Task:
@@ -194,17 +196,6 @@ def test_compile_count_stays_bounded_over_many_poisson_steps(tmp_path):
   assert 1 <= trainer.num_traces <= len(sampling.chunk_shapes(16, 8))  # ... few compiled shapes
 
 
-class _Interrupt(Exception):
-  pass
-
-
-def _interrupt_at(step):
-  def out(line):
-    if line.startswith(f"step {step}/"):
-      raise _Interrupt()
-  return out
-
-
 def test_resume_continues_exactly_and_reuses_no_key(tmp_path):
   common = ("num_steps=8", "checkpoint_every=2", "log_every=1", "batch_schedule='linear:32->160'",
             "optimizer.name='adam'", "optimizer.learning_rate=0.05",
@@ -212,8 +203,8 @@ def test_resume_continues_exactly_and_reuses_no_key(tmp_path):
   full = train_lib.train(_config(tmp_path, *common, name="full"), out=lambda s: None)
 
   config = _config(tmp_path, *common, name="cut")
-  with pytest.raises(_Interrupt):
-    train_lib.train(config, out=_interrupt_at(5))  # dies after step 5; last checkpoint at step 4
+  with pytest.raises(Interrupt):
+    train_lib.train(config, out=interrupt_at(5))  # dies after step 5; last checkpoint at step 4
   with open(os.path.join(config.workdir, "metrics.jsonl"), "a") as f:
     f.write('{"step": 6, "los')  # a line torn by the kill
   lines = []
@@ -345,8 +336,8 @@ def _tensorboard_events(workdir):
 
 def test_tensorboard_gets_every_logged_step_and_a_resume_purges_the_redone_ones(tmp_path):
   config = _config(tmp_path, "num_steps=8", "checkpoint_every=2", "log_every=1", "tensorboard=True", name="tb")
-  with pytest.raises(_Interrupt):
-    train_lib.train(config, out=_interrupt_at(5))  # dies after step 5; last checkpoint at step 4
+  with pytest.raises(Interrupt):
+    train_lib.train(config, out=interrupt_at(5))  # dies after step 5; last checkpoint at step 4
   train_lib.train(config, resume=True, out=lambda s: None)
   scalars, purges = _tensorboard_events(config.workdir)
   assert purges == [5]  # TensorBoard hides the first process's step 5, which the resumed run redid

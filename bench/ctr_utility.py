@@ -13,9 +13,10 @@ config's default) with the overrides of its arm, on one generated dataset
    AUC, log loss, normalized entropy (NE) and ECE, plus the noise-to-signal
    ratio per step of the private runs (``sigma C sqrt(P) / B`` over the clipped
    mean gradient's norm, estimated from the released noisy norm).
-2. **Optimizer families** at ``--batch_epsilon``: the recipe against the
-   alternatives (``--families``), each at its own default learning rate.
-3. **Batch size** at ``--batch_epsilon`` and a fixed number of epochs, with
+2. **Optimizer and clipping families** at ``--batch_epsilon``: the recipe against
+   the alternatives (``--families``: optimizers, adaptive clip norm, clip groups,
+   normalized clipping), each at its own default learning rate.
+3. **Batch size** at ``--batch_epsilon`` and a fixed number of epochs (``--batch_epochs``), with
    CowClip and its scaling rules (:func:`dpmega.train.optim.scale_for_batch`:
    table learning rate kept, L2 times the batch factor, dense learning rate
    times its square root), and the non-private CowClip curve beside it.
@@ -25,6 +26,7 @@ run of each arm) go to ``--plots`` when matplotlib is installed (the ``plot`` ex
 
   python bench/ctr_utility.py            # sized for 2 busy CPU cores: DeepFM, 5 x 10^4 rows (~1 h at load 10)
   python bench/ctr_utility.py --full     # the issue's size: DeepFM and DLRM, 10^6 / 10^5 rows, batch to 65,536
+                                         # (1 epoch per arm, 2 for the batch table; ~4 min a run at load 10)
   python bench/ctr_utility.py --quick    # smoke: 2 arms, 1 rate, 20k rows
 
 Writes its section of ``bench/RESULTS.md`` (between its markers; other sections
@@ -68,6 +70,17 @@ FAMILIES = {
     "momentum_c1": {"optimizer.name": "momentum", "optimizer.learning_rate": 0.3, "clip_norm": 1.0},
     "adagrad_tables": {"optimizer.table_name": "adagrad", "optimizer.table_learning_rate": 0.05},
     "sgd_tables": {"optimizer.table_name": "sgd", "optimizer.table_learning_rate": 1.0},
+    # Clipping options on the recipe (item 2 of issue 18). Adaptive clip norm (Andrew et al. 2021): C starts at the
+    # recipe's and tracks the quantile; the noisy clipped count (std ~ B / 20 at B = 4,096, their suggestion) is
+    # accounted, so sigma of the gradient is recalibrated a little higher for the same epsilon.
+    "adaptive_q0.5": {"adaptive_clip": True, "adaptive_clip_quantile": 0.5, "metrics": "private",
+                      "clipped_count_noise": 200.0},
+    "adaptive_q0.9": {"adaptive_clip": True, "adaptive_clip_quantile": 0.9, "metrics": "private",
+                      "clipped_count_noise": 200.0},
+    # Per-group clip budgets, tables vs dense layers (total sensitivity still C).
+    "groups_tables_dense": {"clip_groups": "embedding=0.5;.*=0.5"},
+    "groups_tables_0.8": {"clip_groups": "embedding=0.8;.*=0.2"},
+    "normalized": {"normalized_clipping": True},
 }
 
 
@@ -78,7 +91,12 @@ def parse_args(argv):
   p.add_argument("--rows", type=int, default=50_000)
   p.add_argument("--eval_rows", type=int, default=10_000)
   p.add_argument("--batch_size", type=int, default=1024, help="tables 1 and 2: expected batch size")
-  p.add_argument("--epochs", type=float, default=1.0, help="epochs of every run")
+  p.add_argument("--epochs", type=float, default=1.0, help="epochs of every run (table 3: --batch_epochs)")
+  p.add_argument("--batch_epochs", type=float, default=None, help="table 3: epochs of every run (default --epochs; "
+                 "enough that the largest batch takes >= 30 steps)")
+  p.add_argument("--only", nargs="+", default=["arms", "families", "batch", "seeds"],
+                 choices=["arms", "families", "batch", "seeds"], help="tables to run (the others are only rendered)")
+  p.add_argument("--merge", nargs="*", default=[], help="more --json files whose runs are rendered with these")
   p.add_argument("--lr_grid", type=float, nargs="+", default=[0.3, 1.0],
                  help="table 1: learning rates tried, as multiples of the config's")
   p.add_argument("--families", nargs="*", default=["adam_bc", "momentum_c1"],
@@ -98,9 +116,15 @@ def parse_args(argv):
   p.add_argument("--resume", action="store_true", help="reuse the runs already in --json with the same settings")
   p.add_argument("--render_only", action="store_true", help="rewrite the RESULTS.md section and plots from --json")
   args = p.parse_args(argv)
-  if args.full:
-    args.models, args.rows, args.eval_rows = ["deepfm", "dlrm"], 1_000_000, 100_000
-    args.batch_size, args.batch_sizes, args.epochs = 4096, [1024, 4096, 16384, 65536], 2.0
+  if args.full:  # the issue's size; an option given on the command line wins
+    full = {"models": ["deepfm", "dlrm"], "rows": 1_000_000, "eval_rows": 100_000, "batch_size": 4096,
+            "batch_sizes": [1024, 4096, 16384, 65536], "epochs": 1.0,
+            "batch_epochs": 2.0,  # batch 65,536 then takes 30 steps
+            "families": ["adaptive_q0.5", "adaptive_q0.9", "groups_tables_dense", "normalized"]}
+    given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    for name, value in full.items():
+      if name not in given:
+        setattr(args, name, value)
   if args.quick:
     args.models, args.epsilons, args.rows, args.eval_rows = ["deepfm"], [3.0], 20_000, 5_000
     args.lr_grid, args.families, args.batch_sizes = [1.0], [], [1024, 4096]
@@ -127,7 +151,7 @@ def run_one(spec: dict, data, args, workdir: pathlib.Path) -> dict:
   config.workdir = str(workdir)
   shutil.rmtree(workdir, ignore_errors=True)
   config.num_steps = 1
-  config.epochs = args.epochs
+  config.epochs = spec.get("epochs") or args.epochs
   config.optimizer.warmup_steps = 0
   config.batch_schedule = f"constant:{spec['batch_size']}"
   config.delta = 1.0 / args.rows ** args.delta_exponent
@@ -184,20 +208,20 @@ def plan(args) -> list[dict]:
   runs = []
   arms = [("nonprivate", None), ("private", args.batch_epsilon), ("clip_only", None)] + [
       ("private", e) for e in args.epsilons if e != args.batch_epsilon]
-  for model in args.models:
+  for model in args.models if "arms" in args.only else []:
     for arm, eps in arms:
       for f in args.lr_grid:
         runs.append({"table": "arms", "model": model, "arm": arm, "epsilon": eps, "lr_factor": f,
                      "batch_size": args.batch_size})
   model = args.models[0]
-  for b in args.batch_sizes:
-    for arm, eps in (("private", args.batch_epsilon), ("nonprivate", None)):
-      runs.append({"table": "batch", "model": model, "arm": arm, "epsilon": eps, "lr_factor": 1.0,
-                   "batch_size": b, "cowclip": True})
-  for fam in args.families:
+  for fam in args.families if "families" in args.only else []:
     runs.append({"table": "families", "model": model, "arm": "private", "epsilon": args.batch_epsilon,
                  "lr_factor": 1.0, "batch_size": args.batch_size, "family": fam})
-  for seed in range(1, args.seeds):
+  for b in args.batch_sizes if "batch" in args.only else []:
+    for arm, eps in (("private", args.batch_epsilon), ("nonprivate", None)):
+      runs.append({"table": "batch", "model": model, "arm": arm, "epsilon": eps, "lr_factor": 1.0,
+                   "batch_size": b, "cowclip": True, **({"epochs": args.batch_epochs} if args.batch_epochs else {})})
+  for seed in range(1, args.seeds if "seeds" in args.only else 1):
     for arm, eps in (("nonprivate", None), ("clip_only", None), ("private", args.batch_epsilon)):
       runs.append({"table": "seeds", "model": model, "arm": arm, "epsilon": eps, "lr_factor": 1.0,
                    "batch_size": args.batch_size, "seed": seed})
@@ -205,7 +229,7 @@ def plan(args) -> list[dict]:
 
 
 def _key(spec: dict) -> str:
-  keep = ("table", "model", "arm", "epsilon", "lr_factor", "batch_size", "family", "cowclip", "seed")
+  keep = ("table", "model", "arm", "epsilon", "lr_factor", "batch_size", "family", "cowclip", "seed", "epochs")
   return json.dumps({k: spec.get(k) for k in keep}, sort_keys=True)
 
 
@@ -249,7 +273,7 @@ def markdown(args, saved: dict) -> str:
     lines.append("")
   fam = [r for r in rows if r["table"] == "families"]
   if fam:
-    lines += [f"### Optimizer families at eps = {args.batch_epsilon:g} ({args.models[0]}, batch "
+    lines += [f"### Optimizer and clipping families at eps = {args.batch_epsilon:g} ({args.models[0]}, batch "
               f"{args.batch_size:,}, each at its default rate)", "",
               "| family | optimizer (tables) | clip norm | lr | AUC | NE | ECE |", "|---|---|---|---|---|---|---|"]
     ref = best(rows, table="arms", model=args.models[0], arm="private", epsilon=args.batch_epsilon, lr_factor=1.0)
@@ -273,11 +297,12 @@ def markdown(args, saved: dict) -> str:
     lines.append("")
   bt = [r for r in rows if r["table"] == "batch"]
   if bt:
-    lines += [f"### AUC vs batch size at eps = {args.batch_epsilon:g}, {args.epochs:g} epoch(s), CowClip and its "
+    lines += [f"### AUC vs batch size at eps = {args.batch_epsilon:g}, {args.batch_epochs or args.epochs:g} epoch(s), "
+              f"CowClip and its "
               f"scaling rules ({args.models[0]}; reference batch {args.batch_size:,})", "",
               "| batch | steps | sigma | dense lr | table lr | private AUC | private NE | non-private AUC | "
               "non-private NE |", "|---|---|---|---|---|---|---|---|---|"]
-    for b in args.batch_sizes:
+    for b in sorted(args.batch_sizes):
       p = best(bt, batch_size=b, arm="private")
       n = best(bt, batch_size=b, arm="nonprivate")
       if p is None and n is None:
@@ -390,6 +415,10 @@ def main(argv=None):
   json_path = pathlib.Path(args.json)
   saved = json.loads(json_path.read_text()) if (args.resume or args.render_only) and json_path.exists() else {}
   if args.render_only:
+    for extra in args.merge:  # runs of other invocations (e.g. another model run in parallel)
+      other = json.loads(pathlib.Path(extra).read_text())
+      saved["runs"] += other["runs"]
+      saved["wall_minutes"] = saved.get("wall_minutes", 0.0) + other.get("wall_minutes", 0.0)
     saved["plots"] = plots(args, saved["runs"])
     section = markdown(args, saved)
     write_section(pathlib.Path(args.results), section, args.section)
@@ -398,12 +427,18 @@ def main(argv=None):
   start = time.monotonic()
   tmp = pathlib.Path(args.data_dir or tempfile.mkdtemp(prefix="dpmega-ctr-utility-"))
   spec = criteo_synthetic.SyntheticSpec()
-  info = criteo_synthetic.generate_dataset(tmp / "train", args.rows, spec=spec, seed=0, row_seed=0)
-  ev = criteo_synthetic.generate_dataset(tmp / "eval", args.eval_rows, spec=spec, seed=0, row_seed=1)
+  cache = tmp / f"data_{args.rows}_{args.eval_rows}.json"  # the data is deterministic: generated once per size
+  if cache.exists():
+    oracle_auc, positive_rate = json.loads(cache.read_text())
+  else:
+    info = criteo_synthetic.generate_dataset(tmp / "train", args.rows, spec=spec, seed=0, row_seed=0)
+    ev = criteo_synthetic.generate_dataset(tmp / "eval", args.eval_rows, spec=spec, seed=0, row_seed=1)
+    oracle_auc, positive_rate = info.oracle_auc, ev.positive_rate
+    cache.write_text(json.dumps([oracle_auc, positive_rate]))
   data = (tmp / "train", tmp / "eval")
   done = {_key(r): r for r in saved.get("runs", [])}
   saved.update({"command": "python bench/ctr_utility.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                "oracle_auc": info.oracle_auc, "positive_rate": ev.positive_rate, "recipe": _recipe(),
+                "oracle_auc": oracle_auc, "positive_rate": positive_rate, "recipe": _recipe(),
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 "machine": "CPU only (2 shared cores)", "args": {k: v for k, v in vars(args).items()}})
   rows = []

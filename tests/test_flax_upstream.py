@@ -68,3 +68,57 @@ def test_the_private_copy_runs_learns_and_reports_epsilon(name, monkeypatch, cap
   assert len(eps) == 1 and 0 < eps[0] < 20  # through dpmega's ledger, for the Poisson steps that ran
   assert all(math.isfinite(v) for v in scalars.values())
   assert scalars["test_loss"] < math.log(10)  # better than chance after 8 noisy steps
+
+
+
+# Issue 17, item 4 (dpmega's conversion of the NNX loop learned less than jax_privacy's): the private copy's step,
+# on its own CNN (its norm layers, padding rows), is exactly DP-SGD: the sum over real rows of the gradient clipped
+# to C = 1, plus N(0, (sigma C)^2) noise, divided by the expected batch B, nothing else.
+@pytest.mark.slow  # about 50 s of CPU (two compilations of the full CNN's private step)
+def test_the_nnx_private_copys_step_is_the_clipped_masked_sum_plus_sigma_c_noise_over_b(monkeypatch):
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  import dpmega  # pylint: disable=import-outside-toplevel
+  n, b, sigma = 12, 8, 1.0
+  monkeypatch.syspath_prepend(str(HERE))
+  monkeypatch.setenv("MNIST_SWAP_TRAIN", str(n))
+  monkeypatch.setenv("MNIST_SWAP_TEST", "8")
+  module = importlib.import_module("flax_mnist_nnx_private")
+  train, _ = importlib.import_module("mnist_swap").load()
+
+  def step_grads(mask):  # -(update) of the copy's own train_step under SGD(lr=1): its gradient
+    model = module.CNN(rngs=nnx.Rngs(0))
+    model.eval()  # dropout off: two calls with one key differ only by the mask
+    before = jax.tree.map(lambda v: np.array(v, np.float64), nnx.state(model, nnx.Param))
+    optimizer = nnx.Optimizer(model, optax.sgd(1.0), wrt=nnx.Param)
+    metrics = nnx.MultiMetric(accuracy=nnx.metrics.Accuracy(), loss=nnx.metrics.Average("loss"))
+    step = dpmega.StepKey(dpmega.step_key(b"s" * 16, 0), mask.astype(np.float32), noise_multiplier=sigma,
+                          expected_batch_size=b)
+    module.train_step(model, optimizer, metrics, dict(train, dp_step=step), nnx.Rngs(0))
+    after = nnx.state(model, nnx.Param)
+    return jax.tree.map(lambda u, v: u - np.asarray(v, np.float64), before, after), model
+
+  mask = (np.arange(n) < 9).astype(np.float32)  # 3 padding rows
+  noisy, _ = step_grads(mask)
+  noise, _ = step_grads(np.zeros(n))  # same key, no real row: the noise alone, divided by B
+  flat = np.concatenate([l.ravel() for l in jax.tree.leaves(noise)])
+  assert flat.size > 800_000
+  assert abs(flat.std() / (sigma * 1.0 / b) - 1) < 0.01 and abs(flat.mean()) < 1e-3 / b
+  model = module.CNN(rngs=nnx.Rngs(0))  # the initial parameters both steps started from
+  model.eval()
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def one(p, image, label):
+    batch = {"image": image[None], "label": label[None]}
+    return jax.grad(lambda q: module.loss_fn(nnx.merge(graphdef, q, rest), batch, None)[0])(p)
+
+  per = jax.vmap(one, in_axes=(None, 0, 0))(params, train["image"], train["label"])
+  norms = np.sqrt(sum(np.sum(np.asarray(l, np.float64).reshape(n, -1) ** 2, 1) for l in jax.tree.leaves(per)))
+  assert norms.min() > 1.0  # every row is clipped: the factors are tested, not just the sum
+  factor = np.minimum(1.0, 1.0 / norms) * mask / b
+  want = jax.tree.map(lambda l: np.tensordot(factor, np.asarray(l, np.float64), 1), per)
+  for u, v, w in zip(jax.tree.leaves(noisy), jax.tree.leaves(noise), jax.tree.leaves(want)):
+    np.testing.assert_allclose(u - v, w, rtol=1e-3, atol=1e-6)

@@ -119,11 +119,12 @@ _HIGHEST = lax.Precision.HIGHEST
 _BOUND_SLACK = 5e-6
 # Floats of materialized per-example gradients per GRAM leaf and micro-batch, for the examples whose bound is loose.
 _MATERIALIZE_BUDGET = 1 << 16
-# Under "auto", a multi-row dense leaf whose per-example gradients for the whole micro-batch fit in this many floats
-# (16 MiB) is materialized outright: no Gram matrices, no bound, and the norm and the sum come from the same numbers
-# (exactly vmap's). Materializing takes n K M multiply-adds per example against n^2 (K + M) + n K M for the Gram
-# norms plus the book-keeping, so it is the cheaper path wherever memory allows (tiny BERT's clipped step, in one
-# process: 1.079x -> 1.018x of the non-private gradient); beyond it, the Gram path keeps memory independent of b.
+# Under "auto", a multi-row dense leaf (or a tied table) whose per-example gradients for the whole micro-batch fit in
+# this many floats (16 MiB) is materialized outright: no Gram matrices, no bound, and the norm and the sum come from
+# the same numbers (exactly vmap's). Materializing takes n K M multiply-adds per example against n^2 (K + M) + n K M
+# for the Gram norms plus the book-keeping, so it is the cheaper path wherever memory allows (tiny BERT's clipped
+# step, in one process: 1.079x -> 1.018x of the non-private gradient); beyond it, the Gram path keeps memory
+# independent of b.
 _MATERIALIZE_SMALL_LEAF = 1 << 22
 
 
@@ -158,7 +159,7 @@ def _materialize_count(method: NormMethod, b: int, x, y, rows, auto: bool = Fals
   """How many examples of a dense leaf get their gradient materialized (static).
 
   All of them under MATERIALIZE, and under "auto" (``auto``) for a multi-row
-  leaf without lookups whose ``b K M`` is at most ``_MATERIALIZE_SMALL_LEAF``
+  leaf (a tied table's lookups included) whose ``b K M`` is at most ``_MATERIALIZE_SMALL_LEAF``
   (unless the budget is 0: the bound alone, for tests). Otherwise, none when
   the bound cannot be loose (one row, no lookups: no cancellation), else as many as fit in ``_MATERIALIZE_BUDGET`` floats, at
   least one: the examples whose bound is loosest, which on benign inputs covers
@@ -170,8 +171,8 @@ def _materialize_count(method: NormMethod, b: int, x, y, rows, auto: bool = Fals
   if _MATERIALIZE_BUDGET <= 0:  # budget 0: the bound alone (the adversarial tests of the bound)
     return 0
   per_example = int(x.shape[2]) * int(y.shape[2])
-  if auto and rows is None and x.shape[1] > 1 and b * per_example <= _MATERIALIZE_SMALL_LEAF:
-    return b
+  if auto and x.shape[1] > 1 and b * per_example <= _MATERIALIZE_SMALL_LEAF:
+    return b  # a tied table too (its summed lookup rows added to the materialized gradient)
   if x.shape[1] == 1 and rows is None:
     return 0
   return int(min(b, max(1, _MATERIALIZE_BUDGET // max(per_example, 1))))

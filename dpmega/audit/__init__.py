@@ -17,6 +17,7 @@ The package, one job per module:
 ``audit.claims``            the accountant's claimed ε, the exact Gaussian ε
 ``audit.mechanism``         the mechanism audit (many runs of one step)
 ``audit.one_run``           the one-run training audit (canaries, DP-SGD)
+``audit.sparse``            the mechanism audit of the sparse step (selection + sparse noise)
 ``audit.results``           :class:`AuditResult`, the table, the JSON file
 ==========================  ===================================================
 
@@ -87,6 +88,7 @@ from dpmega.audit.one_run import one_run_training_audit
 from dpmega.audit.results import AuditResult
 from dpmega.audit.results import format_table
 from dpmega.audit.results import write_json
+from dpmega.audit.sparse import sparse_mechanism_audit
 from dpmega.audit.stats import clopper_pearson_lower
 from dpmega.audit.stats import clopper_pearson_upper
 from dpmega.audit.stats import epsilon_lower_bound_from_counts
@@ -105,5 +107,6 @@ __all__ = [
     "mechanism_audit",
     "one_run_epsilon_lower_bound",
     "one_run_training_audit",
+    "sparse_mechanism_audit",
     "write_json",
 ]

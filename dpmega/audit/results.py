@@ -14,7 +14,7 @@ class AuditResult:
   """One audit: what the accountant claims against what the audit proves.
 
   Attributes:
-    method: ``"mechanism"`` or ``"one_run"``.
+    method: ``"mechanism"``, ``"one_run"`` or ``"sparse"`` (:func:`dpmega.audit.sparse_mechanism_audit`).
     claimed_epsilon: the accountant's ε(δ) for what was audited.
     epsilon_lower_bound: the audit's ε lower bound, valid with ``confidence``.
     confidence: probability that the lower bound is valid.

@@ -6,6 +6,7 @@ Examples::
   dpmega audit --noise_multiplier 1.1 --sampling_rate 0.01 --json audit.json
   dpmega audit --kind one-run --noise_multiplier 2 --steps 8 --canaries 1000
   dpmega audit --noise_multiplier 2 --sampling without_replacement   # replace-one neighbours
+  dpmega audit --kind sparse --noise_multiplier 1.1 --selection_fraction 0.5 --threshold 0   # sparse tables
 
 ``--kind mechanism`` (the default) runs the library's private aggregation step
 ``--trials`` times on neighbouring inputs (with and without a canary) and bounds
@@ -14,7 +15,11 @@ tiny model once with ``--canaries`` canaries (Steinke, Nasr, Jagielski 2023;
 needs the ``audit`` extra); ``--kind both`` does both. ``--sampling
 without_replacement`` audits replace-one neighbours: the canary replaces an
 example whose gradient is its opposite (the sum moves by 2C), against the
-replace-one claim (sensitivity 2C). The table shows the
+replace-one claim (sensitivity 2C). ``--kind sparse`` audits the sparse-table
+step (:func:`dpmega.audit.sparse_mechanism_audit`: the row selection with σ1
+and the gradient with σ2 on the selected rows, on one Poisson sample) at the
+σ_eff the ledger records (``--noise_multiplier``, e.g. the trainer's
+calibrated σ) split by ``--selection_fraction``. The table shows the
 claimed ε (accountant), the audited lower bound, the confidence and the number
 of trials; ``--json FILE`` also writes them, atomically.
 
@@ -65,7 +70,7 @@ def add_parser(subparsers) -> None:
       "audit", help="empirical lower bound on epsilon vs the accountant's claim",
       description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
       epilog="\n".join(__doc__.splitlines()[2:]))
-  p.add_argument("--kind", choices=("mechanism", "one-run", "both"), default="mechanism",
+  p.add_argument("--kind", choices=("mechanism", "one-run", "both", "sparse"), default="mechanism",
                  help="which audit to run (default: mechanism)")
   p.add_argument("--noise_multiplier", type=_float_in(0, 1e6, lo_open=True, hi_open=False),
                  required=True, help="sigma, in (0, 1e6]")
@@ -94,6 +99,12 @@ def add_parser(subparsers) -> None:
                  help="one-run audit: non-canary training examples, in [0, 1e4] (default 256)")
   p.add_argument("--batch_size", type=_int_in(1, 2 * 10**4), default=None,
                  help="one-run audit: expected batch size; omit for every example every step")
+  p.add_argument("--selection_fraction", type=_float_in(0, 1, lo_open=True, hi_open=True), default=0.5,
+                 help="sparse audit: f, the selection's share of the noise budget, in (0, 1) (default 0.5)")
+  p.add_argument("--threshold", type=_float_in(-10, 10, lo_open=False, hi_open=False), default=0.0,
+                 help="sparse audit: tau in units of sigma1 C1, in [-10, 10] (default 0)")
+  p.add_argument("--count_clip", type=_float_in(0, 1e12, lo_open=True, hi_open=False), default=1.0,
+                 help="sparse audit: C1, the row-count clip, in (0, 1e12] (default 1)")
   p.add_argument("--json", metavar="FILE", default=None, help="also write the results to FILE")
   p.set_defaults(func=run)
 
@@ -120,6 +131,9 @@ def _validate(args: argparse.Namespace) -> None:
     args.json = _check_output_path(args.json)
   if args.sampling_rate is not None and args.kind == "one-run":
     raise UsageError("--sampling_rate applies to the mechanism audit; use --batch_size for --kind one-run.")
+  if args.kind == "sparse" and args.sampling == "without_replacement":
+    raise UsageError("--kind sparse audits add/remove-one neighbours (Poisson sampling): drop --sampling "
+                     "without_replacement.")
   if args.sampling == "without_replacement":
     if args.kind != "mechanism":
       raise UsageError("--sampling without_replacement applies to --kind mechanism only (the one-run audit "
@@ -153,6 +167,12 @@ def run(args: argparse.Namespace) -> int:
         noise_multiplier=args.noise_multiplier, clip_norm=args.clip_norm, delta=args.delta,
         trials=args.trials, confidence=args.confidence, sampling_rate=args.sampling_rate,
         seed=args.seed, accountant=args.accountant, sampling=args.sampling))
+  if args.kind == "sparse":
+    results.append(audit.sparse_mechanism_audit(
+        noise_multiplier=args.noise_multiplier, selection_fraction=args.selection_fraction,
+        threshold=args.threshold, count_clip=args.count_clip, clip_norm=args.clip_norm, delta=args.delta,
+        trials=args.trials, confidence=args.confidence, sampling_rate=args.sampling_rate, seed=args.seed,
+        accountant=args.accountant))
   if args.kind in ("one-run", "both"):
     results.append(audit.one_run_training_audit(
         noise_multiplier=args.noise_multiplier, num_canaries=args.canaries,

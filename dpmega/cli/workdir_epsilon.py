@@ -6,7 +6,8 @@ result is the same ε the run reports (it never decreases over the workdir's his
 Read only: nothing in the workdir is created or changed.
 
 The noise sampler's ``δ_tail`` grows with the number of noised coordinates, which the journal does not hold:
-``--num_noised_coordinates`` (default 1e9, more than most models, hence an upper bound on ε) sets it.
+``--num_noised_coordinates`` (default 1e9, more than most models, hence an upper bound on ε) sets it; the run's
+own count in ``summary.json`` (parameters + a sparse run's table rows) is used when larger.
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ def run(args: argparse.Namespace) -> int:
     raise UsageError(f"--workdir {workdir!r}: {e}") from None
   summary = _summary(workdir)
   sampler = noise.NoiseSampler(summary.get("noise_sampler", args.noise_sampler))
-  tail = truncation.TailModel(noise.sampler_support(sampler), args.num_noised_coordinates)
+  # The run's own count (summary.json: parameters, the clipped count, a sparse run's table rows) when larger.
+  num_noised = max(args.num_noised_coordinates, int(summary.get("num_noised_coordinates") or 0))
+  tail = truncation.TailModel(noise.sampler_support(sampler), num_noised)
   accountants = ("rdp", "pld") if args.accountant == "both" else (args.accountant,)
   scheme = ledger.scheme or "poisson"
   try:
@@ -68,11 +71,11 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps({"command": "epsilon", "workdir": workdir, "steps": ledger.num_steps, "delta": args.delta,
                       "sampling": accounting.SamplingScheme(scheme).value if ledger.scheme else None,
                       "epsilon": eps, "delta_tail": delta_tail, "noise_sampler": sampler.value,
-                      "num_noised_coordinates": args.num_noised_coordinates}, indent=2))
+                      "num_noised_coordinates": num_noised}, indent=2))
   else:
     lines = "; ".join(accounting.describe(e, args.delta, scheme, a, delta_tail) for a, e in eps.items())
     print(f"dpmega epsilon: workdir {workdir}: {ledger.num_steps} steps spent (every generation, from "
-          f"{journal.FILENAME}), noise sampler {sampler.value} on {args.num_noised_coordinates:.3g} coordinates\n"
+          f"{journal.FILENAME}), noise sampler {sampler.value} on {num_noised:.3g} coordinates\n"
           f"final: {lines}")
   for n in sorted(sizes):
     warning = accounting.delta_warning(args.delta, n)

@@ -87,7 +87,7 @@ def sparse_privatize(grad_sum: PyTree, counts: Mapping[tuple[str, ...], Any], ke
   rows, num_selected = {}, {}
   for t, k in zip(spec.tables, sel_keys):
     rc = counts[t]
-    s = sel.select_rows(rc.counts, k, noise_std=sigma1 * cfg.count_clip, threshold=cfg.threshold,
+    s = sel.select_rows(rc.counts, k, noise_std=sigma1 * cfg.count_clip, threshold=cfg.absolute_threshold(sigma1),
                         max_rows=cfg.max_rows, max_touched=cfg.max_touched, touched=rc.touched,
                         num_touched=rc.num_touched)
     rows[t], num_selected[t] = (s.ids, s.valid), s.num_selected

@@ -97,6 +97,10 @@ class SelectionConfig:
     max_rows: K, static: rows kept per table and step at most (>= 1).
     max_touched: static: touched rows handled by the fast branch (>= 1);
       above it the step draws one noisy count per row of the table.
+    threshold_in_noise_sd: ``threshold`` is in units of the selection noise's
+      standard deviation: ``τ = threshold · σ1 · C1`` (so the chance that an
+      untouched row passes, ``P(N(0, 1) > threshold)``, does not depend on σ);
+      False: ``τ = threshold``, in count units.
   """
 
   count_clip: float = 1.0
@@ -104,6 +108,7 @@ class SelectionConfig:
   selection_fraction: float = 0.5
   max_rows: int = 4096
   max_touched: int = 8192
+  threshold_in_noise_sd: bool = False
 
   def __post_init__(self):
     check_real("count_clip", self.count_clip, 0.0, lo_open=True)
@@ -111,6 +116,17 @@ class SelectionConfig:
     check_real("selection_fraction", self.selection_fraction, 0.0, 1.0, lo_open=True, hi_open=True)
     check_int("max_rows", self.max_rows, 1)
     check_int("max_touched", self.max_touched, 1)
+    if not isinstance(self.threshold_in_noise_sd, bool):
+      raise ValueError(f"threshold_in_noise_sd must be True or False, got {self.threshold_in_noise_sd!r}.")
+
+  def absolute_threshold(self, selection_noise):
+    """τ in count units at selection noise multiplier ``σ1`` (a float or a traced scalar).
+
+    Example:
+      >>> SelectionConfig(count_clip=2.0, threshold=3.0, threshold_in_noise_sd=True).absolute_threshold(0.5)
+      3.0
+    """
+    return self.threshold * selection_noise * self.count_clip if self.threshold_in_noise_sd else self.threshold
 
 
 def effective_noise_multiplier(selection_noise: float, gradient_noise: float) -> float:

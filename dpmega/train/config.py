@@ -50,6 +50,7 @@ from dpmega.accounting.accountants import AccountantType
 from dpmega.errors import UsageError
 from dpmega.sampling import SamplingScheme
 from dpmega.train import fields
+from dpmega.train.sparse_tables import SparseSettings
 
 
 class Optimizer(enum.Enum):
@@ -223,6 +224,8 @@ class TrainConfig:
   adaptive_clip_lr: float = fields.positive(0.2, doc="adaptive clipping: eta_C of C <- C exp(-eta_C (b - gamma))")
   optimizer: OptimizerConfig = fields.group(OptimizerConfig, doc="optimizer and learning-rate schedule")
   mesh: Any = fields.group(MeshSettings, build=_mesh, doc="device mesh")
+  sparse: SparseSettings = fields.group(SparseSettings, doc="sparsity-preserving updates of embedding tables "
+                                        "(dpmega.train.sparse_tables)")
   log_every: int = fields.integer(1, 0, 10**9, doc="steps between progress lines (0: only at the end)")
   eval_every: int = fields.integer(0, 0, 10**9, doc="steps between evaluations (0: only at the end)")
   checkpoint_every: int = fields.integer(0, 0, 10**9, doc="steps between checkpoints (0: only at the end)")
@@ -253,7 +256,9 @@ def describe_fields() -> str:
 def _check_together(v: Mapping[str, Any]) -> None:
   """The rules that tie fields together."""
   from dpmega.train import simulation  # noqa: PLC0415 - simulation imports this module
+  from dpmega.train import sparse_tables  # noqa: PLC0415
   simulation.check_config(v)
+  sparse_tables.check_config(v)
   if v["noise_multiplier"] is None and v["target_epsilon"] is None:
     raise UsageError("set noise_multiplier (fixed sigma) or target_epsilon (calibrate sigma to a budget), "
                      "or both (fixed sigma, stop at the budget); got neither.")
@@ -284,7 +289,7 @@ def validate(config: ml_collections.ConfigDict) -> TrainConfig:
   if missing:
     raise UsageError(f"config is missing field(s) {missing}; start config files from "
                      "dpmega.train.config.base_config().")
-  for group in ("optimizer", "mesh"):
+  for group in ("optimizer", "mesh", "sparse"):
     missing = [k for k in base[group].keys() if not isinstance(config[group], ml_collections.ConfigDict)
                or k not in config[group]]
     if missing:

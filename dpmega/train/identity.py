@@ -72,6 +72,8 @@ def fingerprint(cfg: Any, *, task_config: Any, data: dict[str, Any],
       # None for the plain rule, so that checkpoints written before the clip rules existed still compare equal.
       "clip_rule": _clip_rule(cfg),
   }
+  if getattr(getattr(cfg, "sparse", None), "enabled", False):  # only when on: earlier checkpoints compare equal
+    computation["sparse"] = dataclasses.asdict(cfg.sparse)
   optimizer = {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(cfg.optimizer).items()}
   devices = jax.devices()
   environment = {

@@ -44,6 +44,7 @@ from dpmega.train import randomness as randomness_lib
 from dpmega.train import report
 from dpmega.train import resume as resume_lib
 from dpmega.train import simulation
+from dpmega.train import sparse_tables
 from dpmega.train import step as step_lib
 from dpmega.train import workdir as workdir_lib
 from dpmega.train.optim import make_optimizer
@@ -90,6 +91,9 @@ class Trainer:
     # delta_tail (invariant 8) depends on how many coordinates get noise: every parameter, plus the count.
     shapes = jax.eval_shape(task.init_params, self.init_key)
     num_noised = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes))
+    # Sparse tables (dpmega.train.sparse_tables): the selection adds one noisy count per table row.
+    self.sparse = sparse_tables.build(cfg.sparse, None if config_dict is None else config_dict.task, shapes)
+    num_noised += sparse_tables.count_coordinates(self.sparse)
     self.clip_rule = clipping_lib.ClipRule(normalize=cfg.normalized_clipping, stability=cfg.clip_stability,
                                            groups=cfg.clip_groups)
     try:  # before any compute: a group that matches no parameter, or a parameter in no group
@@ -98,7 +102,8 @@ class Trainer:
       raise UsageError(str(e)) from None
     tail = truncation.TailModel(noise_lib.sampler_support(cfg.noise_sampler),
                                 max(1, num_noised + (cfg.clipped_count_noise is not None)))
-    self.privacy = RunPrivacy(cfg, dataset_size=self.dataset_size, batch_sizes=self.full_batch_sizes, tail=tail)
+    self.privacy = RunPrivacy(cfg, dataset_size=self.dataset_size, batch_sizes=self.full_batch_sizes, tail=tail,
+                              sparse=self.sparse)
     self.journal: journal_lib.Journal | None = None
     self.spent = accounting.Ledger()  # every distinct (generation, step) of the workdir's journal
     self._data_fingerprint: dict[str, Any] | None = None
@@ -119,7 +124,9 @@ class Trainer:
         microbatch_size=cfg.microbatch_size, max_microbatches=cfg.max_microbatches, has_aux=task.has_aux,
         clipping=cfg.clipping, clip_rule=self.clip_rule, noise_sampler=cfg.noise_sampler,
         clipped_count_noise=cfg.clipped_count_noise,
-        min_shard_size=mesh_config.min_shard_size, on_trace=self._count_trace)
+        min_shard_size=mesh_config.min_shard_size, on_trace=self._count_trace,
+        sparse=None if self.sparse is None else self.sparse.spec)
+    self.count = None if self.sparse is None else self.sparse.make_count_fn(self.mesh)
     if jax.process_index() != 0:
       self.out = lambda s: None
     self.stage = report.Stage("building the model")  # train() passes its own, which a signal handler reads
@@ -213,13 +220,14 @@ class Trainer:
     # Every process drew the same global sample; each reads only its share.
     chunks = self.private_step.chunks(self.task.train_source, indices)
     adaptive, clip_t = cfg.adaptive_clip, self.clip_norm_t
-    acc = self.private_step.clipped_sum(state.params, chunks, None if self.task.prepare_batch is None else prepare,
-                                        clip_norm_t=clip_t if adaptive else None)
+    acc, counts = self.private_step.clipped_sum_with_counts(  # counts: the sparse tables' rows, chunk by chunk
+        state.params, chunks, self.count, None if self.sparse is None else self.sparse.zero_counts(),
+        prepare=None if self.task.prepare_batch is None else prepare, clip_norm_t=clip_t if adaptive else None)
     self._spend(t, sigma)  # durably in the journal BEFORE the noisy update exists
     # Adaptive: the step was built with clip norm 1, so noise multiplier sigma * C_t is noise std sigma * C_t.
     state, update_metrics = self.private_step.update(state, acc.grad_sum, self.noise_key(t),
                                                      sigma * clip_t if adaptive else sigma, expected,
-                                                     acc.stats.num_clipped)
+                                                     acc.stats.num_clipped, row_counts=counts)
     metrics = {"batch_size": expected, "q": expected / self.dataset_size}
     if cfg.metrics is config_lib.MetricsMode.RAW:
       # Raw statistics of the private batch, WITHOUT noise: for the operator, never for release.
@@ -414,8 +422,9 @@ class Trainer:
                          privacy.tail_delta(self.spent), self.generation)
     if main:
       with open(os.path.join(cfg.workdir, "summary.json"), "w") as f:
-        json.dump(report.summary(cfg, result, accounted_sigma=privacy.accounted(sigma), randomness=self.randomness),
-                  f, indent=2)
+        json.dump(report.summary(cfg, result, accounted_sigma=privacy.accounted(sigma), randomness=self.randomness,
+                               sparse=None if self.sparse is None else self.sparse.settings(sigma),
+                               num_noised_coordinates=privacy.tail.num_coordinates), f, indent=2)
     for line in report.closing_lines(cfg, result):
       self.out(line)
     return result
@@ -434,6 +443,7 @@ def train(config: ml_collections.ConfigDict, *, resume: bool = False, resume_ste
       problem on resume (:class:`dpmega.train.checkpoint.CheckpointError`).
   """
   cfg = config_lib.validate(config)
+  sparse_tables.check(cfg.sparse, config.get("task"))  # the tables against the model's shapes, before the workdir
   with workdir_lib.locked(cfg.workdir) if jax.process_index() == 0 else contextlib.nullcontext():
     stage = stage or report.Stage()
     stage.name = "building the dataset"

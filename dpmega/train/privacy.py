@@ -37,11 +37,14 @@ class RunPrivacy:
     dataset_size: N, the number of training examples.
     batch_sizes: the schedule's expected batch size of every step.
     tail: the noise sampler's bounded support and the number of noised coordinates.
+    sparse: the run's :class:`dpmega.train.sparse_tables.SparseRun`, or None. With it, σ is the sparse step's
+      σ_eff (what the ledger records); the plan shows its split into σ1 and σ2.
   """
 
   def __init__(self, cfg: config_lib.TrainConfig, *, dataset_size: int, batch_sizes: np.ndarray,
-               tail: truncation.TailModel):
+               tail: truncation.TailModel, sparse: Any = None):
     self.cfg = cfg
+    self.sparse = sparse  # dpmega.train.sparse_tables.SparseRun or None
     self.dataset_size = dataset_size
     self.batch_sizes = batch_sizes
     self.tail = tail
@@ -119,6 +122,8 @@ class RunPrivacy:
       out("plan: clipping " + (f"normalized (C*g/(||g|| + {cfg.clip_stability:g}*C))" if cfg.normalized_clipping
                                else "min(1, C/||g||)") + (f" per group: {groups}" if groups else "")
           + "; each example's whole contribution stays <= C")
+    if self.sparse is not None:
+      out("plan: " + self.sparse.describe(sigma))
     if cfg.clipped_count_noise is not None:
       out(f"plan: metrics private; the clipped count gets noise sigma_b = {cfg.clipped_count_noise:g} "
           f"(sensitivity 1): every step is accounted at sigma_eff = {self.accounted(sigma):.6g}")

@@ -213,6 +213,9 @@ def progress_line(cfg: config_lib.TrainConfig, r: dict[str, Any]) -> str:
     line = (f"step {r['step']}/{cfg.num_steps}  batch {fmt_int(r['batch_size'])} (drew "
             f"{fmt_int(r['sampled'])})  {r['examples_per_s']:,.0f} ex/s  loss {r['loss']:.4f}  "
             f"clipped {100 * r['clipped_fraction']:.0f}%  epsilon {r['epsilon']:.4g}")
+  if "update_sparsity" in r:  # sparse tables: the release's selected rows (private)
+    line += (f"  rows {fmt_int(r['selected_rows'])} (update sparsity {r['update_sparsity']:.3g}"
+             + (", cap hit" if r.get("selection_cap_hit") else "") + ")")
   evals = {k[5:]: v for k, v in r.items() if k.startswith("eval_")}
   if evals:
     line += "  eval " + " ".join(f"{k} {v:.4f}" for k, v in evals.items())
@@ -220,8 +223,17 @@ def progress_line(cfg: config_lib.TrainConfig, r: dict[str, Any]) -> str:
 
 
 def summary(cfg: config_lib.TrainConfig, result: TrainResult, *, accounted_sigma: float,
-            randomness: str) -> dict[str, Any]:
-  """The record written to ``summary.json``: what ran, what it spent, how it ended (no key material)."""
+            randomness: str, sparse: dict[str, Any] | None = None,
+            num_noised_coordinates: int | None = None) -> dict[str, Any]:
+  """The record written to ``summary.json``: what ran, what it spent, how it ended (no key material).
+
+  ``num_noised_coordinates``: what ``delta_tail`` was computed for (``dpmega epsilon --workdir`` reads it).
+  ``sparse``: the sparse tables' settings (:meth:`dpmega.train.sparse_tables.SparseRun.settings`), recorded
+  with the mean update sparsity of the steps this process ran (since the resume, on a resumed run).
+  """
+  if sparse is not None:
+    sparsity = [r["update_sparsity"] for r in result.history if "update_sparsity" in r]
+    sparse = {**sparse, "mean_update_sparsity": sum(sparsity) / len(sparsity) if sparsity else None}
   return {
       "steps": result.steps, "num_steps": cfg.num_steps, "epsilon": result.epsilon, "delta": cfg.delta,
       "delta_tail": result.delta_tail, "noise_sampler": cfg.noise_sampler,
@@ -232,6 +244,7 @@ def summary(cfg: config_lib.TrainConfig, result: TrainResult, *, accounted_sigma
       "generation": result.generation, "trajectory_epsilon": result.trajectory_epsilon,
       "ledger": result.ledger.to_dict(), "spent_steps": result.spent.num_steps,
       "spent_ledger": result.spent.to_dict(), "randomness": randomness,
+      "num_noised_coordinates": num_noised_coordinates, "sparse": sparse,
   }
 
 

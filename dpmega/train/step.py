@@ -401,6 +401,19 @@ class PrivateStep:
         (e.g. BERT masking), before the chunk goes to the devices.
       clip_norm_t: the step's clip norm when the step was built with ``adaptive=True``.
     """
+    return self.clipped_sum_with_counts(params, chunks, prepare=prepare, clip_norm_t=clip_norm_t)[0]
+
+  def clipped_sum_with_counts(self, params: PyTree, chunks: Iterable[sampling.Chunk],
+                              count: Callable[..., Any] | None = None, counts: Any = None, *,
+                              prepare: Callable[[int, PyTree], PyTree] | None = None,
+                              clip_norm_t: float | None = None) -> tuple[Accumulator, Any]:
+    """:meth:`clipped_sum`, plus the sparse tables' row counts of the same chunks when ``count`` is given.
+
+    ``count`` is :func:`dpmega.sparse.make_count_fn`'s function and ``counts`` its start
+    (:func:`dpmega.sparse.zero_counts`): each chunk's clipped row counts are added as the chunk's gradient is,
+    so memory stays bounded by the chunk (and ``R`` floats per table) whatever the logical batch size.
+    Returns ``(acc, counts)`` (``counts`` unchanged without ``count``).
+    """
     acc = self.zero_accumulator(params)
     extra = () if clip_norm_t is None else (clip_norm_t,)
     for i, chunk in enumerate(chunks):
@@ -409,10 +422,12 @@ class PrivateStep:
       if jax.process_count() > 1:  # one process: the jitted call places the host rows itself (cheaper)
         batch, mask = sharding.global_batch_from_process_local((batch, mask), self.mesh)
       previous, acc = acc, self.accumulate(params, acc, batch, mask, *extra)
+      if count is not None:
+        counts = count(counts, batch, mask)
       # At most one chunk in flight while the host reads the next: memory stays
       # bounded by the chunk size whatever the logical batch size.
       jax.block_until_ready(previous)
-    return acc
+    return acc, counts
 
 
 def make_private_step(
@@ -432,6 +447,7 @@ def make_private_step(
     min_shard_size: int = sharding.DEFAULT_MIN_SHARD_SIZE,
     on_trace: Callable[[], None] | None = None,
     adaptive: bool = False,
+    sparse: sparse_lib.SparseTables | None = None,
 ) -> PrivateStep:
   """Builds the sharded accumulate and update of a run on ``mesh``.
 
@@ -443,7 +459,7 @@ def make_private_step(
     clip_norm, microbatch_size, has_aux, clipping, clip_rule, on_trace, adaptive: as in :func:`make_accumulate_fn`
       (``microbatch_size`` is per device).
     max_microbatches: micro-batches per chunk (one jitted call) at most.
-    noise_sampler, clipped_count_noise: as in :func:`make_update_fn`.
+    noise_sampler, clipped_count_noise, sparse: as in :func:`make_update_fn`.
     min_shard_size: leaves with fewer elements stay replicated (:func:`dpmega.sharding.fsdp_spec`).
 
   Example:
@@ -471,7 +487,7 @@ def make_private_step(
                                   clip_rule=clip_rule,
                                   on_trace=on_trace, adaptive=adaptive)
   update = make_update_fn(optimizer, mesh, param_shardings, opt_shardings, clip_norm=clip_norm,
-                          noise_sampler=noise_sampler, clipped_count_noise=clipped_count_noise)
+                          noise_sampler=noise_sampler, clipped_count_noise=clipped_count_noise, sparse=sparse)
   return PrivateStep(mesh, param_shardings, opt_shardings, accumulate, update,
                      local_rows=sharding.local_device_count(mesh) * microbatch_size,
                      max_microbatches=check_int("max_microbatches", max_microbatches, 1))

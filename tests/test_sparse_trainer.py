@@ -1,0 +1,205 @@
+"""The trainer with sparse tables (``sparse.*``, dpmega.train.sparse_tables): refusals, a real step, resume, δ_tail."""
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from dpmega import accounting
+from dpmega import noise as noise_lib
+from dpmega import sharding
+from dpmega import sparse
+from dpmega import train as train_lib
+from dpmega import truncation
+from dpmega.errors import UsageError
+from dpmega.tasks import build_task
+from dpmega.tasks import ctr as ctr_task
+from dpmega.train import config as config_lib
+from dpmega.train.loop import Trainer
+from tests.interrupts import Interrupt
+from tests.interrupts import interrupt_at
+
+BUCKETS = 64  # per feature: 26 x 64 = 1,664 rows in each of DeepFM's two tables
+
+
+def _config(tmp_path, *overrides, name="run", data_dir=None):
+  c = config_lib.base_config()
+  c.task = ctr_task.default_task_config("ctr_deepfm")
+  d = c.task.data
+  d.synthetic_rows, d.synthetic_eval_rows, d.synthetic_vocab = 600, 200, 8
+  d.synthetic_dir = str(data_dir or tmp_path / "data")
+  c.task.model.buckets = BUCKETS
+  c.task.model.mlp_dims = (8,)
+  c.workdir = str(tmp_path / name)
+  c.num_steps = 2
+  c.batch_schedule = "constant:64"
+  c.microbatch_size = 32
+  c.max_microbatches = 2
+  c.noise_multiplier = 1.0
+  c.delta = 1e-5
+  c.optimizer.name = "adam"
+  c.optimizer.learning_rate = 0.01
+  c.tensorboard = False
+  c.sparse.enabled = True
+  c.sparse.threshold = 2.0
+  c.sparse.max_rows = 512
+  c.sparse.max_touched = 2048
+  return config_lib.apply_overrides(c, list(overrides))
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+@pytest.mark.parametrize("overrides, message", [
+    (("adaptive_clip=True", "clipped_count_noise=5.0", "metrics='private'"), "adaptive_clip"),
+    (("optimizer.name='lamb'",), "optimizer.name must be an elementwise optimizer"),
+    (("optimizer.table_name='lamb'",), "optimizer.table_name must be an elementwise optimizer"),
+    (("simulate_k=2",), "simulate_k must be 0"),
+    (("sparse.tables='no_such_leaf'",), "sparse.tables='no_such_leaf' matches no parameter"),
+    (("sparse.tables='kernel'",), "not tables whose rows the batches give"),
+    (("sparse.tables='('",), "sparse.tables"),
+    (("sparse.selection_fraction=1.0",), r"sparse.selection_fraction must be a number in \(0.0, 1.0\)"),
+    (("sparse.count_clip=0.0",), "sparse.count_clip"),
+    (("sparse.max_rows=0",), "sparse.max_rows"),
+    (("sparse.threshold=50.0",), "sparse.threshold"),
+])
+def test_a_config_sparse_tables_cannot_serve_is_refused_before_the_workdir_exists(tmp_path, overrides, message):
+  config = _config(tmp_path, *overrides)
+  with pytest.raises(UsageError, match=message):
+    train_lib.train(config, out=lambda s: None)
+  assert not os.path.exists(config.workdir)
+  assert not os.path.exists(config.task.data.synthetic_dir)  # refused before the dataset is built, too
+
+
+def test_a_task_without_row_ids_is_refused(tmp_path):
+  c = config_lib.base_config()
+  c.task.name = "bert_mlm"
+  c.noise_multiplier = 1.0
+  c.sparse.enabled = True
+  with pytest.raises(UsageError, match="sparse.enabled=True needs a task whose batches give the rows"):
+    config_lib.validate(c)
+
+
+# ------------------------------------------------------------------------------------------------ one real step
+@pytest.mark.slow  # ~100 s of compilation (the sparse update) on a 2-core machine
+def test_a_trainer_step_leaves_unselected_rows_and_their_state_bit_for_bit(tmp_path):
+  config = _config(tmp_path)
+  cfg = config_lib.validate(config)
+  lines = []
+  trainer = Trainer(cfg, build_task(config), config_dict=config, out=lines.append)
+  state = trainer.initial_state()
+  tables = [("embed", "table", "embedding"), ("linear", "table", "embedding")]
+  assert tuple(trainer.sparse.spec.tables) == tuple(tables)
+  # Step 2 too: a row selected at step 1 and not at step 2 would still move under a dense Adam (momentum).
+  for _ in range(2):
+    before = sharding.to_host(state)  # the sparse update donates the state
+    state, metrics = trainer.train_step(state, 1.0)
+    _check_only_selected_rows_moved(before, sharding.to_host(state), metrics, tables)
+
+
+def _check_only_selected_rows_moved(before, after, metrics, tables):
+  moved = 0
+  for path in tables:
+    p0 = np.asarray(_leaf(before.params, path))
+    p1 = np.asarray(_leaf(after.params, path))
+    changed = np.any(p0 != p1, axis=1)
+    moved += int(changed.sum())
+    # Adam's moments of each table: every leaf of the state shaped like the table.
+    for s0, s1 in _state_leaves(before.opt_state, after.opt_state, p0.shape):
+      np.testing.assert_array_equal(s1[~changed], s0[~changed])  # not selected: state bit for bit
+      assert np.all(np.any(s1[changed] != s0[changed], axis=1))  # selected: the moments moved
+  assert moved == metrics["selected_rows"] > 0  # exactly the released rows moved
+  assert moved < 0.5 * 2 * 26 * BUCKETS
+  assert metrics["update_sparsity"] == pytest.approx(moved / (2 * 26 * BUCKETS))
+  s1, s2 = sparse.split_noise_multiplier(1.0, 0.5)
+  assert metrics["selection_sigma"] == pytest.approx(s1) and metrics["gradient_sigma"] == pytest.approx(s2)
+  # Dense leaves get noise everywhere.
+  k0, k1 = np.asarray(before.params["mlp"]["layer_0"]["kernel"]), np.asarray(after.params["mlp"]["layer_0"]["kernel"])
+  assert np.all(k0 != k1)
+
+
+def _leaf(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def _state_leaves(s0, s1, shape):
+  a = [x for x in jax.tree_util.tree_leaves(s0) if np.shape(x) == shape]
+  b = [x for x in jax.tree_util.tree_leaves(s1) if np.shape(x) == shape]
+  assert len(a) == len(b) == 2  # mu and nu
+  return [(np.asarray(x), np.asarray(y)) for x, y in zip(a, b)]
+
+
+# ------------------------------------------------------------------------------------------------ δ_tail
+def test_delta_tail_counts_the_selection_coordinates(tmp_path):
+  # jax_bounded: a sampler whose delta_tail is large enough to see the coordinate count in it.
+  config = _config(tmp_path, "noise_sampler='jax_bounded'", "noise_multiplier=2.0", "num_steps=50", "delta=0.5")
+  cfg = config_lib.validate(config)
+  trainer = Trainer(cfg, build_task(config), config_dict=config, out=lambda s: None)
+  shapes = jax.eval_shape(trainer.task.init_params, trainer.init_key)
+  params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes))
+  rows = 2 * 26 * BUCKETS
+  assert trainer.privacy.tail.num_coordinates == params + rows
+  # Directly: eta(1/sigma, d) per step, times q, over the steps (dpmega.truncation's bound).
+  support = noise_lib.sampler_support(noise_lib.NoiseSampler.JAX_BOUNDED)
+  q = 64 / 600
+  eta = truncation.bad_mass(shift=1 / 2.0, num_coordinates=params + rows, support=support)
+  expected = 50 * q * eta
+  got = trainer.privacy.plan.tail_delta(2.0, floor=True)
+  assert got == pytest.approx(expected, rel=1e-9)
+  dense_only = 50 * q * truncation.bad_mass(shift=1 / 2.0, num_coordinates=params, support=support)
+  assert got > dense_only * (1 + 1e-6)  # the count coordinates are in it
+
+
+# ------------------------------------------------------------------------------------------------ whole runs
+@pytest.mark.slow
+def test_sparse_run_reports_its_selection_and_resumes_exactly(tmp_path, capsys):
+  common = ("num_steps=4", "checkpoint_every=2", "log_every=1", "insecure_reproducible_seed=7",
+            "target_epsilon=8.0", "noise_multiplier=None")
+  data = tmp_path / "data"
+  lines = []
+  full = train_lib.train(_config(tmp_path, *common, name="full", data_dir=data), out=lines.append)
+  plan = [line for line in lines if line.startswith("plan: sparse tables")]
+  assert len(plan) == 1 and "sigma1 = " in plan[0] and "sigma2 = " in plan[0] and "f = 0.5" in plan[0]
+  assert any(line.startswith("step 4/4") and "update sparsity" in line and "epsilon" in line for line in lines)
+  assert any(line.startswith("done: 4 steps, epsilon = ") for line in lines)
+  with open(tmp_path / "full" / "summary.json") as f:
+    summary = json.load(f)
+  s = summary["sparse"]
+  s1, s2 = sparse.split_noise_multiplier(full.noise_multiplier, 0.5)
+  assert s["selection_sigma"] == pytest.approx(s1) and s["gradient_sigma"] == pytest.approx(s2)
+  assert s["threshold"] == pytest.approx(2.0 * s1) and 0 < s["mean_update_sparsity"] < 0.5
+  # The ledger holds sigma_eff, the calibrated sigma: epsilon within the target.
+  assert summary["accounted_noise_multiplier"] == full.noise_multiplier and full.epsilon <= 8.0
+  assert summary["num_noised_coordinates"] > 2 * 26 * BUCKETS
+  with open(tmp_path / "full" / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f if '"final"' not in line]
+  assert all(0 < r["update_sparsity"] < 1 and r["selected_rows"] > 0 for r in records)
+  _check_workdir_epsilon(str(tmp_path / "full"), summary, capsys)
+
+  config = _config(tmp_path, *common, name="cut", data_dir=data)
+  with pytest.raises(Interrupt):
+    train_lib.train(config, out=interrupt_at(3))  # dies after step 3; last checkpoint at step 2
+  resumed = train_lib.train(config, resume=True, out=lambda s: None)
+  for a, b in zip(jax.tree_util.tree_leaves(resumed.params), jax.tree_util.tree_leaves(full.params)):
+    np.testing.assert_array_equal(a, b)
+  assert resumed.epsilon == full.epsilon and resumed.ledger == full.ledger
+  # A resume with other sparse settings is another computation: refused.
+  changed = config_lib.apply_overrides(config, ["sparse.threshold=1.0"])
+  with pytest.raises(UsageError, match="sparse"):
+    train_lib.train(changed, resume=True, out=lambda s: None)
+  assert accounting.Ledger.from_dict(summary["ledger"]) == full.ledger
+
+
+def _check_workdir_epsilon(workdir, summary, capsys):
+  """`dpmega epsilon --workdir` counts the run's own noised coordinates (table rows included) when larger."""
+  from dpmega import cli  # pylint: disable=import-outside-toplevel
+
+  capsys.readouterr()
+  assert cli.main(["epsilon", "--workdir", workdir, "--delta", "1e-5", "--num_noised_coordinates", "10",
+                   "--json"]) == 0
+  report = json.loads(capsys.readouterr().out)
+  assert report["num_noised_coordinates"] == summary["num_noised_coordinates"]
+  assert report["epsilon"]["rdp"] == pytest.approx(summary["epsilon"], rel=1e-9)

@@ -251,8 +251,8 @@ def clipped_sum_ghost(
   factors = {}
   est_norms, upper_norms, item_groups = [], [], []  # [b] per leaf: the estimate, a rigorous bound on what is
   # added, and the leaf's clip group
-  # Arrays whose plain (scaled) row norms are needed, taken after the loop with ONE fast-path cond for all of them
-  # (floats.scaled_norms_many: same norms as a cond each; tiny BERT has 25 such leaves).
+  # Arrays whose plain (scaled) row norms are needed, taken after the loop (one fast-path cond each: merging them
+  # into one cond, floats.scaled_norms_many, measured slower on DeepFM at batch 16,384: 1.36x of the separate conds).
   plain: list[jax.Array] = []
   plain_norm = lambda a: (plain.append(a), len(plain) - 1)[1]
   for leaf, (us, canon) in ghost.items():
@@ -334,7 +334,7 @@ def clipped_sum_ghost(
     est_norms.append((plain_norm(g),))
     upper_norms.append(est_norms[-1])
     item_groups.append(groups[j])
-  plain_norms = floats.scaled_norms_many(plain) if plain else []
+  plain_norms = [floats.scaled_norms(a) for a in plain]
   resolve = lambda v: (functools.reduce(jnp.multiply, [plain_norms[i] for i in v]) if isinstance(v, tuple) else v)
 
   def group_norm(ests, uppers):

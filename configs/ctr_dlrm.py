@@ -15,14 +15,7 @@ implementation's Criteo-Kaggle shape (facebookresearch/dlrm,
 Kaggle variant size: 26 x 2**20 x 16 = 436M table parameters (1.7 GB float32;
 ~5.2 GB with Adam's two moments); noise is drawn for every coordinate at every step.
 
-Clipping recipe (configs/common/ctr.py, measured by bench/ctr_utility.py at the issue's size: 10^6 generated
-rows, DeepFM, epsilon 3, batch 4,096, 1 epoch, one seed each): flat per-example clipping at C = 20 with Adam at
-0.01 stays the default, because no clipping option beat it on both ranking and calibration. Recipe: AUC 0.8225,
-NE 0.762. Adaptive clip norm (Andrew et al.) to the 0.9 quantile: 0.8223 / 0.764 (a tie, with an extra
-accounted release); to the median: 0.8103 / NE 1.91 (clipping half of the examples gives every one the same
-push, the 75% negatives win: mean prediction 0.05 for a base rate 0.25). Clip groups tables/dense 0.5/0.5:
-0.722 / NE 1.54. Normalized ("automatic") clipping: the best ranking, 0.8317, but NE 1.56 (ECE 0.15) for the
-same reason, so it is unusable for pricing unless followed by a private recalibration (not built).
+Clipping recipe: flat C = 20 with Adam at 0.01 (configs/common/ctr.py, whose docstring has the measurements).
 """
 
 import pathlib

@@ -159,9 +159,10 @@ def _materialize_count(method: NormMethod, b: int, x, y, rows, auto: bool = Fals
   """How many examples of a dense leaf get their gradient materialized (static).
 
   All of them under MATERIALIZE, and under "auto" (``auto``) for a multi-row
-  leaf (a tied table's lookups included) whose ``b K M`` is at most ``_MATERIALIZE_SMALL_LEAF``
-  (unless the budget is 0: the bound alone, for tests). Otherwise, none when
-  the bound cannot be loose (one row, no lookups: no cancellation), else as many as fit in ``_MATERIALIZE_BUDGET`` floats, at
+  leaf (a tied table's lookups included) whose ``b K M`` is at most
+  ``_MATERIALIZE_SMALL_LEAF`` (unless the budget is 0: the bound alone, for
+  tests). Otherwise, none when the bound cannot be loose (one row, no lookups:
+  no cancellation), else as many as fit in ``_MATERIALIZE_BUDGET`` floats, at
   least one: the examples whose bound is loosest, which on benign inputs covers
   every example of a small layer and a crafted one in a large layer; the others
   keep the (never permissive) bound.

@@ -194,6 +194,17 @@ def per_example_loss(model):
   return loss_fn
 
 
+def make_init_params(model) -> Any:
+  """``init_params(key)``: the parameters of ``model`` (a CTR model), initialised on one all-zero example."""
+
+  def init_params(key):
+    dense = jnp.zeros((criteo.NUM_INT,), jnp.float32)
+    sparse = jnp.zeros((criteo.NUM_CAT,), jnp.int32)
+    return model.init(key, dense, sparse)["params"]
+
+  return init_params
+
+
 def build_task(config: Any) -> Task:
   """The CTR task of ``config.task`` (see the module docstring)."""
   cfg = config.task
@@ -202,12 +213,7 @@ def build_task(config: Any) -> Task:
   train, evaluation = sources(cfg)
   d = cfg.data
 
-  @jax.jit
-  def init_params(key):
-    dense = jnp.zeros((criteo.NUM_INT,), jnp.float32)
-    sparse = jnp.zeros((criteo.NUM_CAT,), jnp.int32)
-    return model.init(key, dense, sparse)["params"]
-
+  init_params = jax.jit(make_init_params(model))
   evaluate = make_evaluate(model, evaluation, batch_size=d.get("eval_batch_size", 4096),
                            max_rows=d.get("eval_max_rows", 0))
   return Task(cfg.name, init_params, per_example_loss(model), train, evaluate)

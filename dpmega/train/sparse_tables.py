@@ -232,7 +232,6 @@ def check(settings: SparseSettings, task_config: Any) -> None:
   """:func:`build` on the model's shapes alone (no data, no compute): refuses a bad ``sparse.tables`` early."""
   if not settings.enabled:
     return
-  from dpmega.data import criteo  # noqa: PLC0415
   from dpmega.models import ctr  # noqa: PLC0415
   from dpmega.tasks import ctr as ctr_task  # noqa: PLC0415
 
@@ -240,9 +239,7 @@ def check(settings: SparseSettings, task_config: Any) -> None:
     model = ctr.make_model(ctr_task.model_config(task_config))
   except ValueError as e:
     raise UsageError(str(e)) from None
-  shapes = jax.eval_shape(lambda k: model.init(k, jnp.zeros((criteo.NUM_INT,), jnp.float32),
-                                               jnp.zeros((criteo.NUM_CAT,), jnp.int32))["params"], jax.random.key(0))
-  build(settings, task_config, shapes)
+  build(settings, task_config, jax.eval_shape(ctr_task.make_init_params(model), jax.random.key(0)))
 
 
 def count_coordinates(run: SparseRun | None) -> int:

@@ -124,10 +124,12 @@ def test_budget_flags_replace_the_config_pair(small_config):
   assert config.noise_multiplier == 0.9 and config.target_epsilon == 5.0
 
 
-def _run_cli(*args, timeout=300):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "dpmega", "train", *args], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+def _cli(capsys, *args):
+  """``dpmega train *args`` in this process: its exit status and output, as ``subprocess.run`` gives them."""
+  capsys.readouterr()
+  rc = cli.main(["train", *args])
+  out, err = capsys.readouterr()
+  return subprocess.CompletedProcess(["dpmega", "train", *args], rc, out, err)
 
 
 def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, small_config, capsys):
@@ -161,7 +163,9 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, smal
   assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
   assert 10 <= last < 24
 
-  resumed = _run_cli("--config", small_config, "--workdir", workdir, "--resume", *seed)
+  # The resume, the corrupt checkpoint and the rewind run in this process (the kill needed its own; the rest
+  # reads only the workdir, as a fresh process would, and saves a process start and JAX import each).
+  resumed = _cli(capsys, "--config", small_config, "--workdir", workdir, "--resume", *seed)
   assert resumed.returncode == 0, resumed.stderr
   assert "resumed from the checkpoint at step" in resumed.stdout
   params, meta = _final_params(small_config, workdir)
@@ -178,10 +182,10 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, smal
   # Corrupt the newest checkpoint: a clear one-line error; the previous one is kept and usable.
   with open(os.path.join(workdir, "checkpoints", "24", "meta", "metadata"), "w") as f:
     f.write('{"step": 24, "ledger": {}, "digest": "x"')  # truncated JSON
-  bad = _run_cli("--config", small_config, "--workdir", workdir, "--resume", *seed)
+  bad = _cli(capsys, "--config", small_config, "--workdir", workdir, "--resume", *seed)
   assert bad.returncode == 2
   assert "checkpoint at step 24" in bad.stderr and "corrupt" in bad.stderr and "--resume_step 20" in bad.stderr
-  again = _run_cli("--config", small_config, "--workdir", workdir, "--resume_step", "20", *seed)
+  again = _cli(capsys, "--config", small_config, "--workdir", workdir, "--resume_step", "20", *seed)
   assert again.returncode == 0, again.stderr
   # Steps 21-24 were computed (and checkpointed) once: redoing them from step 20 is a rewind, so they run in a
   # new generation with new keys (no key serves two computations) and the workdir pays for them again.

@@ -36,6 +36,15 @@ def _train(config_path, workdir, *args):
   return _python(["-m", "dpmega", "train", "--config", config_path, "--workdir", str(workdir), *_FAST, *args])
 
 
+def _train_here(capsys, config_path, workdir, *args):
+  """:func:`_train` in this process (no JAX import and compile of its own): exit status and output alike."""
+  capsys.readouterr()
+  argv = ["train", "--config", config_path, "--workdir", str(workdir), *_FAST, *args]
+  rc = cli.main(argv)
+  out, err = capsys.readouterr()
+  return subprocess.CompletedProcess(argv, rc, out, err)
+
+
 def _snapshot(directory):
   """Every file under ``directory``: relative path -> bytes."""
   out = {}
@@ -49,7 +58,8 @@ def _snapshot(directory):
 
 # ------------------------------------------------------------------------------------------------ 1. the lock
 def test_second_run_in_a_busy_workdir_exits_2_naming_the_holder_and_a_killed_holder_leaves_no_stale_lock(
-    config_path, tmp_path):
+    config_path, tmp_path, capsys):
+  # The holder is a process of its own (it must be killed); the second and third runs are this process's.
   workdir = tmp_path / "w"
   holder = subprocess.Popen(
       [sys.executable, "-m", "dpmega", "train", "--config", config_path, "--workdir", str(workdir), *_FAST,
@@ -61,7 +71,7 @@ def test_second_run_in_a_busy_workdir_exits_2_naming_the_holder_and_a_killed_hol
       if line.startswith("plan:"):
         break
     assert holder.poll() is None
-    second = _train(config_path, workdir, "--set", "num_steps=2")
+    second = _train_here(capsys, config_path, workdir, "--set", "num_steps=2")
     assert second.returncode == 2, second.stderr
     assert f"process {holder.pid}" in second.stderr and "in use by another dpmega run" in second.stderr
     assert "Traceback" not in second.stderr
@@ -70,7 +80,7 @@ def test_second_run_in_a_busy_workdir_exits_2_naming_the_holder_and_a_killed_hol
     holder.kill()  # SIGKILL: the lock file stays, the kernel drops the lock
     holder.wait()
   assert os.path.exists(workdir / ".dpmega.lock")
-  third = _train(config_path, workdir, "--overwrite", "--set", "num_steps=2")
+  third = _train_here(capsys, config_path, workdir, "--overwrite", "--set", "num_steps=2")
   assert third.returncode == 0, third.stderr
   assert json.load(open(workdir / "summary.json"))["steps"] == 2
 

@@ -13,7 +13,9 @@ Sweeps (``--sweep``):
   effective-noise simulation (:mod:`dpmega.train.simulation`) at batch ``--sim_batch`` (k = B / sim_batch),
   sigma calibrated for the real run at B; ``--confirm`` reruns the B = 256 and the best B of epsilon 5.36 for real.
 * ``schedule``: at epsilon 5.36 and final batch B (``--schedule_batch``), the geometric schedule B/8 -> B
-  against fixed B over the same steps; accuracy against examples processed (simulated, or real with ``--real``).
+  against fixed B over the same steps (with ``--match_examples``: the ramp, then batch B until it has processed
+  as many examples as the fixed run, epsilon accounted for all its steps); accuracy against examples processed
+  (simulated, or real with ``--real``).
 * ``simulation``: one real run at ``--sim_check_batch`` against its simulations at k in {4, 16}.
 
 Every arm is cached in ``--cache`` (JSON, keyed by its settings) so sweeps share arms and a rerun resumes.
@@ -209,8 +211,13 @@ def sweep_schedule(args) -> list[dict]:
   b, steps = args.schedule_batch, args.examples // args.schedule_batch
   k = 0 if args.real else max(1, b // 8 // (args.sim_batch // 2))  # the ramp starts at batch sim_batch / 2
   every = max(1, steps // 10)
-  rows = [run_dp(args, spec, steps, args.schedule_lr, epsilon=args.epsilons[0], k=k, eval_every=every)
-          for spec in (f"constant:{b}", f"geometric:{b // 8}->{b}@{steps}")]
+  ramp = f"geometric:{b // 8}->{b}@{steps}"
+  ramp_steps = steps
+  if args.match_examples:  # the ramp, then batch B until it has processed as many examples as the fixed run
+    sizes = schedules.parse_schedule(ramp).batch_sizes(steps)
+    ramp_steps = steps + -(-max(steps * b - int(np.sum(sizes)), 0) // b)
+  rows = [run_dp(args, spec, n, args.schedule_lr, epsilon=args.epsilons[0], k=k, eval_every=every)
+          for spec, n in ((f"constant:{b}", steps), (ramp, ramp_steps))]
   plot(args, "schedule", {r["schedule"] + ("" if args.real else f" (simulated k={k})"): r["curve"] for r in rows},
        f"eps {args.epsilons[0]:g}: fixed vs increasing batch")
   fixed, ramp = rows
@@ -279,6 +286,8 @@ def main(argv=None) -> int:
   parser.add_argument("--confirm", action="store_true", help="batch sweep: rerun B = 256 and the best B for real")
   parser.add_argument("--schedule_batch", type=int, default=None)
   parser.add_argument("--schedule_lr", type=float, default=None)
+  parser.add_argument("--match_examples", action="store_true",
+                      help="schedule sweep: continue the ramp at batch B until it has processed the fixed run's examples")
   parser.add_argument("--sim_check_batch", type=int, default=1024)
   parser.add_argument("--ref_batch", type=int, default=256)
   parser.add_argument("--ref_grid_steps", type=int, default=None)

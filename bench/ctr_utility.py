@@ -303,7 +303,7 @@ def markdown(args, saved: dict) -> str:
               "| batch | steps | sigma | dense lr | table lr | private AUC | private NE | non-private AUC | "
               "non-private NE |", "|---|---|---|---|---|---|---|---|---|"]
     for b in sorted(args.batch_sizes):
-      p = best(bt, batch_size=b, arm="private")
+      p = best(bt, batch_size=b, arm="private", epsilon=args.batch_epsilon)
       n = best(bt, batch_size=b, arm="nonprivate")
       if p is None and n is None:
         continue
@@ -353,11 +353,12 @@ def plots(args, rows: list[dict]) -> list[str]:
   bt = [r for r in rows if r["table"] == "batch"]
   if bt:
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for arm in ("private", "nonprivate"):
-      pts = sorted((r["batch_size"], r["auc"]) for r in bt if r["arm"] == arm)
+    # One private curve per epsilon in the runs (the table's --batch_epsilon first), and the non-private one.
+    epsilons = sorted({r["epsilon"] for r in bt if r["arm"] == "private"}, key=lambda e: (e != args.batch_epsilon, e))
+    for arm, eps in [("private", e) for e in epsilons] + [("nonprivate", None)]:
+      pts = sorted((r["batch_size"], r["auc"]) for r in bt if r["arm"] == arm and r.get("epsilon") == eps)
       if pts:
-        ax.plot(*zip(*pts), marker="o", label=f"{arm} (CowClip)" + (f", eps {args.batch_epsilon:g}"
-                                                                      if arm == "private" else ""))
+        ax.plot(*zip(*pts), marker="o", label=f"{arm} (CowClip)" + (f", eps {eps:g}" if eps is not None else ""))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("expected batch size")
     ax.set_ylabel("AUC")

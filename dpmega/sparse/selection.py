@@ -326,5 +326,7 @@ def select_rows(counts: jax.Array, key: jax.Array, *, noise_std, threshold: floa
     if touched.shape != (t,):
       raise ValueError(f"touched must have shape ({t},) (max_touched), got {touched.shape}.")
     nnz = num_touched
+  if t >= counts.shape[0]:  # nnz <= R = t always: the dense branch could never run, so it is not compiled
+    return _select_fast(counts, key, stddev, threshold, k, t, touched)
   return lax.cond(nnz <= t, lambda: _select_fast(counts, key, stddev, threshold, k, t, touched),
                   lambda: _select_dense(counts, key, stddev, threshold, k))

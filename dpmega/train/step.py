@@ -8,7 +8,11 @@ There is always a mesh (``1 x 1`` for one device). One logical step::
   per chunk   :  accumulate(params, acc, batch, mask) -> acc
                    each device: clipped_grad_sum on ITS rows (lax.scan over
                    micro-batches), then psum over the mesh / psum_scatter over
-                   fsdp into the float32 sum, sharded like the params
+                   fsdp into the float32 sum, sharded like the params; the
+                   first chunk's sum is the accumulator (accumulate.start),
+                   later ones are added in place (accumulate.add_in_place: acc.grad_sum donated), so a
+                   table's clipped rows are scattered straight into the one
+                   [R, d] sum: no zero accumulator, no table-sized copy
   once / step :  update(state, grad_sum, step_key(secret, t), sigma, B_t)
                    privatize: ONE Gaussian draw for the whole pytree, / B_t
                    then the optax update, sharded like params and opt state
@@ -164,10 +168,15 @@ def make_accumulate_fn(
       the stats are in the gradient's own units (norms and losses times ``clip_norm_t``).
 
   Returns:
-    ``accumulate`` (its jitted core, for ``.lower``, is ``accumulate.jitted``).
-    ``params`` and ``acc.grad_sum`` carry ``param_shardings``; ``batch`` and
-    ``mask`` are global arrays (:func:`dpmega.sharding.global_batch_from_process_local`)
-    or, on one process, host arrays.
+    ``accumulate`` (its jitted core, for ``.lower``, is ``accumulate.jitted``; ``acc`` is left intact).
+    ``accumulate.add_in_place`` (core ``accumulate.in_place_jitted``) is the same with ``acc.grad_sum``
+    DONATED: its buffers are reused for the result (the chunk's sum is added in place, no table-sized copy), so
+    it must not be used after the call. ``accumulate.start(params, batch, mask[, clip_norm_t])`` is the first
+    chunk's call: the same
+    result as ``accumulate`` from a zero accumulator (``-0.0`` sums aside), without creating or adding one
+    (its jitted core is ``accumulate.start_jitted``). ``params`` and ``acc.grad_sum`` carry
+    ``param_shardings``; ``batch`` and ``mask`` are global arrays
+    (:func:`dpmega.sharding.global_batch_from_process_local`) or, on one process, host arrays.
   """
   clipping_lib.validate_clip_norm(clip_norm)
   microbatch_size = check_int("microbatch_size", microbatch_size, 1)
@@ -192,27 +201,53 @@ def make_accumulate_fn(
       g = jax.tree_util.tree_map(lambda x: x * scale.astype(x.dtype), g)
       stats = stats._replace(norm_sum=stats.norm_sum * scale, norm_max=stats.norm_max * scale,
                              loss_sum=stats.loss_sum * scale)
-    g = jax.tree_util.tree_map(lambda x, s: _reduce_leaf(x, s, axes), g, specs)
-    return g, _reduce_stats(stats, axes)
+    if mesh.size > 1:  # on one device the collectives are identities, but XLA would copy table-sized sums
+      g = jax.tree_util.tree_map(lambda x, s: _reduce_leaf(x, s, axes), g, specs)
+      stats = _reduce_stats(stats, axes)
+    return g, stats
 
   # check_vma=False: clipped_grad_sum's scan starts from a device-invariant zero
   # carry; the psum / psum_scatter above make every output what out_specs say.
   per_device = jax.shard_map(local, mesh=mesh, in_specs=(P(), bspec, bspec) + ((P(),) if adaptive else ()),
                              out_specs=(specs, P()), check_vma=False)
 
-  def step(params, acc: Accumulator, batch, mask, *scale) -> Accumulator:
+  def step(params, grad_sum, acc_stats: ClipStats, batch, mask, *scale) -> Accumulator:
     if on_trace is not None:
       on_trace()
     g, stats = per_device(params, batch, mask, *scale)
-    return Accumulator(jax.tree_util.tree_map(jnp.add, acc.grad_sum, g), acc.stats.merge(stats))
+    return Accumulator(jax.tree_util.tree_map(jnp.add, grad_sum, g), acc_stats.merge(stats))
+
+  def first(params, batch, mask, *scale) -> Accumulator:
+    if on_trace is not None:
+      on_trace()
+    g, stats = per_device(params, batch, mask, *scale)
+    return Accumulator(g, ClipStats.zeros().merge(stats))
 
   rep, bsh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   acc_sh = Accumulator(param_shardings, rep)
-  jitted = jax.jit(step, in_shardings=(param_shardings, acc_sh, bsh, bsh) + ((rep,) if adaptive else ()),
-                   out_shardings=acc_sh)
+  scale_sh = (rep,) if adaptive else ()
+  # add_in_place: acc.grad_sum is donated, the chunk's clipped sum is added in place (XLA turns
+  # `acc + scatter(0, ids, rows)` into a scatter into acc), so a chunk costs no table-sized copy; the caller must
+  # not reuse it. (Only the sum: ClipStats.zeros() shares one buffer between fields; it cannot be donated twice.)
+  in_sh = (param_shardings, param_shardings, rep, bsh, bsh) + scale_sh
+  jitted = _AccJit(jax.jit(step, in_shardings=in_sh, out_shardings=acc_sh))
+  in_place_jitted = _AccJit(jax.jit(step, in_shardings=in_sh, out_shardings=acc_sh, donate_argnums=(1,)))
+  first_jitted = jax.jit(first, in_shardings=(param_shardings, bsh, bsh) + scale_sh, out_shardings=acc_sh)
   per_step_rows = mesh.size * microbatch_size
 
   def accumulate(params, acc: Accumulator, batch, mask, clip_norm_t=None) -> Accumulator:
+    _check(batch, mask, clip_norm_t)
+    return jitted(params, acc, batch, mask, *(() if clip_norm_t is None else (np.float32(clip_norm_t),)))
+
+  def add_in_place(params, acc: Accumulator, batch, mask, clip_norm_t=None) -> Accumulator:
+    _check(batch, mask, clip_norm_t)
+    return in_place_jitted(params, acc, batch, mask, *(() if clip_norm_t is None else (np.float32(clip_norm_t),)))
+
+  def start(params, batch, mask, clip_norm_t=None) -> Accumulator:
+    _check(batch, mask, clip_norm_t)
+    return first_jitted(params, batch, mask, *(() if clip_norm_t is None else (np.float32(clip_norm_t),)))
+
+  def _check(batch, mask, clip_norm_t) -> None:
     rows = clipping_lib.leading_size(batch)
     if rows == 0 or rows % per_step_rows:
       raise ValueError(
@@ -226,10 +261,26 @@ def make_accumulate_fn(
       clipping_lib.validate_clip_norm(clip_norm_t)
       if not 0 < float(clip_norm_t) < math.inf:
         raise ValueError(f"clip_norm_t must be positive and finite, got {clip_norm_t=}.")
-    return jitted(params, acc, batch, mask, *(() if clip_norm_t is None else (np.float32(clip_norm_t),)))
 
   accumulate.jitted = jitted
+  accumulate.add_in_place = add_in_place
+  accumulate.in_place_jitted = in_place_jitted
+  accumulate.start = start
+  accumulate.start_jitted = first_jitted
   return accumulate
+
+
+class _AccJit:
+  """``accumulate.jitted``: the donating core called (or lowered) as ``(params, acc, batch, mask[, scale])``."""
+
+  def __init__(self, core):
+    self.core = core
+
+  def __call__(self, params, acc: Accumulator, *rest):
+    return self.core(params, acc.grad_sum, acc.stats, *rest)
+
+  def lower(self, params, acc: Accumulator, *rest):
+    return self.core.lower(params, acc.grad_sum, acc.stats, *rest)
 
 
 # ----------------------------------------------------------------------------- noise once, then the optimizer
@@ -366,12 +417,29 @@ class PrivateStep:
   local_rows: int
   max_microbatches: int
 
-  def shard_state(self, state: TrainState) -> TrainState:
-    """``state`` (host or device arrays) put on the mesh: params and optimizer state by the FSDP rule."""
-    host = sharding.to_host(state)
-    return TrainState(sharding.shard(host.step, sharding.replicated(self.mesh)),
-                      sharding.shard(host.params, self.param_shardings),
-                      sharding.shard(host.opt_state, self.opt_shardings))
+  def shard_state(self, state: TrainState, *, donate: bool = False) -> TrainState:
+    """``state`` (host or device arrays) put on the mesh: params and optimizer state by the FSDP rule.
+
+    The result owns its buffers (never a view of ``state``'s), so an update that donates the state (the sparse
+    one) reuses them in place from the first step. With ``donate=True`` (the caller gives ``state`` up: its
+    device arrays are deleted), on one process each leaf is copied and its source freed in turn, so the peak is
+    the state plus its largest leaf instead of twice the state.
+    """
+    shardings = TrainState(sharding.replicated(self.mesh), self.param_shardings, self.opt_shardings)
+    if jax.process_count() > 1:
+      host = sharding.to_host(state)
+      return jax.tree_util.tree_map(lambda x, s: jax.device_put(x, s, may_alias=False), host, shardings)
+    done = {}
+
+    def put(x, s):
+      if id(x) not in done:
+        done[id(x)] = jax.device_put(x, s, may_alias=False)
+        if donate and isinstance(x, jax.Array):
+          jax.block_until_ready(done[id(x)])
+          x.delete()
+      return done[id(x)]
+
+    return jax.tree_util.tree_map(put, state, shardings)
 
   def zero_accumulator(self, params: PyTree) -> Accumulator:
     """A float32 zero sum shaped like ``params``, created directly with the parameter shardings.
@@ -414,20 +482,23 @@ class PrivateStep:
     so memory stays bounded by the chunk (and ``R`` floats per table) whatever the logical batch size.
     Returns ``(acc, counts)`` (``counts`` unchanged without ``count``).
     """
-    acc = self.zero_accumulator(params)
+    acc = None
     extra = () if clip_norm_t is None else (clip_norm_t,)
     for i, chunk in enumerate(chunks):
       batch = chunk.batch if prepare is None else prepare(i, chunk.batch)
       mask = chunk.mask
       if jax.process_count() > 1:  # one process: the jitted call places the host rows itself (cheaper)
         batch, mask = sharding.global_batch_from_process_local((batch, mask), self.mesh)
-      previous, acc = acc, self.accumulate(params, acc, batch, mask, *extra)
+      if acc is None:  # the first chunk's sum IS the accumulator: no table-sized zeros, no add
+        acc = self.accumulate.start(params, batch, mask, *extra)
+      else:
+        # At most one chunk in flight while the host reads the next: memory stays bounded by the chunk size
+        # whatever the logical batch size. The previous chunk's acc is donated (summed in place) by this call.
+        jax.block_until_ready(acc)
+        acc = self.accumulate.add_in_place(params, acc, batch, mask, *extra)
       if count is not None:
         counts = count(counts, batch, mask)
-      # At most one chunk in flight while the host reads the next: memory stays
-      # bounded by the chunk size whatever the logical batch size.
-      jax.block_until_ready(previous)
-    return acc, counts
+    return (self.zero_accumulator(params) if acc is None else acc), counts
 
 
 def make_private_step(

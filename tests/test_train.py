@@ -193,7 +193,9 @@ def test_compile_count_stays_bounded_over_many_poisson_steps(tmp_path):
   result = trainer.run()
   drawn = {r["sampled"] for r in result.history}
   assert len(drawn) > 10  # many different realized batch sizes ...
-  assert 1 <= trainer.num_traces <= len(sampling.chunk_shapes(16, 8))  # ... few compiled shapes
+  # ... few compiled shapes: one program per chunk shape for a step's first chunk (accumulate.start, no zero
+  # accumulator) and one per shape for the later chunks (accumulate.add_in_place), whatever the realized sizes.
+  assert 1 <= trainer.num_traces <= 2 * len(sampling.chunk_shapes(16, 8))
 
 
 def test_resume_continues_exactly_and_reuses_no_key(tmp_path):

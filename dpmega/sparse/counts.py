@@ -1,7 +1,7 @@
 """The clipped row counts of a logical batch, chunk by chunk on the mesh, and the CTR models' row ids.
 
 :func:`make_count_fn` is to the row counts what
-:func:`dpmega.train.step.make_accumulate_fn` is to the gradient: a jitted
+:func:`dpmega.train.accumulate.make_accumulate_fn` is to the gradient: a jitted
 ``count(counts, batch, mask) -> counts`` that each device runs on its own rows
 of a chunk (:func:`dpmega.sparse.selection.clipped_row_counts`), reduced by a
 ``psum`` over the mesh and added to the running counts of the logical step

@@ -21,7 +21,7 @@ noise is ``N(0, (sigma C_t)^2)``: the noise multiplier, and so the accounting,
 do not depend on ``C_t``.
 
 How the step clips at a traced ``C_t`` without a new clipping engine
-(:func:`dpmega.train.step.make_accumulate_fn` with ``adaptive=True``): it clips
+(:func:`dpmega.train.accumulate.make_accumulate_fn` with ``adaptive=True``): it clips
 the gradient of ``loss / C_t`` at norm 1 and multiplies the clipped sum by
 ``C_t``. The engine bounds each clipped contribution by ``1 * (1 + 1e-5)`` for
 every input, so each example's scaled contribution is at most

@@ -34,9 +34,6 @@ class Accumulator(NamedTuple):
   stats: ClipStats
 
 
-# ----------------------------------------------------------------------------- the clipped sum of a chunk
-
-
 def _reduce_leaf(g: jax.Array, spec: P, axes: tuple[str, ...]) -> jax.Array:
   """Sums ``g`` over ``axes``; over the axis that shards the leaf, a reduce-scatter."""
   for dim, name in enumerate(spec):
@@ -167,18 +164,16 @@ def make_accumulate_fn(
   per_step_rows = mesh.size * microbatch_size
 
   def accumulate(params, acc: Accumulator, batch, mask, clip_norm_t=None) -> Accumulator:
-    _check(batch, mask, clip_norm_t)
-    return jitted(params, acc, batch, mask, *(() if clip_norm_t is None else (np.float32(clip_norm_t),)))
+    return jitted(params, acc, batch, mask, *_checked(batch, mask, clip_norm_t))
 
   def add_in_place(params, acc: Accumulator, batch, mask, clip_norm_t=None) -> Accumulator:
-    _check(batch, mask, clip_norm_t)
-    return in_place_jitted(params, acc, batch, mask, *(() if clip_norm_t is None else (np.float32(clip_norm_t),)))
+    return in_place_jitted(params, acc, batch, mask, *_checked(batch, mask, clip_norm_t))
 
   def start(params, batch, mask, clip_norm_t=None) -> Accumulator:
-    _check(batch, mask, clip_norm_t)
-    return first_jitted(params, batch, mask, *(() if clip_norm_t is None else (np.float32(clip_norm_t),)))
+    return first_jitted(params, batch, mask, *_checked(batch, mask, clip_norm_t))
 
-  def _check(batch, mask, clip_norm_t) -> None:
+  def _checked(batch, mask, clip_norm_t) -> tuple:
+    """The call's trailing arguments (``clip_norm_t`` as float32 when adaptive), after checking the inputs."""
     rows = clipping_lib.leading_size(batch)
     if rows == 0 or rows % per_step_rows:
       raise ValueError(
@@ -192,6 +187,7 @@ def make_accumulate_fn(
       clipping_lib.validate_clip_norm(clip_norm_t)
       if not 0 < float(clip_norm_t) < math.inf:
         raise ValueError(f"clip_norm_t must be positive and finite, got {clip_norm_t=}.")
+    return () if clip_norm_t is None else (np.float32(clip_norm_t),)
 
   accumulate.jitted = jitted
   accumulate.add_in_place = add_in_place
@@ -202,7 +198,8 @@ def make_accumulate_fn(
 
 
 class _AccJit:
-  """``accumulate.jitted``: the donating core called (or lowered) as ``(params, acc, batch, mask[, scale])``."""
+  """A jitted core taking ``(params, grad_sum, stats, ...)``, called (or lowered) as ``(params, acc, batch, mask[,
+  scale])``: ``accumulate.jitted`` and the donating ``accumulate.in_place_jitted``."""
 
   def __init__(self, core):
     self.core = core

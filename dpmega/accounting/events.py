@@ -58,6 +58,7 @@ import numpy as np
 from dpmega import schedules as schedules_lib
 from dpmega import truncation
 from dpmega import validation
+from dpmega.accounting import pld
 from dpmega.accounting import tiny_rdp
 from dpmega.accounting.accountants import AccountantType
 from dpmega.sampling import SamplingScheme
@@ -237,12 +238,13 @@ def fresh_accountant(scheme: SamplingScheme, accountant: AccountantType,
 
 
 @functools.lru_cache(maxsize=8)
-def pld_of_counts(items: tuple, discretization: float) -> pld_privacy_accountant.PLDAccountant:
-  """A PLD accountant that composed ``items`` (``((key, count), ...)``); cached, do not compose into it."""
-  accountant = fresh_accountant(items[0][0][0], AccountantType.PLD, discretization)
-  for key, count in items:
-    accountant.compose(key_event(key), count)
-  return accountant
+def pld_of_counts(items: tuple, discretization: float) -> pld.Composed:
+  """The PLD of ``items`` (``((key, count), ...)``), as ``fresh_accountant(..., PLD)`` composes it; cached.
+
+  Built by :func:`dpmega.accounting.pld.compose`: the same distribution, bit for bit, ~10x faster per distinct
+  step (a ramp has one per batch size). ``get_epsilon(delta)`` and ``get_delta(epsilon)`` as on the accountant.
+  """
+  return pld.compose([(key_event(key), count) for key, count in items], discretization)
 
 
 def _epsilon_of_counts(counts: Mapping[EventKey, int], delta: float, accountant: AccountantType,

@@ -403,3 +403,73 @@ def test_train_plan_warns_when_delta_is_not_below_one_over_n(train_cli, tmp_path
   rc, out, err = _run([*argv, "--delta", "0.5"], capsys)
   assert rc == 0, err
   assert "plan: warning: delta = 0.5 is not below 1/dataset_size = 0.0005" in out
+
+
+# ------------------------------------------------------------------ sparse tables
+
+_SPARSE = ["--dataset_size", "100000", "--batch_size", "1000", "--steps", "200", "--delta", "1e-6", "--json",
+           "--points", "1"]
+
+
+def test_sigma1_sigma2_is_the_run_at_sigma_eff_with_its_split(capsys):
+  from dpmega.sparse import selection  # pylint: disable=import-outside-toplevel
+
+  rc, out, err = _run(["epsilon", *_SPARSE, "--sigma1", "2.0", "--sigma2", "1.0"], capsys)
+  assert rc == 0, err
+  split = json.loads(out)
+  sigma_eff = selection.effective_noise_multiplier(2.0, 1.0)
+  assert split["noise_multiplier"] == pytest.approx(sigma_eff, rel=1e-12)
+  assert split["sparse"] == pytest.approx({"selection_fraction": 0.2, "selection_noise_multiplier": 2.0,
+                                           "gradient_noise_multiplier": 1.0}, rel=1e-12)
+  rc, out, _ = _run(["epsilon", *_SPARSE, "--noise_multiplier", repr(sigma_eff)], capsys)
+  dense = json.loads(out)
+  assert dense["sparse"] is None and split["epsilon"] == dense["epsilon"]
+  # Less than either mechanism alone would give, more than sigma2's alone: the two releases compose.
+  rc, out, _ = _run(["epsilon", *_SPARSE, "--noise_multiplier", "1.0"], capsys)
+  assert split["epsilon"]["rdp"] > json.loads(out)["epsilon"]["rdp"]
+
+
+def test_sparse_table_rows_count_in_delta_tail(capsys):
+  base = ["epsilon", *_SPARSE, "--noise_multiplier", "1.0", "--noise_sampler", "jax_bounded", "--delta", "0.5",
+          "--num_noised_coordinates", "1000", "--sparse_selection_fraction", "0.5"]
+  rc, out, _ = _run(base, capsys)
+  without = json.loads(out)
+  rc, out, err = _run([*base, "--sparse_table_rows", "1000000"], capsys)
+  assert rc == 0, err
+  with_rows = json.loads(out)
+  assert with_rows["num_noised_coordinates"] == 1_001_000
+  assert with_rows["delta_tail"] > without["delta_tail"] * 1.5 > 0
+
+
+def test_calibrate_prints_the_split_of_the_calibrated_sigma(capsys):
+  from dpmega.sparse import selection  # pylint: disable=import-outside-toplevel
+
+  rc, out, err = _run(["calibrate", *_SPARSE[:-3], "--target_epsilon", "3", "--sparse_selection_fraction", "0.2"],
+                      capsys)
+  assert rc == 0, err
+  sigma = float(out.split("noise_multiplier = ")[1].split()[0])
+  line = next(l for l in out.splitlines() if l.startswith("sparse tables:"))
+  printed = [float(line.split(f"{name} = ")[1].split()[0]) for name in ("sigma1", "sigma2")]
+  assert printed == pytest.approx(selection.split_noise_multiplier(sigma, 0.2), rel=1e-5)
+  assert "f = 0.2" in line and "the ledger records sigma_eff" in line
+
+
+@pytest.mark.parametrize("extra, expect", [
+    (["--sigma1", "2.0"], "--sigma1 and --sigma2 go together"),
+    (["--sigma2", "2.0"], "--sigma1 and --sigma2 go together"),
+    (["--sigma1", "2.0", "--sigma2", "1.0", "--noise_multiplier", "1.0"], "not with --noise_multiplier"),
+    (["--sigma1", "2.0", "--sigma2", "1.0", "--sparse_selection_fraction", "0.5"], "not with --noise_multiplier"),
+    (["--noise_multiplier", "1.0", "--sparse_table_rows", "10"], "--sparse_table_rows needs"),
+    (["--noise_multiplier", "1.0", "--sparse_selection_fraction", "1"], "--sparse_selection_fraction"),
+    (["--sigma1", "0", "--sigma2", "1.0"], "--selection_noise_multiplier"),
+])
+def test_bad_sparse_flags_exit_2_naming_the_flag(extra, expect, capsys):
+  with pytest.raises(SystemExit) as e:
+    raise SystemExit(cli.main(["epsilon", *_SPARSE, *extra]))
+  _, err = capsys.readouterr()
+  assert e.value.code == 2 and expect in err and "Traceback" not in err
+
+
+def test_workdir_refuses_the_sparse_plan_flags(tmp_path, capsys):
+  rc = cli.main(["epsilon", "--workdir", str(tmp_path), "--delta", "1e-5", "--sparse_selection_fraction", "0.5"])
+  assert rc == 2 and "drop --sparse_selection_fraction" in capsys.readouterr().err

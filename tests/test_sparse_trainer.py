@@ -178,6 +178,7 @@ def test_sparse_run_reports_its_selection_and_resumes_exactly(tmp_path, capsys):
     records = [json.loads(line) for line in f if '"final"' not in line]
   assert all(0 < r["update_sparsity"] < 1 and r["selected_rows"] > 0 for r in records)
   _check_workdir_epsilon(str(tmp_path / "full"), summary, capsys)
+  _check_planned_sparse_run(summary, capsys)
 
   config = _config(tmp_path, *common, name="cut", data_dir=data)
   with pytest.raises(Interrupt):
@@ -203,3 +204,25 @@ def _check_workdir_epsilon(workdir, summary, capsys):
   report = json.loads(capsys.readouterr().out)
   assert report["num_noised_coordinates"] == summary["num_noised_coordinates"]
   assert report["epsilon"]["rdp"] == pytest.approx(summary["epsilon"], rel=1e-9)
+
+
+def _check_planned_sparse_run(summary, capsys):
+  """`dpmega calibrate`/`epsilon` with the sparse flags plan the run that ran: same sigma_eff, split and epsilon."""
+  from dpmega import cli  # pylint: disable=import-outside-toplevel
+
+  rows = 2 * 26 * BUCKETS
+  run = ["--dataset_size", "600", "--batch_size", "64", "--steps", "4", "--delta", "1e-5", "--json",
+         "--num_noised_coordinates", str(summary["num_noised_coordinates"] - rows), "--sparse_table_rows", str(rows)]
+  s = summary["sparse"]
+  capsys.readouterr()
+  assert cli.main(["calibrate", *run, "--target_epsilon", "8", "--sparse_selection_fraction", "0.5"]) == 0
+  planned = json.loads(capsys.readouterr().out)
+  assert planned["num_noised_coordinates"] == summary["num_noised_coordinates"]
+  assert planned["noise_multiplier"] == pytest.approx(summary["accounted_noise_multiplier"], rel=1e-6)
+  assert planned["sparse"]["selection_noise_multiplier"] == pytest.approx(s["selection_sigma"], rel=1e-6)
+  assert planned["sparse"]["gradient_noise_multiplier"] == pytest.approx(s["gradient_sigma"], rel=1e-6)
+  assert cli.main(["epsilon", *run, "--sigma1", repr(s["selection_sigma"]), "--sigma2", repr(s["gradient_sigma"])]) == 0
+  report = json.loads(capsys.readouterr().out)
+  assert report["sparse"]["selection_fraction"] == pytest.approx(0.5, rel=1e-9)
+  assert report["epsilon"]["rdp"] == pytest.approx(summary["epsilon"], rel=1e-6)
+  assert report["delta_tail"] == pytest.approx(summary["delta_tail"], rel=1e-6, abs=1e-30)

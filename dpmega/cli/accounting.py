@@ -1,6 +1,6 @@
 """``dpmega epsilon`` and ``dpmega calibrate``: offline privacy accounting.
 
-No model, no JAX: only the schedule of a run. Examples::
+No model: only the schedule of a run. Examples::
 
   dpmega epsilon --dataset_size 60000 --batch_size 256 --epochs 60 \\
       --noise_multiplier 1.1 --delta 1e-5 --accountant both
@@ -9,6 +9,8 @@ No model, no JAX: only the schedule of a run. Examples::
   dpmega epsilon --q 0.004 --dataset_size 60000 --steps 1000 --noise_multiplier 1.1 --delta 1e-5
   dpmega epsilon --workdir runs/ctr --delta 1e-6      # what a finished run spent, at any delta
   dpmega epsilon ... --plot eps.png          # needs the `plot` extra (matplotlib)
+  dpmega calibrate ... --sparse_selection_fraction 0.2 --sparse_table_rows 33554432   # a sparse-table run
+  dpmega epsilon ... --sigma1 2.5 --sigma2 1.2   # the same, from its two noise multipliers
 
 Every ε printed names δ, the accountant, the sampling scheme and its
 neighbouring relation. Bad input prints one line naming the flag and exits 2.
@@ -40,6 +42,7 @@ from dpmega import truncation
 from dpmega.cli import flag_types
 from dpmega.cli import workdir_epsilon
 from dpmega.errors import UsageError
+from dpmega.sparse import selection
 
 
 # ------------------------------------------------------------ flag types
@@ -95,6 +98,15 @@ def _add_common(p: argparse.ArgumentParser, *, both: bool) -> None:
   p.add_argument("--num_noised_coordinates", type=_positive_int, default=10**9, metavar="D",
                  help="how many model parameters get noise each step; delta_tail grows with it "
                  "(default: 1e9)")
+  p.add_argument("--sparse_selection_fraction", type=_open_unit, metavar="F",
+                 help="the run uses sparse tables (`sparse.enabled`, DP-AdaFEST): the noise multiplier is the "
+                 "effective sigma_eff the ledger records, split as `dpmega train` splits it: sigma1 = "
+                 "sigma_eff/sqrt(F) on the row selection, sigma2 = sigma_eff/sqrt(1-F) on the gradient "
+                 "(`sparse.selection_fraction`; both printed)")
+  p.add_argument("--sparse_table_rows", type=_positive_int, metavar="R",
+                 help="rows of the sparse tables, all together: the selection draws one noisy count per row "
+                 "and step, so R is added to --num_noised_coordinates for delta_tail (needs "
+                 "--sparse_selection_fraction)")
   p.add_argument("--pld_discretization", type=_unit,
                  default=accounting.DEFAULT_PLD_DISCRETIZATION,
                  help="PLD value discretization interval (default: %(default)g)")
@@ -116,6 +128,12 @@ def add_parser(subparsers) -> None:
   _add_common(eps, both=True)
   eps.add_argument("--noise_multiplier", "--sigma", dest="noise_multiplier", type=_non_negative_float,
                    help="sigma: noise std / clip norm (>= 0)")
+  eps.add_argument("--selection_noise_multiplier", "--sigma1", dest="sigma1", type=_positive_float, metavar="S1",
+                   help="a sparse-table run given by its two noise multipliers (with --sigma2, instead of "
+                   "--noise_multiplier): epsilon of sigma_eff = (S1^-2 + S2^-2)^-1/2, the one Gaussian "
+                   "mechanism the row selection and the gradient together are")
+  eps.add_argument("--gradient_noise_multiplier", "--sigma2", dest="sigma2", type=_positive_float, metavar="S2",
+                   help="the gradient's noise multiplier of a sparse-table run (with --sigma1)")
   eps.add_argument("--workdir", metavar="W",
                    help="epsilon at --delta of everything a `dpmega train` run spent in W (its journal; read "
                    "only), instead of a described run (Opacus' get_epsilon(delta))")
@@ -144,10 +162,51 @@ class _Request:
   accountants: tuple[accounting.AccountantType, ...]
   sampler: noise.NoiseSampler
   points: list[int]
+  selection_fraction: float | None = None  # sparse tables: σ is σ_eff, split by this f
+
+
+def _sparse_flags(args: argparse.Namespace) -> float | None:
+  """The sparse-table flags, checked: the selection fraction f (None for a dense run).
+
+  ``dpmega epsilon --sigma1 S1 --sigma2 S2`` becomes ``--noise_multiplier σ_eff`` with ``f = (σ_eff / S1)²``
+  (:func:`dpmega.sparse.selection.effective_noise_multiplier`, :func:`~.split_noise_multiplier`).
+  """
+  s1, s2 = getattr(args, "sigma1", None), getattr(args, "sigma2", None)
+  fraction = args.sparse_selection_fraction
+  if (s1 is None) != (s2 is None):
+    raise UsageError("--sigma1 and --sigma2 go together (a sparse-table run's selection and gradient noise "
+                     "multipliers); give both, or --noise_multiplier (with --sparse_selection_fraction F).")
+  if s1 is not None:
+    if args.noise_multiplier is not None or fraction is not None:
+      raise UsageError("--sigma1/--sigma2 give the noise and its split: not with --noise_multiplier or "
+                       "--sparse_selection_fraction.")
+    args.noise_multiplier = selection.effective_noise_multiplier(s1, s2)
+    fraction = (args.noise_multiplier / s1) ** 2
+  if args.sparse_table_rows is not None and fraction is None:
+    raise UsageError("--sparse_table_rows needs --sparse_selection_fraction (or --sigma1/--sigma2): it counts "
+                     "the selection's noisy row counts.")
+  return fraction
+
+
+def _sparse_line(req: _Request, sigma: float) -> str:
+  if req.selection_fraction is None:
+    return ""
+  s1, s2 = selection.split_noise_multiplier(sigma, req.selection_fraction)
+  return (f"\nsparse tables: sigma_eff = {sigma:.6g} is selection f = {req.selection_fraction:.6g}, sigma1 = "
+          f"{s1:.6g} (row counts) and sigma2 = {s2:.6g} (gradient); the ledger records sigma_eff.")
+
+
+def _sparse_payload(req: _Request, sigma: float) -> dict[str, Any] | None:
+  if req.selection_fraction is None:
+    return None
+  s1, s2 = selection.split_noise_multiplier(sigma, req.selection_fraction)
+  return {"selection_fraction": req.selection_fraction, "selection_noise_multiplier": s1,
+          "gradient_noise_multiplier": s2}
 
 
 def _request(args: argparse.Namespace) -> _Request:
   """Builds the plan from the flags, before any accounting; bad input is a UsageError naming the flag."""
+  fraction = _sparse_flags(args)
   for names, given in (("--dataset_size", [args.dataset_size]),
                        ("--batch_size, --q or --batch_schedule", [args.batch_size, args.q, args.batch_schedule]),
                        ("--steps or --epochs", [args.steps, args.epochs]),
@@ -192,7 +251,9 @@ def _request(args: argparse.Namespace) -> _Request:
     plans = [accounting.Plan(
         dataset_size=args.dataset_size, schedule=schedule, num_steps=steps, delta=args.delta,
         scheme=args.sampling, accountant=a, pld_discretization=args.pld_discretization, q_grid=args.q_grid,
-        tail=truncation.TailModel(noise.sampler_support(sampler), args.num_noised_coordinates)) for a in accountants]
+        tail=truncation.TailModel(noise.sampler_support(sampler),
+                                  args.num_noised_coordinates + (args.sparse_table_rows or 0)))
+             for a in accountants]
   except accounting.UnsupportedAccountingError as e:
     raise UsageError(f"--accountant {args.accountant} with --sampling {args.sampling}: {e}") from None
   warning = plans[0].delta_warning()
@@ -202,7 +263,7 @@ def _request(args: argparse.Namespace) -> _Request:
     print(f"note: {sizes.size} distinct batch sizes, each accounted exactly (slow); "
           "round_to=M in --batch_schedule or --q_grid 0.01 (an upper bound) are faster.",
           file=sys.stderr)
-  return _Request(plans[0], tuple(p.accountant for p in plans), sampler, _points(steps, args.points))
+  return _Request(plans[0], tuple(p.accountant for p in plans), sampler, _points(steps, args.points), fraction)
 
 
 def _check_tail(req: _Request, sigma: float) -> float:
@@ -348,12 +409,12 @@ def run_epsilon(args: argparse.Namespace) -> int:
   final = rows[-1]["epsilon"] if rows else {a.value: 0.0 for a in req.accountants}
   if args.plot:
     _plot(args.plot, req, sigma, f"noise_multiplier={sigma:g}, {plan.scheme.relation_label} neighbours")
-  payload = {"command": "epsilon", **_header(req), "noise_multiplier": sigma,
+  payload = {"command": "epsilon", **_header(req), "noise_multiplier": sigma, "sparse": _sparse_payload(req, sigma),
              "epsilon": final, "delta_tail": delta_tail, "points": rows}
   summary = "; ".join(
       accounting.describe(final[a.value], plan.delta, plan.scheme, a, delta_tail) for a in req.accountants)
   text = (f"dpmega epsilon: noise_multiplier = {sigma:g}, {_context(req)}\n\n"
-          f"{_table(req, rows)}\n\nfinal: {summary}{_tail_line(req, delta_tail)}")
+          f"{_table(req, rows)}\n\nfinal: {summary}{_tail_line(req, delta_tail)}{_sparse_line(req, sigma)}")
   _emit(args, payload, text)
   return 0
 
@@ -378,11 +439,12 @@ def run_calibrate(args: argparse.Namespace) -> int:
     _plot(args.plot, req, sigma, f"calibrated noise_multiplier={sigma:.4g} for "
           f"target epsilon {args.target_epsilon:g}")
   payload = {"command": "calibrate", **_header(req), "target_epsilon": args.target_epsilon,
-             "noise_multiplier": sigma, "epsilon": {plan.accountant.value: achieved}, "delta_tail": delta_tail,
+             "noise_multiplier": sigma, "sparse": _sparse_payload(req, sigma),
+             "epsilon": {plan.accountant.value: achieved}, "delta_tail": delta_tail,
              "points": rows}
   text = (f"dpmega calibrate: target epsilon = {args.target_epsilon:g}, {_context(req)}\n\n"
           f"noise_multiplier = {sigma:.6g}  ->  {plan.describe(achieved, delta_tail)}"
-          f"{_tail_line(req, delta_tail)}\n\n"
+          f"{_tail_line(req, delta_tail)}{_sparse_line(req, sigma)}\n\n"
           f"{_table(req, rows)}")
   _emit(args, payload, text)
   return 0

@@ -25,7 +25,8 @@ from dpmega.accounting import journal
 from dpmega.errors import UsageError
 
 # Flags that describe a planned run; with --workdir the journal says all of it.
-PLANNED_RUN_FLAGS = ("dataset_size", "batch_size", "batch_schedule", "q", "steps", "epochs", "noise_multiplier")
+PLANNED_RUN_FLAGS = ("dataset_size", "batch_size", "batch_schedule", "q", "steps", "epochs", "noise_multiplier",
+                     "sparse_selection_fraction", "sparse_table_rows", "sigma1", "sigma2")
 
 
 def _summary(workdir: str) -> dict[str, Any]:

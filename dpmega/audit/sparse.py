@@ -59,7 +59,11 @@ def _sparse_runs(*, sigma: float, selection_fraction: float, threshold: float, c
                 "y": (rng.normal(size=(num_background, dim)) * clip_norm).astype(np.float32)}
   canary = {"ids": np.zeros((1, 1), np.int32), "x": np.zeros((1, dim), np.float32), "y": np.zeros((1, dim), np.float32)}
   canary["x"][0, 0] = 1e3 * clip_norm
-  batches = {"out": background, "in": {k: np.concatenate([background[k], canary[k]]) for k in background}}
+  # One batch for both neighbouring inputs: the canary is the last example, and without it (world 0) its mask is
+  # 0, which removes it exactly (a masked example adds exactly 0 to the clipped sum and to the row counts, as the
+  # trainer's padding relies on). One program for both worlds; σ and the seed are arguments, not constants.
+  batch = {k: np.concatenate([background[k], canary[k]]) for k in background}
+  is_canary = np.arange(num_background + 1) == num_background
   table = ("table",)
   spec = sparse.SparseTables((table,), sparse.SelectionConfig(
       count_clip=count_clip, threshold=threshold, selection_fraction=selection_fraction, max_rows=rows,
@@ -69,16 +73,17 @@ def _sparse_runs(*, sigma: float, selection_fraction: float, threshold: float, c
   def loss(p, ex):  # the gradient of example e: e["x"] on row e["ids"][0] of the table, e["y"] on the dense leaf
     return jnp.dot(p["table"][ex["ids"][0]], ex["x"]) + jnp.dot(p["dense"], ex["y"])
 
-  def one_run(batch, key):
+  def one_run(batch, present, noise_multiplier, key):
     noise_key, sample_key = jax.random.split(key)
     b = batch["x"].shape[0]
-    mask = (jnp.ones((b,), jnp.float32) if sampling_rate is None
-            else jax.random.bernoulli(sample_key, q, (b,)).astype(jnp.float32))
+    mask = jnp.where(is_canary, present, 1.0).astype(jnp.float32)
+    if sampling_rate is not None:
+      mask = mask * jax.random.bernoulli(sample_key, q, (b,)).astype(jnp.float32)
     grad_sum, _, _ = clipping.clipped_grad_sum(loss, params, batch, mask, clip_norm=clip_norm, clipping="vmap")
     counts, = sparse.clipped_row_counts([batch["ids"]], mask, [rows], count_clip)
     touched = jnp.nonzero(counts > 0, size=rows, fill_value=rows)[0].astype(jnp.int32)
     rc = sparse.RowCounts(counts, touched, jnp.sum(counts > 0, dtype=jnp.int32))
-    release = sparse.sparse_privatize(grad_sum, {table: rc}, noise_key, spec=spec, noise_multiplier=sigma,
+    release = sparse.sparse_privatize(grad_sum, {table: rc}, noise_key, spec=spec, noise_multiplier=noise_multiplier,
                                       clip_norm=clip_norm, expected_batch_size=expected_batch_size)
     ids, valid = release.rows[table]
     slot = (ids == 0) & valid
@@ -87,13 +92,16 @@ def _sparse_runs(*, sigma: float, selection_fraction: float, threshold: float, c
     return jnp.where(selected, g0, _NOT_SELECTED), selected
 
   @jax.jit
-  def runs(batch, world, chunk):
+  def runs(batch, world, chunk, noise_multiplier, seed):
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), world), chunk)
-    return jax.vmap(one_run, in_axes=(None, 0))(batch, jax.random.split(key, _CHUNK))
+    present = world.astype(jnp.float32)
+    return jax.vmap(one_run, in_axes=(None, None, None, 0))(batch, present, noise_multiplier,
+                                                             jax.random.split(key, _CHUNK))
 
   scores, rates = {}, {}
   for w, world in enumerate(("out", "in")):
-    parts = [runs(batches[world], w, c) for c in range(-(-trials // _CHUNK))]
+    parts = [runs(batch, np.int32(w), np.int32(c), np.float32(sigma), np.int32(seed))
+             for c in range(-(-trials // _CHUNK))]
     scores[world] = np.concatenate([np.asarray(s) for s, _ in parts])[:trials].astype(np.float64)
     rates[world] = float(np.mean(np.concatenate([np.asarray(x) for _, x in parts])[:trials]))
   return scores["in"], scores["out"], rates

@@ -97,6 +97,11 @@ def parse_args(argv):
   p.add_argument("--only", nargs="+", default=["arms", "families", "batch", "seeds"],
                  choices=["arms", "families", "batch", "seeds"], help="tables to run (the others are only rendered)")
   p.add_argument("--merge", nargs="*", default=[], help="more --json files whose runs are rendered with these")
+  p.add_argument("--batch_lr_grid", type=float, nargs="+", default=[1.0],
+                 help="table 3: learning rates tried at each batch size, as multiples of the CowClip-scaled ones "
+                 "(the table shows the best of each arm)")
+  p.add_argument("--private_only", action="store_true", help="table 3: only the private arm (the non-private "
+                 "runs are already in --json)")
   p.add_argument("--lr_grid", type=float, nargs="+", default=[0.3, 1.0],
                  help="table 1: learning rates tried, as multiples of the config's")
   p.add_argument("--families", nargs="*", default=["adam_bc", "momentum_c1"],
@@ -218,9 +223,12 @@ def plan(args) -> list[dict]:
     runs.append({"table": "families", "model": model, "arm": "private", "epsilon": args.batch_epsilon,
                  "lr_factor": 1.0, "batch_size": args.batch_size, "family": fam})
   for b in args.batch_sizes if "batch" in args.only else []:
-    for arm, eps in (("private", args.batch_epsilon), ("nonprivate", None)):
-      runs.append({"table": "batch", "model": model, "arm": arm, "epsilon": eps, "lr_factor": 1.0,
-                   "batch_size": b, "cowclip": True, **({"epochs": args.batch_epochs} if args.batch_epochs else {})})
+    for f in args.batch_lr_grid:
+      for arm, eps in (("private", args.batch_epsilon), ("nonprivate", None)):
+        if arm == "nonprivate" and args.private_only:
+          continue
+        runs.append({"table": "batch", "model": model, "arm": arm, "epsilon": eps, "lr_factor": f,
+                     "batch_size": b, "cowclip": True, **({"epochs": args.batch_epochs} if args.batch_epochs else {})})
   for seed in range(1, args.seeds if "seeds" in args.only else 1):
     for arm, eps in (("nonprivate", None), ("clip_only", None), ("private", args.batch_epsilon)):
       runs.append({"table": "seeds", "model": model, "arm": arm, "epsilon": eps, "lr_factor": 1.0,
@@ -356,7 +364,8 @@ def plots(args, rows: list[dict]) -> list[str]:
     # One private curve per epsilon in the runs (the table's --batch_epsilon first), and the non-private one.
     epsilons = sorted({r["epsilon"] for r in bt if r["arm"] == "private"}, key=lambda e: (e != args.batch_epsilon, e))
     for arm, eps in [("private", e) for e in epsilons] + [("nonprivate", None)]:
-      pts = sorted((r["batch_size"], r["auc"]) for r in bt if r["arm"] == arm and r.get("epsilon") == eps)
+      sizes = sorted({r["batch_size"] for r in bt if r["arm"] == arm and r.get("epsilon") == eps})
+      pts = [(b, best(bt, batch_size=b, arm=arm, epsilon=eps)["auc"]) for b in sizes]  # best of the lr grid
       if pts:
         ax.plot(*zip(*pts), marker="o", label=f"{arm} (CowClip)" + (f", eps {eps:g}" if eps is not None else ""))
     ax.set_xscale("log", base=2)
@@ -427,6 +436,7 @@ def main(argv=None):
     return
   start = time.monotonic()
   tmp = pathlib.Path(args.data_dir or tempfile.mkdtemp(prefix="dpmega-ctr-utility-"))
+  tmp.mkdir(parents=True, exist_ok=True)  # --data_dir may not exist yet
   spec = criteo_synthetic.SyntheticSpec()
   cache = tmp / f"data_{args.rows}_{args.eval_rows}.json"  # the data is deterministic: generated once per size
   if cache.exists():

@@ -424,7 +424,7 @@ def test_sigma1_sigma2_is_the_run_at_sigma_eff_with_its_split(capsys):
   rc, out, _ = _run(["epsilon", *_SPARSE, "--noise_multiplier", repr(sigma_eff)], capsys)
   dense = json.loads(out)
   assert dense["sparse"] is None and split["epsilon"] == dense["epsilon"]
-  # Less than either mechanism alone would give, more than sigma2's alone: the two releases compose.
+  # sigma_eff < sigma2 = 1: the selection and the gradient together cost more than the gradient's release alone.
   rc, out, _ = _run(["epsilon", *_SPARSE, "--noise_multiplier", "1.0"], capsys)
   assert split["epsilon"]["rdp"] > json.loads(out)["epsilon"]["rdp"]
 

@@ -188,20 +188,22 @@ def _sparse_flags(args: argparse.Namespace) -> float | None:
   return fraction
 
 
-def _sparse_line(req: _Request, sigma: float) -> str:
-  if req.selection_fraction is None:
-    return ""
-  s1, s2 = selection.split_noise_multiplier(sigma, req.selection_fraction)
-  return (f"\nsparse tables: sigma_eff = {sigma:.6g} is selection f = {req.selection_fraction:.6g}, sigma1 = "
-          f"{s1:.6g} (row counts) and sigma2 = {s2:.6g} (gradient); the ledger records sigma_eff.")
-
-
 def _sparse_payload(req: _Request, sigma: float) -> dict[str, Any] | None:
+  """The ``"sparse"`` entry of ``--json``: f, σ1 and σ2 at ``sigma`` (= σ_eff); None for a dense run."""
   if req.selection_fraction is None:
     return None
   s1, s2 = selection.split_noise_multiplier(sigma, req.selection_fraction)
   return {"selection_fraction": req.selection_fraction, "selection_noise_multiplier": s1,
           "gradient_noise_multiplier": s2}
+
+
+def _sparse_line(sparse: dict[str, Any] | None, sigma: float) -> str:
+  """The text line of :func:`_sparse_payload`'s entry (nothing for a dense run)."""
+  if sparse is None:
+    return ""
+  return (f"\nsparse tables: sigma_eff = {sigma:.6g} is selection f = {sparse['selection_fraction']:.6g}, sigma1 = "
+          f"{sparse['selection_noise_multiplier']:.6g} (row counts) and sigma2 = "
+          f"{sparse['gradient_noise_multiplier']:.6g} (gradient); the ledger records sigma_eff.")
 
 
 def _request(args: argparse.Namespace) -> _Request:
@@ -409,12 +411,13 @@ def run_epsilon(args: argparse.Namespace) -> int:
   final = rows[-1]["epsilon"] if rows else {a.value: 0.0 for a in req.accountants}
   if args.plot:
     _plot(args.plot, req, sigma, f"noise_multiplier={sigma:g}, {plan.scheme.relation_label} neighbours")
-  payload = {"command": "epsilon", **_header(req), "noise_multiplier": sigma, "sparse": _sparse_payload(req, sigma),
+  sparse = _sparse_payload(req, sigma)
+  payload = {"command": "epsilon", **_header(req), "noise_multiplier": sigma, "sparse": sparse,
              "epsilon": final, "delta_tail": delta_tail, "points": rows}
   summary = "; ".join(
       accounting.describe(final[a.value], plan.delta, plan.scheme, a, delta_tail) for a in req.accountants)
   text = (f"dpmega epsilon: noise_multiplier = {sigma:g}, {_context(req)}\n\n"
-          f"{_table(req, rows)}\n\nfinal: {summary}{_tail_line(req, delta_tail)}{_sparse_line(req, sigma)}")
+          f"{_table(req, rows)}\n\nfinal: {summary}{_tail_line(req, delta_tail)}{_sparse_line(sparse, sigma)}")
   _emit(args, payload, text)
   return 0
 
@@ -438,13 +441,14 @@ def run_calibrate(args: argparse.Namespace) -> int:
   if args.plot:
     _plot(args.plot, req, sigma, f"calibrated noise_multiplier={sigma:.4g} for "
           f"target epsilon {args.target_epsilon:g}")
+  sparse = _sparse_payload(req, sigma)
   payload = {"command": "calibrate", **_header(req), "target_epsilon": args.target_epsilon,
-             "noise_multiplier": sigma, "sparse": _sparse_payload(req, sigma),
+             "noise_multiplier": sigma, "sparse": sparse,
              "epsilon": {plan.accountant.value: achieved}, "delta_tail": delta_tail,
              "points": rows}
   text = (f"dpmega calibrate: target epsilon = {args.target_epsilon:g}, {_context(req)}\n\n"
           f"noise_multiplier = {sigma:.6g}  ->  {plan.describe(achieved, delta_tail)}"
-          f"{_tail_line(req, delta_tail)}{_sparse_line(req, sigma)}\n\n"
+          f"{_tail_line(req, delta_tail)}{_sparse_line(sparse, sigma)}\n\n"
           f"{_table(req, rows)}")
   _emit(args, payload, text)
   return 0

@@ -100,6 +100,9 @@ def parse_args(argv):
   p.add_argument("--batch_lr_grid", type=float, nargs="+", default=[1.0],
                  help="table 3: learning rates tried at each batch size, as multiples of the CowClip-scaled ones "
                  "(the table shows the best of each arm)")
+  p.add_argument("--batch_seeds", type=int, default=1, help="table 3: init seeds of every run (the table shows the "
+                 "mean over seeds of the learning rate of best mean)")
+  p.add_argument("--batch_clip_only", action="store_true", help="table 3: also the clipped-no-noise arm")
   p.add_argument("--private_only", action="store_true", help="table 3: only the private arm (the non-private "
                  "runs are already in --json)")
   p.add_argument("--lr_grid", type=float, nargs="+", default=[0.3, 1.0],
@@ -149,6 +152,21 @@ def _set(config, key: str, value) -> None:
   node[leaf] = value
 
 
+def oracle_platt_ne(labels, logits, iters: int = 50) -> tuple[float, float, float]:
+  """NE after the best ``a * logit + b`` fitted ON THE EVALUATION SET (Newton on the log loss): a diagnostic of
+  how much a recalibration could buy, NOT a private or deployable number. Returns ``(ne, a, b)``."""
+  y = np.asarray(labels, np.float64)
+  z = np.asarray(logits, np.float64)
+  x = np.stack([z, np.ones_like(z)], axis=1)
+  w = np.array([1.0, 0.0])
+  for _ in range(iters):
+    p = 1.0 / (1.0 + np.exp(-(x @ w)))
+    grad = x.T @ (p - y) / len(y)
+    hess = (x * (p * (1 - p))[:, None]).T @ x / len(y) + 1e-9 * np.eye(2)
+    w = w - np.linalg.solve(hess, grad)
+  return metrics_lib.normalized_entropy(y, x @ w), float(w[0]), float(w[1])
+
+
 def run_one(spec: dict, data, args, workdir: pathlib.Path) -> dict:
   """One training run described by ``spec`` (model, arm, epsilon, lr_factor, batch_size, family, cowclip, seed)."""
   config = config_lib.load_config(str(ROOT / "configs" / f"ctr_{spec['model']}.py"))
@@ -188,6 +206,7 @@ def run_one(spec: dict, data, args, workdir: pathlib.Path) -> dict:
   _, evaluation = ctr_task.sources(config.task)
   labels, logits = ctr_task.make_predict(model, evaluation)(result.params)
   table = metrics_lib.calibration_table(labels, logits, num_buckets=10, binning="quantile")
+  oracle_ne, oracle_a, oracle_b = oracle_platt_ne(labels, logits)
   num_params = sum(int(np.prod(x.shape)) for x in __import__("jax").tree_util.tree_leaves(result.params))
   b = spec["batch_size"]
   noise_norm = result.noise_multiplier * config.clip_norm * math.sqrt(num_params) / b
@@ -202,6 +221,7 @@ def run_one(spec: dict, data, args, workdir: pathlib.Path) -> dict:
       "noise_to_signal": round(noise_norm / signal, 3) if arm == "private" and signal > 0 else None,
       "seconds": round(time.monotonic() - start, 1),
       **{k: round(v, 4) for k, v in result.eval_metrics.items()},
+      "oracle_platt": {"normalized_entropy": round(oracle_ne, 4), "a": round(oracle_a, 4), "b": round(oracle_b, 4)},
       "reliability": table.rows(),
   }
   print(json.dumps({k: v for k, v in row.items() if k != "reliability"}), flush=True)
@@ -222,13 +242,14 @@ def plan(args) -> list[dict]:
   for fam in args.families if "families" in args.only else []:
     runs.append({"table": "families", "model": model, "arm": "private", "epsilon": args.batch_epsilon,
                  "lr_factor": 1.0, "batch_size": args.batch_size, "family": fam})
-  for b in args.batch_sizes if "batch" in args.only else []:
-    for f in args.batch_lr_grid:
-      for arm, eps in (("private", args.batch_epsilon), ("nonprivate", None)):
-        if arm == "nonprivate" and args.private_only:
-          continue
-        runs.append({"table": "batch", "model": model, "arm": arm, "epsilon": eps, "lr_factor": f,
-                     "batch_size": b, "cowclip": True, **({"epochs": args.batch_epochs} if args.batch_epochs else {})})
+  for seed in range(args.batch_seeds):  # seed 0 carries no "seed" key: the runs saved before seeds still match
+    for b in args.batch_sizes if "batch" in args.only else []:
+      for f in args.batch_lr_grid:
+        arms = [("private", args.batch_epsilon)] + ([] if args.private_only else [("nonprivate", None)])
+        for arm, eps in arms + ([("clip_only", None)] if args.batch_clip_only else []):
+          runs.append({"table": "batch", "model": model, "arm": arm, "epsilon": eps, "lr_factor": f,
+                       "batch_size": b, "cowclip": True, **({"epochs": args.batch_epochs} if args.batch_epochs else {}),
+                       **({"seed": seed} if seed else {})})
   for seed in range(1, args.seeds if "seeds" in args.only else 1):
     for arm, eps in (("nonprivate", None), ("clip_only", None), ("private", args.batch_epsilon)):
       runs.append({"table": "seeds", "model": model, "arm": arm, "epsilon": eps, "lr_factor": 1.0,
@@ -245,6 +266,26 @@ def best(rows, **match):
   """The run of highest AUC among ``rows`` matching every ``key=value`` of ``match``."""
   found = [r for r in rows if all(r.get(k) == v for k, v in match.items())]
   return max(found, key=lambda r: r["auc"]) if found else None
+
+
+def best_mean(rows, **match):
+  """The learning rate of highest mean AUC over seeds among ``rows`` matching ``match``: its first run, with
+  ``auc``/``normalized_entropy`` replaced by the means and ``seeds``/``auc_sd`` added (None if nothing matches)."""
+  found = [r for r in rows if all(r.get(k) == v for k, v in match.items())]
+  if not found:
+    return None
+  by_lr = {}
+  for r in found:
+    by_lr.setdefault(r["lr_factor"], []).append(r)
+  group = max(by_lr.values(), key=lambda g: np.mean([r["auc"] for r in g]))
+  aucs = [r["auc"] for r in group]
+  return dict(group[0], auc=float(np.mean(aucs)), seeds=len(group),
+              auc_sd=float(np.std(aucs, ddof=1)) if len(group) > 1 else None,
+              normalized_entropy=float(np.mean([r["normalized_entropy"] for r in group])))
+
+
+def _mean_text(r) -> str:
+  return f"{r['auc']:.4f}" + (f" ({r['seeds']} seeds, sd {r['auc_sd']:.4f})" if r["seeds"] > 1 else "")
 
 
 def markdown(args, saved: dict) -> str:
@@ -309,17 +350,19 @@ def markdown(args, saved: dict) -> str:
               f"CowClip and its "
               f"scaling rules ({args.models[0]}; reference batch {args.batch_size:,})", "",
               "| batch | steps | sigma | dense lr | table lr | private AUC | private NE | non-private AUC | "
-              "non-private NE |", "|---|---|---|---|---|---|---|---|---|"]
+              "non-private NE | clipped, no noise AUC |", "|---|---|---|---|---|---|---|---|---|---|"]
     for b in sorted(args.batch_sizes):
-      p = best(bt, batch_size=b, arm="private", epsilon=args.batch_epsilon)
-      n = best(bt, batch_size=b, arm="nonprivate")
+      p = best_mean(bt, batch_size=b, arm="private", epsilon=args.batch_epsilon)
+      n = best_mean(bt, batch_size=b, arm="nonprivate")
+      c = best_mean(bt, batch_size=b, arm="clip_only")
       if p is None and n is None:
         continue
       r = p or n
       lines.append(f"| {b:,} | {r['steps']} | {p['sigma'] if p else '-'} | {r['learning_rate']:.3g} | "
                    f"{r['table_learning_rate'] or r['learning_rate']:.3g} | "
-                   + (f"{p['auc']:.4f} | {p['normalized_entropy']:.4f}" if p else "- | -") + " | "
-                   + (f"{n['auc']:.4f} | {n['normalized_entropy']:.4f}" if n else "- | -") + " |")
+                   + (f"{_mean_text(p)} | {p['normalized_entropy']:.4f}" if p else "- | -") + " | "
+                   + (f"{_mean_text(n)} | {n['normalized_entropy']:.4f}" if n else "- | -") + " | "
+                   + (_mean_text(c) if c else "-") + " |")
     lines.append("")
   if saved.get("plots"):
     lines += ["Plots: " + ", ".join(f"`{p}`" for p in saved["plots"]), ""]
@@ -365,7 +408,7 @@ def plots(args, rows: list[dict]) -> list[str]:
     epsilons = sorted({r["epsilon"] for r in bt if r["arm"] == "private"}, key=lambda e: (e != args.batch_epsilon, e))
     for arm, eps in [("private", e) for e in epsilons] + [("nonprivate", None)]:
       sizes = sorted({r["batch_size"] for r in bt if r["arm"] == arm and r.get("epsilon") == eps})
-      pts = [(b, best(bt, batch_size=b, arm=arm, epsilon=eps)["auc"]) for b in sizes]  # best of the lr grid
+      pts = [(b, best_mean(bt, batch_size=b, arm=arm, epsilon=eps)["auc"]) for b in sizes]  # best lr, mean of seeds
       if pts:
         ax.plot(*zip(*pts), marker="o", label=f"{arm} (CowClip)" + (f", eps {eps:g}" if eps is not None else ""))
     ax.set_xscale("log", base=2)

@@ -10,7 +10,9 @@ table + a ``rows x 1`` wide table + MLP 416-400-200-1), Zipf-like ids:
 * ``dp sparse``: the same clipped sum, plus the clipped row counts
   (``dpmega.sparse.make_count_fn``), then ``make_update_fn(sparse=...)``:
   private row selection, noise on the dense leaves and the selected rows only,
-  lazy adam on them.
+  lazy adam on them; one selection per table;
+* ``dp sparse shared``: the same with one selection for both tables (they are
+  reached by the same ids; the trainer's default for DeepFM).
 
 ``--what time``: median wall time per step over ``--reps`` interleaved rounds
 (target: sparse <= 1.3x non-private at 10^6 rows, batch 1,024). ``--what
@@ -67,12 +69,15 @@ def deepfm(rows: int, batch: int, seed: int = 0):
 
 
 def sparse_spec(batch: int, fields: int, *, max_rows: int, threshold_sd: float = 4.0,
-                selection_fraction: float = 0.5) -> sparse.SparseTables:
-  """The selection used here: tau = ``threshold_sd`` selection noise sd at sigma_eff = 1; the fast branch always."""
+                selection_fraction: float = 0.5, shared: bool = False) -> sparse.SparseTables:
+  """The selection used here: tau = ``threshold_sd`` selection noise sd at sigma_eff = 1; the fast branch always.
+
+  ``shared``: the two tables (reached by the same ids) share one selection, as the trainer's DeepFM does.
+  """
   sigma1 = sparse.split_noise_multiplier(1.0, selection_fraction)[0]
   return sparse.SparseTables(TABLES, sparse.SelectionConfig(
       count_clip=1.0, threshold=threshold_sd * sigma1, selection_fraction=selection_fraction,
-      max_rows=max_rows, max_touched=batch * fields))
+      max_rows=max_rows, max_touched=batch * fields), shared=(TABLES,) if shared else ())
 
 
 def make_steps(mode: str, rows: int, batch: int, max_rows: int):
@@ -98,10 +103,12 @@ def make_steps(mode: str, rows: int, batch: int, max_rows: int):
   mesh = sharding.make_mesh(sharding.MeshConfig(data=1))
   ps = step_lib.make_private_step(loss, opt, mesh, params, clip_norm=1.0, microbatch_size=batch,
                                   max_microbatches=1)
-  spec = sparse_spec(batch, 26, max_rows=max_rows) if mode == "dp sparse" else None
+  spec = None
+  if mode.startswith("dp sparse"):
+    spec = sparse_spec(batch, 26, max_rows=max_rows, shared=mode == "dp sparse shared")
   update = step_lib.make_update_fn(opt, mesh, ps.param_shardings, ps.opt_shardings, clip_norm=1.0, sparse=spec)
-  table_rows = {t: rows for t in TABLES}
-  count = sparse.make_count_fn(lambda b: [b["ids"], b["ids"]], table_rows, mesh, count_clip=1.0)
+  table_rows = {g[0]: rows for g in spec.groups()} if spec is not None else {}  # the counts of each selection
+  count = sparse.make_count_fn(lambda b: [b["ids"]] * len(table_rows), table_rows, mesh, count_clip=1.0)
   box = {"state": ps.shard_state(step_lib.TrainState(jnp.zeros((), jnp.int32), params, opt.init(params)), donate=True),
          "t": 0}
   secret = noise.insecure_secret_from_seed(0)  # a benchmark: not a private release
@@ -122,7 +129,8 @@ def make_steps(mode: str, rows: int, batch: int, max_rows: int):
 
 
 def time_modes(rows: int, batch: int, reps: int, max_rows: int) -> dict:
-  steps = {m: make_steps(m, rows, batch, max_rows) for m in ("non-private", "dp dense", "dp sparse")}
+  steps = {m: make_steps(m, rows, batch, max_rows)
+           for m in ("non-private", "dp dense", "dp sparse", "dp sparse shared")}
   for f in steps.values():
     jax.block_until_ready(f())  # compile + warm up
     jax.block_until_ready(f())
@@ -138,10 +146,11 @@ def time_modes(rows: int, batch: int, reps: int, max_rows: int) -> dict:
     t = statistics.median(ts)
     out[m] = {"ms": round(t * 1e3, 2), "ratio": round(t / base, 3)}
     print(f"  {m:12s} {t * 1e3:9.1f} ms  {t / base:6.2f}x non-private  (n={len(ts)})")
-  m = steps["dp sparse"].box["m"]
-  info = {k: float(m[k]) for k in ("selected_rows", "update_sparsity", "selection_cap_hit")}
-  print(f"  sparse step: {info}")
-  out["sparse_metrics"] = info
+  for name in ("dp sparse", "dp sparse shared"):
+    m = steps[name].box["m"]
+    info = {k: float(m[k]) for k in ("selected_rows", "update_sparsity", "selection_cap_hit")}
+    print(f"  {name} step: {info}")
+    out[f"{name} metrics"] = info
   return out
 
 
@@ -176,11 +185,13 @@ def memory_modes(rows: int, batch: int, max_rows: int, steps: int, modes) -> dic
 
 def utility(epsilon: float, *, train_rows: int = 40_000, eval_rows: int = 20_000, buckets: int = 2**15,
             batch: int = 512, steps: int = 200, lr: float = 3e-3, grid=((0.5, 3.0),),
-            max_rows: int = 8192, data_dir: str = "/tmp/dpmega-sparse-utility") -> dict:
+            max_rows: int = 8192, data_dir: str = "/tmp/dpmega-sparse-utility", seed: int = 0) -> dict:
   """Sparse vs dense DP-SGD (same sigma_eff, same Poisson samples) on generated Criteo-format data: AUC.
 
-  ``grid``: the ``(selection_fraction f, threshold in units of sigma1 C1)`` pairs of the sparse arm, each
-  trained and evaluated (the dense arm once); the best AUC is reported beside the whole grid.
+  ``grid``: the ``(selection_fraction f, threshold in units of sigma1 C1, shared)`` triples of the sparse arm,
+  each trained and evaluated (the dense arm once); ``shared``: DeepFM's two tables share one selection
+  (``SparseTables.shared``: each example's C1 over its 26 rows, not 52). The best AUC is reported beside the
+  whole grid. ``seed``: the init, the Poisson samples and the noise (an insecure seed: a benchmark).
   """
   import tempfile  # pylint: disable=import-outside-toplevel
   from pathlib import Path  # pylint: disable=import-outside-toplevel
@@ -206,7 +217,7 @@ def utility(epsilon: float, *, train_rows: int = 40_000, eval_rows: int = 20_000
                             embed_dims=(8,) * criteo.NUM_CAT, mlp_dims=(64, 32))
   model = ctr.make_model(mcfg)
   ex = train.take(np.arange(2))
-  params0 = model.init(jax.random.key(0), ex["dense"][0], ex["sparse"][0])["params"]
+  params0 = model.init(jax.random.key(seed), ex["dense"][0], ex["sparse"][0])["params"]
   table_rows = {("embed", "table", "embedding"): buckets * criteo.NUM_CAT,
                 ("linear", "table", "embedding"): buckets * criteo.NUM_CAT}
 
@@ -219,24 +230,27 @@ def utility(epsilon: float, *, train_rows: int = 40_000, eval_rows: int = 20_000
   mesh = sharding.make_mesh(sharding.MeshConfig(data=1))
   opt = optax.adam(lr)
   micro = 256
-  row_ids = sparse.ctr_row_ids((buckets,) * criteo.NUM_CAT, tuple(table_rows))
   out = {"epsilon": epsilon, "delta": delta, "sigma_eff": sigma, "steps": steps, "batch": batch, "train_rows": n,
-         "table_rows": sum(table_rows.values()), "oracle_auc": None}
+         "table_rows": sum(table_rows.values()), "oracle_auc": None, "seed": seed}
   specs = {"dense": None}
-  for f, tau_sd in grid:
+  tables = tuple(table_rows)
+  for f, tau_sd, shared in grid:
     sigma1 = sparse.split_noise_multiplier(sigma, f)[0]
-    specs[f"sparse f={f} tau={tau_sd}"] = sparse.SparseTables(tuple(table_rows), sparse.SelectionConfig(
-        count_clip=1.0, threshold=tau_sd * sigma1, selection_fraction=f, max_rows=max_rows,
-        max_touched=2 * batch * criteo.NUM_CAT))
+    specs[f"sparse f={f:g} tau={tau_sd:g}" + (" shared" if shared else "")] = sparse.SparseTables(
+        tables, sparse.SelectionConfig(count_clip=1.0, threshold=tau_sd * sigma1, selection_fraction=f,
+                                       max_rows=max_rows, max_touched=2 * batch * criteo.NUM_CAT),
+        shared=(tables,) if shared else ())
   for mode, spec in specs.items():
     ps = step_lib.make_private_step(loss, opt, mesh, params0, clip_norm=1.0, microbatch_size=micro,
                                     max_microbatches=8)
     update = step_lib.make_update_fn(opt, mesh, ps.param_shardings, ps.opt_shardings, clip_norm=1.0,
                                      sparse=spec)
-    count = sparse.make_count_fn(row_ids, table_rows, mesh, count_clip=1.0)
+    selections = {g[0]: table_rows[g[0]] for g in spec.groups()} if spec is not None else table_rows
+    row_ids = sparse.ctr_row_ids((buckets,) * criteo.NUM_CAT, tuple(selections))
+    count = sparse.make_count_fn(row_ids, selections, mesh, count_clip=1.0)
     state = ps.shard_state(step_lib.TrainState(jnp.zeros((), jnp.int32), params0, opt.init(params0)))
-    rng = np.random.default_rng(1)  # the same Poisson samples for both modes (a benchmark, not a release)
-    secret = noise.insecure_secret_from_seed(1)
+    rng = np.random.default_rng(1 + 1000 * seed)  # the same Poisson samples for every mode (a benchmark)
+    secret = noise.insecure_secret_from_seed(1 + 1000 * seed)
     sparsity, cap_hits, t0 = [], 0, time.perf_counter()
     for t in range(steps):
       idx = np.flatnonzero(rng.random(n) < batch / n)
@@ -248,7 +262,7 @@ def utility(epsilon: float, *, train_rows: int = 40_000, eval_rows: int = 20_000
       acc = ps.accumulate.start(state.params, b, mask)
       counts = None
       if spec is not None:
-        counts = count(sparse.zero_counts(table_rows, spec.selection.max_touched), b, mask)
+        counts = count(sparse.zero_counts(selections, spec.selection.max_touched), b, mask)
       state, m = update(state, acc.grad_sum, noise.step_key(secret, t), sigma, float(batch), row_counts=counts)
       if spec is not None:
         sparsity.append(float(m["update_sparsity"]))
@@ -274,10 +288,13 @@ def main():
   p.add_argument("--max_rows", type=int, default=16384, help="K: rows kept per table and step at most")
   p.add_argument("--steps", type=int, default=3)
   p.add_argument("--mode", default="dp sparse")
-  p.add_argument("--modes", default="non-private,dp sparse,dp dense")
+  p.add_argument("--modes", default="non-private,dp sparse,dp sparse shared,dp dense")
   p.add_argument("--epsilon", default="3", help="utility: comma-separated epsilons, e.g. 1,3,8")
-  p.add_argument("--grid", default="0.5:3", help="utility: the sparse arm's f:tau (tau in units of sigma1 C1), "
-                 "comma-separated, e.g. 0.3:3,0.5:3,0.5:2.5")
+  p.add_argument("--grid", default="0.5:3", help="utility: the sparse arm's f:tau[:shared] (tau in units of "
+                 "sigma1 C1; shared: the two tables share one selection), comma-separated, e.g. 0.3:3,0.3:3:shared")
+  p.add_argument("--data_dir", default="/tmp/dpmega-sparse-utility", help="utility: where the generated data is "
+                 "kept (reused when there; one directory per --train_rows)")
+  p.add_argument("--seeds", type=int, default=1, help="utility: seeds (init, samples, noise) of every arm")
   p.add_argument("--train_rows", type=int, default=40_000, help="utility: generated training rows")
   p.add_argument("--out", default=None, help="write the results as JSON here")
   a = p.parse_args()
@@ -290,16 +307,26 @@ def main():
   elif a.what == "memory":
     res = memory_modes(a.rows or 10**7, a.batch, a.max_rows, a.steps, a.modes.split(","))
   else:
-    grid = tuple(tuple(float(v) for v in g.split(":")) for g in a.grid.split(","))
+    grid = tuple((float(g.split(":")[0]), float(g.split(":")[1]), g.split(":")[2:] == ["shared"])
+                 for g in a.grid.split(","))
     res = {}
     for eps in (float(e) for e in a.epsilon.split(",")):
-      start = time.perf_counter()
-      res[eps] = utility(eps, steps=a.steps if a.steps != 3 else 200, train_rows=a.train_rows,
-                         eval_rows=a.train_rows // 4, batch=a.batch, grid=grid)
-      res[eps]["wall_seconds"] = round(time.perf_counter() - start, 1)
-      if a.out:  # after each epsilon: a partial result survives a stopped run
-        with open(a.out, "w") as f:
-          json.dump(res, f, indent=1)
+      for seed in range(a.seeds):
+        start = time.perf_counter()
+        r = utility(eps, steps=a.steps if a.steps != 3 else 200, train_rows=a.train_rows,
+                    eval_rows=a.train_rows // 4, batch=a.batch, grid=grid, seed=seed, data_dir=a.data_dir)
+        r["wall_seconds"] = round(time.perf_counter() - start, 1)
+        res[eps if a.seeds == 1 else f"{eps:g} seed {seed}"] = r
+        if a.out:  # after each run: a partial result survives a stopped run
+          with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+      if a.seeds > 1:
+        runs = [res[f"{eps:g} seed {s}"] for s in range(a.seeds)]
+        for mode in [k for k, v in runs[0].items() if isinstance(v, dict) and "auc" in v]:
+          aucs = [r[mode]["auc"] for r in runs]
+          gaps = [r[mode]["auc"] - r["dense"]["auc"] for r in runs]
+          print(f"  epsilon {eps:g} {mode:28s} AUC mean {np.mean(aucs):.4f} sd {np.std(aucs, ddof=1):.4f}; "
+                f"minus dense (same seed) {np.mean(gaps):+.4f} sd {np.std(gaps, ddof=1):.4f}", flush=True)
   if a.out:
     with open(a.out, "w") as f:
       json.dump(res, f, indent=1)

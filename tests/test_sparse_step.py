@@ -197,6 +197,51 @@ def test_unselected_rows_unchanged_selected_rows_get_gradient_noise_sigma2():
   assert m["selection_cap_hit"] == 0.0 and m["gradient_sigma"] == pytest.approx(sigma2)
 
 
+def test_tables_that_share_a_selection_update_exactly_the_same_rows():
+  rows, d, k = 1024, 4, 64
+  lin = ("lin", "table")
+  params = {"emb": {"table": jnp.zeros((rows, d))}, "lin": {"table": jnp.zeros((rows, 1))}, "w": jnp.zeros((d,))}
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=1))
+  opt = optax.sgd(1.0)
+  shard = sharding.param_shardings(jax.eval_shape(lambda p: p, params), mesh=mesh)
+  opt_shard = sharding.param_shardings(jax.eval_shape(opt.init, params), mesh=mesh)
+  spec = sparse.SparseTables((TABLE, lin), sparse.SelectionConfig(count_clip=1.0, threshold=0.5, max_rows=4 * k,
+                                                                  max_touched=4 * k), shared=((lin, TABLE),))
+  assert spec.groups() == ((TABLE, lin),)  # keyed by the first table in table order
+  update = step_lib.make_update_fn(opt, mesh, shard, opt_shard, clip_norm=1.0, sparse=spec)
+  touched = np.arange(0, 2 * k, 2)
+  counts = sparse.RowCounts(jnp.zeros((rows,)).at[touched].set(1.0),
+                            jnp.full((4 * k,), rows, jnp.int32).at[:k].set(touched), jnp.int32(k))
+  state = step_lib.TrainState(jnp.zeros((), jnp.int32), params, opt.init(params))
+  grads = jax.tree_util.tree_map(jnp.zeros_like, params)
+  key = noise.step_key(noise.insecure_secret_from_seed(4), 0)
+  state, m = update(state, grads, key, 1.0, 1.0, row_counts={TABLE: counts})
+  moved_emb = np.flatnonzero(np.any(np.asarray(state.params["emb"]["table"]) != 0, axis=1))
+  moved_lin = np.flatnonzero(np.any(np.asarray(state.params["lin"]["table"]) != 0, axis=1))
+  np.testing.assert_array_equal(moved_emb, moved_lin)  # one selection, both tables
+  # sigma1 = sqrt(2), tau = 0.5: the touched rows (count 1) and some untouched ones pass, by noise.
+  assert 0 < len(moved_emb) < rows and 0 < len(np.intersect1d(moved_emb, touched)) < k
+  assert m["selected_rows"] == 2 * len(moved_emb)
+  assert m["update_sparsity"] == pytest.approx(len(moved_emb) / rows)  # kept rows / rows of both tables
+  # The counts are keyed by the group's first table only; a group's tables must have its counts' rows.
+  with pytest.raises(ValueError, match="counts must be keyed by the first table of each selection"):
+    update(state, grads, key, 1.0, 1.0, row_counts={TABLE: counts, lin: counts})
+  short = sparse.RowCounts(jnp.zeros((rows // 2,)), jnp.full((4 * k,), rows // 2, jnp.int32), jnp.int32(0))
+  with pytest.raises(ValueError, match="have not the 512 rows"):
+    sparse.sparse_privatize(grads, {TABLE: short}, key, spec=spec, noise_multiplier=1.0, clip_norm=1.0,
+                            expected_batch_size=1.0)
+
+
+@pytest.mark.parametrize("shared, message", [
+    (((TABLE,),), "at least two tables"),
+    (((TABLE, ("nope",)),), "not one of tables"),
+    (((TABLE, ("lin",)), (TABLE, ("x",))), "in two groups"),
+])
+def test_bad_shared_groups_are_refused(shared, message):
+  with pytest.raises(ValueError, match=message):
+    sparse.SparseTables((TABLE, ("lin",), ("x",)), shared=shared)
+
+
 def test_update_refuses_row_counts_exactly_when_not_sparse():
   params = {"emb": {"table": jnp.zeros((8, 2))}, "w": jnp.zeros((2,))}
   mesh = sharding.make_mesh(sharding.MeshConfig(data=1))

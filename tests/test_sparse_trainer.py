@@ -96,6 +96,10 @@ def test_a_trainer_step_leaves_unselected_rows_and_their_state_bit_for_bit(tmp_p
     before = sharding.to_host(state)  # the sparse update donates the state
     state, metrics = trainer.train_step(state, 1.0)
     _check_only_selected_rows_moved(before, sharding.to_host(state), metrics, tables)
+    # The two tables share one selection (share_selection, the default): the same rows moved in both.
+    moved = [np.any(np.asarray(_leaf(before.params, t)) != np.asarray(_leaf(sharding.to_host(state).params, t)),
+                    axis=1) for t in tables]
+    np.testing.assert_array_equal(moved[0], moved[1])
 
 
 def _check_only_selected_rows_moved(before, after, metrics, tables):
@@ -132,15 +136,58 @@ def _state_leaves(s0, s1, shape):
   return [(np.asarray(x), np.asarray(y)) for x, y in zip(a, b)]
 
 
+# ------------------------------------------------------------------------------------------------ shared selection
+def _example_counts(run, batch):
+  """Each example's count vector over all of ``run``'s selections, concatenated: ``[b, rows]``."""
+  ids = run.row_ids(batch)
+  out = []
+  for i in range(batch["sparse"].shape[0]):
+    one = sparse.clipped_row_counts([x[i:i + 1] for x in ids], np.ones(1, np.float32),
+                                    list(run.selection_rows.values()), run.spec.selection.count_clip)
+    out.append(np.concatenate([np.asarray(c) for c in one]))
+  return np.stack(out)
+
+
+def test_deepfm_tables_share_one_selection_with_sqrt2_more_count_at_the_same_count_clip(tmp_path):
+  from dpmega.models import ctr  # pylint: disable=import-outside-toplevel
+  from dpmega.train import sparse_tables  # pylint: disable=import-outside-toplevel
+
+  runs = {}
+  for share in (True, False):
+    config = _config(tmp_path, f"sparse.share_selection={share}", "sparse.count_clip=2.0")
+    cfg = config_lib.validate(config)
+    model = ctr.make_model(ctr_task.model_config(config.task))
+    shapes = jax.eval_shape(ctr_task.make_init_params(model), jax.random.key(0))
+    runs[share] = sparse_tables.build(cfg.sparse, config.task, shapes)
+  embed, linear = ("embed", "table", "embedding"), ("linear", "table", "embedding")
+  assert runs[True].spec.shared == ((embed, linear),) and runs[False].spec.shared == ()
+  assert runs[True].selection_rows == {embed: 26 * BUCKETS}
+  assert runs[False].selection_rows == {embed: 26 * BUCKETS, linear: 26 * BUCKETS}
+  assert runs[True].total_rows == runs[False].total_rows == 2 * 26 * BUCKETS
+  assert "share one selection" in runs[True].describe(1.0)
+  rng = np.random.default_rng(0)
+  batch = {"sparse": rng.integers(0, BUCKETS, (6, 26)).astype(np.int32)}
+  batch["sparse"][0] = 3  # every feature the same value: 26 distinct rows all the same (offsets differ)
+  shared, separate = _example_counts(runs[True], batch), _example_counts(runs[False], batch)
+  # Invariant (selection sensitivity): each example's counts over ALL selections have L2 norm <= C1, both ways.
+  for c in (shared, separate):
+    assert np.all(np.linalg.norm(c, axis=1) <= 2.0)
+    np.testing.assert_allclose(np.linalg.norm(c, axis=1), 2.0, rtol=1e-5)  # 26 or 52 rows > C1^2: clipped to C1
+  # Sharing puts each example's C1 on its 26 rows once: sqrt(2) more count per row than over 2 x 26.
+  np.testing.assert_allclose(shared, np.sqrt(2) * separate[:, :26 * BUCKETS], rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------ δ_tail
-def test_delta_tail_counts_the_selection_coordinates(tmp_path):
+@pytest.mark.parametrize("share, selections", [(True, 1), (False, 2)])
+def test_delta_tail_counts_the_selection_coordinates(tmp_path, share, selections):
   # jax_bounded: a sampler whose delta_tail is large enough to see the coordinate count in it.
-  config = _config(tmp_path, "noise_sampler='jax_bounded'", "noise_multiplier=2.0", "num_steps=50", "delta=0.5")
+  config = _config(tmp_path, "noise_sampler='jax_bounded'", "noise_multiplier=2.0", "num_steps=50", "delta=0.5",
+                   f"sparse.share_selection={share}")
   cfg = config_lib.validate(config)
   trainer = Trainer(cfg, build_task(config), config_dict=config, out=lambda s: None)
   shapes = jax.eval_shape(trainer.task.init_params, trainer.init_key)
   params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes))
-  rows = 2 * 26 * BUCKETS
+  rows = selections * 26 * BUCKETS  # one count per row of each selection: DeepFM's two tables share ids
   assert trainer.privacy.tail.num_coordinates == params + rows
   # Directly: eta(1/sigma, d) per step, times q, over the steps (dpmega.truncation's bound).
   support = noise_lib.sampler_support(noise_lib.NoiseSampler.JAX_BOUNDED)
@@ -210,7 +257,8 @@ def _check_planned_sparse_run(summary, capsys):
   """`dpmega calibrate`/`epsilon` with the sparse flags plan the run that ran: same sigma_eff, split and epsilon."""
   from dpmega import cli  # pylint: disable=import-outside-toplevel
 
-  rows = 2 * 26 * BUCKETS
+  rows = summary["sparse"]["selection_rows"]
+  assert rows == 26 * BUCKETS  # the two tables share one selection: one count per row of one table
   run = ["--dataset_size", "600", "--batch_size", "64", "--steps", "4", "--delta", "1e-5", "--json",
          "--num_noised_coordinates", str(summary["num_noised_coordinates"] - rows), "--sparse_table_rows", str(rows)]
   s = summary["sparse"]

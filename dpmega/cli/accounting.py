@@ -104,8 +104,9 @@ def _add_common(p: argparse.ArgumentParser, *, both: bool) -> None:
                  "sigma_eff/sqrt(F) on the row selection, sigma2 = sigma_eff/sqrt(1-F) on the gradient "
                  "(`sparse.selection_fraction`; both printed)")
   p.add_argument("--sparse_table_rows", type=_positive_int, metavar="R",
-                 help="rows of the sparse tables, all together: the selection draws one noisy count per row "
-                 "and step, so R is added to --num_noised_coordinates for delta_tail (needs "
+                 help="rows of the selections' counts, all together: one noisy count per row and step (tables "
+                 "that share a selection, `sparse.share_selection`, count once; the run's summary.json says "
+                 "`selection_rows`), so R is added to --num_noised_coordinates for delta_tail (needs "
                  "--sparse_selection_fraction)")
   p.add_argument("--pld_discretization", type=_unit,
                  default=accounting.DEFAULT_PLD_DISCRETIZATION,

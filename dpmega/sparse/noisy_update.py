@@ -31,18 +31,61 @@ PyTree = Any
 class SparseTables:
   """Which parameter leaves are row tables with a private selection, and how it is made.
 
+  Tables named together in ``shared`` have one selection: one count vector
+  (keyed by the group's first table in the counts) and one set of selected
+  rows, used by every table of the group. They must have the same rows and be
+  reached by the same row ids for every example (DeepFM's ``embed`` and
+  ``linear`` tables): an example's row-touch indicator then counts each of its
+  rows once, not once per table, so with the same ``C1`` each row's count is
+  ``sqrt(g)`` larger for a group of ``g`` tables, against the same selection
+  noise. Privacy is unchanged: the counts of the selections, over all groups,
+  still have L2 sensitivity ``C1`` (:func:`dpmega.sparse.clipped_row_counts`),
+  and using one selection for several tables is post-processing.
+
   Attributes:
     tables: parameter paths of the tables (e.g. ``(("embed", "table"), ("linear", "table"))``).
     selection: the selection's values (the same for every table).
+    shared: groups of two or more tables of ``tables`` that share a selection;
+      every other table has its own.
+
+  Example:
+    >>> spec = SparseTables((("a",), ("b",), ("c",)), shared=((("a",), ("c",)),))
+    >>> spec.groups()
+    ((('a',), ('c',)), (('b',),))
   """
 
   tables: tuple[tuple[str, ...], ...]
   selection: sel.SelectionConfig = sel.SelectionConfig()
+  shared: tuple[tuple[tuple[str, ...], ...], ...] = ()
 
   def __post_init__(self):
     if not self.tables:
       raise ValueError("tables must name at least one parameter path, got tables=().")
-    object.__setattr__(self, "tables", tuple(tuple(str(k) for k in t) for t in self.tables))
+    norm = lambda t: tuple(str(k) for k in t)  # noqa: E731
+    object.__setattr__(self, "tables", tuple(norm(t) for t in self.tables))
+    object.__setattr__(self, "shared", tuple(tuple(norm(t) for t in g) for g in self.shared))
+    seen = set()
+    for g in self.shared:
+      if len(g) < 2:
+        raise ValueError(f"shared must group at least two tables each, got the group {g}.")
+      for t in g:
+        if t not in self.tables:
+          raise ValueError(f"shared names {t}, which is not one of tables={self.tables}.")
+        if t in seen:
+          raise ValueError(f"shared names {t} in two groups; a table has one selection.")
+        seen.add(t)
+
+  def groups(self) -> tuple[tuple[tuple[str, ...], ...], ...]:
+    """Every table in exactly one group, each group keyed (in the counts) by its first table; in table order."""
+    out, done = [], set()
+    for t in self.tables:
+      if t in done:
+        continue
+      g = next((g for g in self.shared if t in g), (t,))
+      g = tuple(x for x in self.tables if x in g)  # in table order: the first is the counts' key
+      out.append(g)
+      done.update(g)
+    return tuple(out)
 
 
 class SparseRelease(NamedTuple):
@@ -60,7 +103,8 @@ def sparse_privatize(grad_sum: PyTree, counts: Mapping[tuple[str, ...], Any], ke
 
   Args:
     grad_sum: the clipped sum over the whole logical batch (L2 sensitivity ``clip_norm``).
-    counts: per table path, the :class:`dpmega.sparse.counts.RowCounts` of the same batch.
+    counts: per selection (keyed by the first table of each of ``spec.groups()``), the
+      :class:`dpmega.sparse.counts.RowCounts` of the same batch.
     key: the step's noise key (used once).
     spec: the tables and the selection's values.
     noise_multiplier: ``σ_eff`` (what the accountant records), >= 0.
@@ -83,14 +127,25 @@ def sparse_privatize(grad_sum: PyTree, counts: Mapping[tuple[str, ...], Any], ke
   missing = [t for t in spec.tables if t not in paths]
   if missing:
     raise ValueError(f"spec.tables names tables that are not parameters: {missing}; parameters: {paths}.")
-  sel_keys = jax.random.split(k_sel, len(spec.tables))
+  groups = spec.groups()
+  if set(counts) != {g[0] for g in groups}:
+    raise ValueError(f"counts must be keyed by the first table of each selection {[g[0] for g in groups]}, got "
+                     f"{sorted(counts)}.")
+  shapes = {path: jnp.shape(g) for (_, g), path in zip(flat, paths)}
+  for g in groups:
+    bad = [t for t in g if not shapes[t] or shapes[t][0] != counts[g[0]].counts.shape[0]]
+    if bad:
+      raise ValueError(f"tables {bad} have not the {counts[g[0]].counts.shape[0]} rows of their selection's counts "
+                       f"(keyed {g[0]}); shapes: { {t: shapes[t] for t in g} }.")
+  sel_keys = jax.random.split(k_sel, len(groups))
   rows, num_selected = {}, {}
-  for t, k in zip(spec.tables, sel_keys):
-    rc = counts[t]
+  for g, k in zip(groups, sel_keys):
+    rc = counts[g[0]]
     s = sel.select_rows(rc.counts, k, noise_std=sigma1 * cfg.count_clip, threshold=cfg.absolute_threshold(sigma1),
                         max_rows=cfg.max_rows, max_touched=cfg.max_touched, touched=rc.touched,
                         num_touched=rc.num_touched)
-    rows[t], num_selected[t] = (s.ids, s.valid), s.num_selected
+    for t in g:  # one selection for the group: post-processing of its one noisy count vector
+      rows[t], num_selected[t] = (s.ids, s.valid), s.num_selected
   draw = noise_lib.gaussian_noise_like
   leaf_keys = jax.random.split(k_grad, max(len(flat), 1))
   std = sigma2 * jnp.asarray(clip_norm, jnp.float32)
@@ -130,7 +185,7 @@ def sparse_step(optimizer: optax.GradientTransformation, spec: SparseTables, par
                                                 noise_std=sigma2 * clip_norm / expected_batch_size)
   finite = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(updates)]
   kept = sum(jnp.sum(v, dtype=jnp.int32) for _, v in release.rows.values())
-  total_rows = sum(c.counts.shape[0] for c in counts.values())
+  total_rows = sum(counts[g[0]].counts.shape[0] * len(g) for g in spec.groups())  # every table's rows
   cap = spec.selection.max_rows
   metrics = {"noisy_grad_norm": optax.tree.norm(release.grads), "update_norm": optax.tree.norm(updates),
              "params_finite": jnp.all(jnp.stack(finite)).astype(jnp.float32),

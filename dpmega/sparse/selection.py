@@ -4,7 +4,9 @@ One logical step of sparsity-preserving DP-SGD (Ghazi et al. 2023, DP-AdaFEST)
 releases two things computed from the same Poisson-sampled batch:
 
 1. **Selection.** Each example's row-touch indicator over every table (a row
-   its ids reach, duplicate ids counted once) is scaled to L2 norm at most
+   its ids reach, duplicate ids counted once; tables that share a selection,
+   :class:`dpmega.sparse.SparseTables` ``shared``, are one count vector and
+   count each row once) is scaled to L2 norm at most
    ``C1`` (:func:`clipped_row_counts`); the sum over the batch gets
    ``N(0, (σ1 C1)²)`` per row, and a row is selected when its noisy count
    is ``> τ`` (:func:`select_rows`).

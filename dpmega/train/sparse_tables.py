@@ -24,8 +24,9 @@ table. Every clipping mode gives row counts (they do not come from the clipping
 engine), so none is refused.
 
 ``δ_tail`` (:mod:`dpmega.truncation`): the selection draws one count coordinate
-per table row with the same sampler, so a sparse run's noised coordinates are
-the parameters plus the table rows (:func:`count_coordinates`).
+per row of each selection with the same sampler, so a sparse run's noised
+coordinates are the parameters plus those rows (:func:`count_coordinates`;
+tables that share a selection, ``sparse.share_selection``, count once).
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ class SparseSettings:
                                  "subset of the selected ones beyond)")
   max_touched: int = fields.integer(65536, 1, 2**31 - 1, doc="touched rows per table and step the fast selection "
                                     "handles; above it one noisy count per row (same law, slower)")
+  share_selection: bool = fields.flag(True, doc="tables reached by the same row ids (DeepFM's embed and linear) share "
+                                      "one selection: each example's C1 is spread over its rows once, not once per "
+                                      "table (sqrt(2) more count per row for two tables; same privacy)")
 
 
 def check_config(values: Mapping[str, Any]) -> None:
@@ -101,11 +105,12 @@ def check_config(values: Mapping[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- row ids
-def ctr_table_ids(model_cfg: Any) -> dict[Path, tuple[int, Callable[[Any], jax.Array]]]:
-  """Every table of a :class:`dpmega.models.ctr.CtrModelConfig` model: ``path -> (rows, batch -> ids [b, n])``.
+def ctr_table_ids(model_cfg: Any) -> dict[Path, tuple[int, Callable[[Any], jax.Array], Any]]:
+  """Every table of a :class:`dpmega.models.ctr.CtrModelConfig` model: ``path -> (rows, batch -> ids [b, n], source)``.
 
   Paths are those of :class:`dpmega.models.ctr.GroupedEmbed` (``embed``, ``linear``, ``wide``; one table per
-  width, or MLET's ``mlet_table``) and the Wide & Deep cross table ``wide_cross``.
+  width, or MLET's ``mlet_table``) and the Wide & Deep cross table ``wide_cross``. Tables of the same ``source``
+  (a hashable) have the same rows and get the same ids from every batch.
 
   Example:
     >>> from dpmega.models import ctr
@@ -116,6 +121,8 @@ def ctr_table_ids(model_cfg: Any) -> dict[Path, tuple[int, Callable[[Any], jax.A
     ([('embed', 'table', 'embedding'), ('linear', 'table', 'embedding')], 8)
     >>> ids[("embed", "table", "embedding")][1]({"sparse": np.array([[2, 4]])}).tolist()
     [[2, 7]]
+    >>> ids[("embed", "table", "embedding")][2] == ids[("linear", "table", "embedding")][2]
+    True
   """
   from dpmega.models import ctr  # noqa: PLC0415 - the model module loads only for a sparse run
 
@@ -124,7 +131,8 @@ def ctr_table_ids(model_cfg: Any) -> dict[Path, tuple[int, Callable[[Any], jax.A
   def grouped(feats):
     offsets = np.cumsum([0] + [buckets[f] for f in feats[:-1]]).astype(np.int32)
     cols = np.asarray(feats)
-    return int(sum(buckets[f] for f in feats)), lambda b: jnp.asarray(b["sparse"], jnp.int32)[:, cols] + offsets
+    return (int(sum(buckets[f] for f in feats)), lambda b: jnp.asarray(b["sparse"], jnp.int32)[:, cols] + offsets,
+            ("features", tuple(feats)))
 
   out = {}
   every = list(range(len(buckets)))
@@ -141,14 +149,17 @@ def ctr_table_ids(model_cfg: Any) -> dict[Path, tuple[int, Callable[[Any], jax.A
   if model_cfg.kind == ctr.ModelKind.WIDE_DEEP and model_cfg.crosses:
     crosses, n = model_cfg.crosses, model_cfg.cross_buckets
     out[("wide_cross", "embedding")] = (int(n), lambda b: ctr.cross_ids(jnp.asarray(b["sparse"], jnp.int32),
-                                                                         crosses, n))
+                                                                         crosses, n), ("crosses",))
   return out
 
 
 # ----------------------------------------------------------------------------------------------- the run
 @dataclasses.dataclass(frozen=True)
 class SparseRun:
-  """What the trainer needs for a sparse run: the update's spec, the table sizes, the batch's row ids."""
+  """What the trainer needs for a sparse run: the update's spec, the table sizes, the batch's row ids.
+
+  ``row_ids(batch)`` gives the ids of each selection (``spec.groups()``, keyed by its first table), in order.
+  """
 
   spec: Any  # dpmega.sparse.SparseTables
   table_rows: dict[Path, int]
@@ -158,17 +169,22 @@ class SparseRun:
   def total_rows(self) -> int:
     return sum(self.table_rows.values())
 
+  @property
+  def selection_rows(self) -> dict[Path, int]:
+    """Rows of each selection's counts, keyed by the first table of its group."""
+    return {g[0]: self.table_rows[g[0]] for g in self.spec.groups()}
+
   def make_count_fn(self, mesh: Any) -> Callable[..., Any]:
     """The jitted ``count(counts, batch, mask) -> counts`` of a chunk (:func:`dpmega.sparse.make_count_fn`)."""
     from dpmega import sparse  # noqa: PLC0415
 
-    return sparse.make_count_fn(self.row_ids, self.table_rows, mesh, count_clip=self.spec.selection.count_clip)
+    return sparse.make_count_fn(self.row_ids, self.selection_rows, mesh, count_clip=self.spec.selection.count_clip)
 
   def zero_counts(self) -> Any:
     """The counts at the start of a logical step (:func:`dpmega.sparse.zero_counts`)."""
     from dpmega import sparse  # noqa: PLC0415
 
-    return sparse.zero_counts(self.table_rows, self.spec.selection.max_touched)
+    return sparse.zero_counts(self.selection_rows, self.spec.selection.max_touched)
 
   def describe(self, sigma_eff: float) -> str:
     """The plan's line: tables, σ1 and σ2 at ``sigma_eff``, f, τ (both units), C1, K."""
@@ -177,7 +193,8 @@ class SparseRun:
     sel = self.spec.selection
     s1, s2 = sparse.split_noise_multiplier(sigma_eff, sel.selection_fraction)
     names = ", ".join("/".join(t) + f" ({r:,} rows)" for t, r in self.table_rows.items())
-    return (f"sparse tables {names}: selection f = {sel.selection_fraction:g} of the noise budget, sigma1 = "
+    shared = "".join(f"; {' and '.join('/'.join(t) for t in g)} share one selection" for g in self.spec.shared)
+    return (f"sparse tables {names}{shared}: selection f = {sel.selection_fraction:g} of the noise budget, sigma1 = "
             f"{s1:.6g} (counts clipped to C1 = {sel.count_clip:g}), sigma2 = {s2:.6g} (gradient), threshold tau = "
             f"{sel.threshold:g} sigma1 C1 = {sel.absolute_threshold(s1):.4g}, at most {sel.max_rows:,} rows per table "
             f"and step; the ledger records sigma_eff = {sigma_eff:.6g}")
@@ -189,6 +206,8 @@ class SparseRun:
     sel = self.spec.selection
     s1, s2 = sparse.split_noise_multiplier(sigma_eff, sel.selection_fraction)
     return {"tables": ["/".join(t) for t in self.table_rows], "table_rows": self.total_rows,
+            "shared": [["/".join(t) for t in g] for g in self.spec.shared],
+            "selection_rows": sum(self.selection_rows.values()),
             "sigma_eff": sigma_eff, "selection_sigma": s1, "gradient_sigma": s2,
             "selection_fraction": sel.selection_fraction, "threshold_in_sigma1_c1": sel.threshold,
             "threshold": sel.absolute_threshold(s1), "count_clip": sel.count_clip, "max_rows": sel.max_rows,
@@ -223,9 +242,13 @@ def build(settings: SparseSettings, task_config: Any, shapes: Any) -> SparseRun 
   selection = sparse.SelectionConfig(count_clip=settings.count_clip, threshold=settings.threshold,
                                      selection_fraction=settings.selection_fraction, max_rows=settings.max_rows,
                                      max_touched=settings.max_touched, threshold_in_noise_sd=True)
-  fns = [known[p][1] for p in matched]
-  return SparseRun(sparse.SparseTables(tuple(matched), selection), {p: known[p][0] for p in matched},
-                   lambda batch: [f(batch) for f in fns])
+  by_source: dict[Any, list[Path]] = {}
+  for p in matched:
+    by_source.setdefault(known[p][2] if settings.share_selection else p, []).append(p)
+  spec = sparse.SparseTables(tuple(matched), selection, shared=tuple(tuple(g) for g in by_source.values()
+                                                                      if len(g) > 1))
+  fns = [known[g[0]][1] for g in spec.groups()]
+  return SparseRun(spec, {p: known[p][0] for p in matched}, lambda batch: [f(batch) for f in fns])
 
 
 def check(settings: SparseSettings, task_config: Any) -> None:
@@ -243,5 +266,6 @@ def check(settings: SparseSettings, task_config: Any) -> None:
 
 
 def count_coordinates(run: SparseRun | None) -> int:
-  """Noise coordinates the selection adds per step: one count per table row (0 without sparse tables)."""
-  return 0 if run is None else run.total_rows
+  """Noise coordinates the selection adds per step: one count per row of each selection (0 without sparse tables;
+  tables that share a selection count once)."""
+  return 0 if run is None else sum(run.selection_rows.values())

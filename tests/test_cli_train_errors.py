@@ -34,7 +34,11 @@ def config_path(train_cli, tmp_path):
 
 
 def _env():
-  return {**os.environ, "JAX_PLATFORMS": "cpu"}
+  # Without the test run's shared compilation cache (tests/conftest.py): these processes hit a file-size limit or
+  # are interrupted, and JAX would leave truncated cache entries that warn in every later process reading them
+  # (seen: the disk-full test ran first with a cold cache, then the Ctrl-C test's stderr had 6 extra lines).
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
+  return {**env, "JAX_PLATFORMS": "cpu"}
 
 
 def _steps(workdir):

@@ -45,6 +45,7 @@ def _config(tmp_path, *overrides, name="run", data_dir=None):
   c.tensorboard = False
   c.sparse.enabled = True
   c.sparse.threshold = 2.0
+  c.sparse.selection_fraction = 0.5  # the tests below check the split at f = 0.5, whatever the default
   c.sparse.max_rows = 512
   c.sparse.max_touched = 2048
   return config_lib.apply_overrides(c, list(overrides))

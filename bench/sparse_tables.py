@@ -107,7 +107,7 @@ def make_steps(mode: str, rows: int, batch: int, max_rows: int):
   if mode.startswith("dp sparse"):
     spec = sparse_spec(batch, 26, max_rows=max_rows, shared=mode == "dp sparse shared")
   update = step_lib.make_update_fn(opt, mesh, ps.param_shardings, ps.opt_shardings, clip_norm=1.0, sparse=spec)
-  table_rows = {g[0]: rows for g in spec.groups()} if spec is not None else {}  # the counts of each selection
+  table_rows = spec.selection_rows({t: rows for t in TABLES}) if spec is not None else {}  # each selection's counts
   count = sparse.make_count_fn(lambda b: [b["ids"]] * len(table_rows), table_rows, mesh, count_clip=1.0)
   box = {"state": ps.shard_state(step_lib.TrainState(jnp.zeros((), jnp.int32), params, opt.init(params)), donate=True),
          "t": 0}
@@ -245,7 +245,7 @@ def utility(epsilon: float, *, train_rows: int = 40_000, eval_rows: int = 20_000
                                     max_microbatches=8)
     update = step_lib.make_update_fn(opt, mesh, ps.param_shardings, ps.opt_shardings, clip_norm=1.0,
                                      sparse=spec)
-    selections = {g[0]: table_rows[g[0]] for g in spec.groups()} if spec is not None else table_rows
+    selections = spec.selection_rows(table_rows) if spec is not None else table_rows
     row_ids = sparse.ctr_row_ids((buckets,) * criteo.NUM_CAT, tuple(selections))
     count = sparse.make_count_fn(row_ids, selections, mesh, count_clip=1.0)
     state = ps.shard_state(step_lib.TrainState(jnp.zeros((), jnp.int32), params0, opt.init(params0)))

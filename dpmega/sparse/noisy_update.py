@@ -87,6 +87,15 @@ class SparseTables:
       done.update(g)
     return tuple(out)
 
+  def selection_rows(self, table_rows: Mapping[tuple[str, ...], int]) -> dict[tuple[str, ...], int]:
+    """The rows of each selection's counts, keyed as the counts are (the first table of each of :meth:`groups`).
+
+    Example:
+      >>> SparseTables((("a",), ("b",)), shared=((("a",), ("b",)),)).selection_rows({("a",): 8, ("b",): 8})
+      {('a',): 8}
+    """
+    return {g[0]: table_rows[g[0]] for g in self.groups()}
+
 
 class SparseRelease(NamedTuple):
   """The step's release: noisy mean gradient (tables as selected rows) and the selection of each table."""
@@ -128,8 +137,9 @@ def sparse_privatize(grad_sum: PyTree, counts: Mapping[tuple[str, ...], Any], ke
   if missing:
     raise ValueError(f"spec.tables names tables that are not parameters: {missing}; parameters: {paths}.")
   groups = spec.groups()
-  if set(counts) != {g[0] for g in groups}:
-    raise ValueError(f"counts must be keyed by the first table of each selection {[g[0] for g in groups]}, got "
+  keys = [g[0] for g in groups]
+  if set(counts) != set(keys):
+    raise ValueError(f"counts must be keyed by the first table of each selection {keys}, got "
                      f"{sorted(counts)}.")
   shapes = {path: jnp.shape(g) for (_, g), path in zip(flat, paths)}
   for g in groups:

@@ -174,7 +174,7 @@ class SparseRun:
   @property
   def selection_rows(self) -> dict[Path, int]:
     """Rows of each selection's counts, keyed by the first table of its group."""
-    return {g[0]: self.table_rows[g[0]] for g in self.spec.groups()}
+    return self.spec.selection_rows(self.table_rows)
 
   def make_count_fn(self, mesh: Any) -> Callable[..., Any]:
     """The jitted ``count(counts, batch, mask) -> counts`` of a chunk (:func:`dpmega.sparse.make_count_fn`)."""

@@ -103,6 +103,10 @@ def parse_args(argv):
   p.add_argument("--batch_seeds", type=int, default=1, help="table 3: init seeds of every run (the table shows the "
                  "mean over seeds of the learning rate of best mean)")
   p.add_argument("--batch_clip_only", action="store_true", help="table 3: also the clipped-no-noise arm")
+  p.add_argument("--batch_ema", type=float, default=0.0, help="table 3: optimizer.ema_decay of every run (0: off; "
+                 "the runs then evaluate the average of the parameters, and record the last iterate's too)")
+  p.add_argument("--batch_recal", type=int, default=0, help="table 3: recalibration.steps of every private run (0: "
+                 "off): a private temperature and bias fitted after training, accounted (the same epsilon)")
   p.add_argument("--private_only", action="store_true", help="table 3: only the private arm (the non-private "
                  "runs are already in --json)")
   p.add_argument("--lr_grid", type=float, nargs="+", default=[0.3, 1.0],
@@ -181,6 +185,8 @@ def run_one(spec: dict, data, args, workdir: pathlib.Path) -> dict:
   config.log_every = config.checkpoint_every = config.eval_every = 0
   config.tensorboard = False
   config.init_seed = spec.get("seed", 0)
+  config.optimizer.ema_decay = spec.get("ema_decay", 0.0)
+  config.recalibration.steps = spec.get("recalibration_steps", 0)
   for key, value in FAMILIES[spec.get("family", "recipe")].items():
     _set(config, key, value)
   o = config.optimizer
@@ -221,6 +227,11 @@ def run_one(spec: dict, data, args, workdir: pathlib.Path) -> dict:
       "noise_to_signal": round(noise_norm / signal, 3) if arm == "private" and signal > 0 else None,
       "seconds": round(time.monotonic() - start, 1),
       **{k: round(v, 4) for k, v in result.eval_metrics.items()},
+      **({"last_iterate": {k: round(v, 4) for k, v in result.last_iterate_metrics.items()}}
+         if result.last_iterate_metrics else {}),
+      **({"calibration": result.calibration,
+          "uncalibrated": {k: round(v, 4) for k, v in result.uncalibrated_metrics.items()}}
+         if result.calibration else {}),
       "oracle_platt": {"normalized_entropy": round(oracle_ne, 4), "a": round(oracle_a, 4), "b": round(oracle_b, 4)},
       "reliability": table.rows(),
   }
@@ -249,7 +260,8 @@ def plan(args) -> list[dict]:
         for arm, eps in arms + ([("clip_only", None)] if args.batch_clip_only else []):
           runs.append({"table": "batch", "model": model, "arm": arm, "epsilon": eps, "lr_factor": f,
                        "batch_size": b, "cowclip": True, **({"epochs": args.batch_epochs} if args.batch_epochs else {}),
-                       **({"seed": seed} if seed else {})})
+                       **({"seed": seed} if seed else {}), **({"ema_decay": args.batch_ema} if args.batch_ema else {}),
+                       **({"recalibration_steps": args.batch_recal} if args.batch_recal and arm == "private" else {})})
   for seed in range(1, args.seeds if "seeds" in args.only else 1):
     for arm, eps in (("nonprivate", None), ("clip_only", None), ("private", args.batch_epsilon)):
       runs.append({"table": "seeds", "model": model, "arm": arm, "epsilon": eps, "lr_factor": 1.0,
@@ -258,7 +270,8 @@ def plan(args) -> list[dict]:
 
 
 def _key(spec: dict) -> str:
-  keep = ("table", "model", "arm", "epsilon", "lr_factor", "batch_size", "family", "cowclip", "seed", "epochs")
+  keep = ("table", "model", "arm", "epsilon", "lr_factor", "batch_size", "family", "cowclip", "seed", "epochs",
+          "ema_decay", "recalibration_steps")
   return json.dumps({k: spec.get(k) for k in keep}, sort_keys=True)
 
 

@@ -49,6 +49,12 @@ class Task:
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     prepare_batch: optional host-side ``(batch, key) -> batch`` applied to each
       micro-batch after sampling (e.g. dynamic masking for masked LM).
+    predict_logits: for a binary classifier, ``(params, batch) -> logits [n]`` of a batch of examples (the
+      private recalibration, :mod:`dpmega.train.recalibration`, needs it); None: not a binary classifier.
+    label_key: the batch's field of 0/1 labels (with ``predict_logits``).
+
+  A task with ``predict_logits`` takes ``evaluate(params, calibration=None)``: with
+  ``{"temperature": a, "bias": b}`` it evaluates the predictions ``sigmoid(a z + b)``.
   """
 
   name: str
@@ -58,6 +64,8 @@ class Task:
   evaluate: Callable[[PyTree], dict[str, float]]
   has_aux: bool = False
   prepare_batch: Callable[[dict, jax.Array], dict] | None = None
+  predict_logits: Callable[[PyTree, dict], jax.Array] | None = None
+  label_key: str = "label"
 
 
 def register_task(name: str, builder: str) -> None:

@@ -110,15 +110,20 @@ def build_task(config: Any) -> Task:
 
   predict = jax.jit(lambda params, cat, dense: model.apply({"params": params}, cat, dense))
 
-  def evaluate(params) -> dict[str, float]:
+  def evaluate(params, calibration: dict[str, float] | None = None) -> dict[str, float]:
     logits = np.concatenate([
         np.asarray(predict(params, evaluation["cat"][i:i + 8192], evaluation["dense"][i:i + 8192]))
         for i in range(0, len(evaluation["label"]), 8192)
     ]).astype(np.float64)
     labels = evaluation["label"]
+    if calibration is not None:  # dpmega.train.recalibration's (a, b): predictions sigmoid(a z + b)
+      logits = calibration["temperature"] * logits + calibration["bias"]
     out = {"accuracy": float(np.mean((logits > 0) == (labels > 0.5)))}
     out.update(metrics_lib.binary_metrics(labels, logits))
     return out
 
-  return Task(NAME, init_params, loss_fn, ArraySource(train), evaluate)
+  def predict_logits(params, batch):
+    return model.apply({"params": params}, batch["cat"], batch["dense"])
+
+  return Task(NAME, init_params, loss_fn, ArraySource(train), evaluate, predict_logits=predict_logits)
 

@@ -174,12 +174,16 @@ def make_evaluate(model, source: criteo.CriteoSource, *, batch_size: int = 4096,
 
   The metrics are :func:`dpmega.metrics.binary_metrics`: AUC, log loss,
   normalized entropy, ECE, mean prediction and positive rate (the trainer's
-  eval line shows them all).
+  eval line shows them all). With ``calibration`` (``{"temperature": a, "bias": b}``,
+  :mod:`dpmega.train.recalibration`), of the predictions ``sigmoid(a z + b)``.
   """
   predict = make_predict(model, source, batch_size=batch_size, max_rows=max_rows)
 
-  def evaluate(params) -> dict[str, float]:
-    return metrics_lib.binary_metrics(*predict(params))
+  def evaluate(params, calibration: dict[str, float] | None = None) -> dict[str, float]:
+    labels, logits = predict(params)
+    if calibration is not None:
+      logits = calibration["temperature"] * logits + calibration["bias"]
+    return metrics_lib.binary_metrics(labels, logits)
 
   return evaluate
 
@@ -216,4 +220,7 @@ def build_task(config: Any) -> Task:
   init_params = jax.jit(make_init_params(model))
   evaluate = make_evaluate(model, evaluation, batch_size=d.get("eval_batch_size", 4096),
                            max_rows=d.get("eval_max_rows", 0))
-  return Task(cfg.name, init_params, per_example_loss(model), train, evaluate)
+  def predict_logits(params, batch):
+    return model.apply({"params": params}, batch["dense"], batch["sparse"])
+
+  return Task(cfg.name, init_params, per_example_loss(model), train, evaluate, predict_logits=predict_logits)

@@ -137,6 +137,19 @@ class OptimizerConfig:
                               "cowclip_min_norm), after the noise (dpmega.train.cowclip)")
   cowclip_ratio: float = fields.real(1.0, 0.0, math.inf, hi_open=True, doc="CowClip's r (relative to the row norm)")
   cowclip_min_norm: float = fields.positive(1e-5, doc="CowClip's zeta (bound of rows of small norm)")
+  ema_decay: float = fields.real(0.0, 0.0, 1.0, hi_open=True, doc="decay of an exponential moving average of the "
+                                 "parameters, evaluated and returned instead of the last iterate (post-processing: "
+                                 "no privacy cost; dpmega.train.averaging); 0: off")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecalibrationSettings:
+  """Private Platt scaling after training (:mod:`dpmega.train.recalibration`); ``recalibration.*``."""
+
+  steps: int = fields.integer(0, 0, 10**6, doc="DP-SGD steps on (temperature, bias) after the last training step, "
+                              "accounted like training steps at the final batch size (binary tasks); 0: off")
+  clip_norm: float = fields.positive(10.0, doc="L2 bound of each example's gradient in (temperature, bias)")
+  learning_rate: float = fields.positive(0.05, doc="Adam's rate on (temperature, bias), cosine-decayed to 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,6 +239,8 @@ class TrainConfig:
   mesh: Any = fields.group(MeshSettings, build=_mesh, doc="device mesh")
   sparse: SparseSettings = fields.group(SparseSettings, doc="sparsity-preserving updates of embedding tables "
                                         "(dpmega.train.sparse_tables)")
+  recalibration: RecalibrationSettings = fields.group(RecalibrationSettings, doc="private recalibration of a "
+                                                     "binary classifier's probabilities")
   log_every: int = fields.integer(1, 0, 10**9, doc="steps between progress lines (0: only at the end)")
   eval_every: int = fields.integer(0, 0, 10**9, doc="steps between evaluations (0: only at the end)")
   checkpoint_every: int = fields.integer(0, 0, 10**9, doc="steps between checkpoints (0: only at the end)")
@@ -270,6 +285,9 @@ def _check_together(v: Mapping[str, Any]) -> None:
   if o.weight_decay and (o.name == Optimizer.ADAM or o.table_name == Optimizer.ADAM.value):
     raise UsageError("optimizer.weight_decay must be 0 for adam (use adamw for decoupled weight decay), "
                      f"got {o.weight_decay}.")
+  if v["recalibration"].steps and v["simulate_k"]:
+    raise UsageError(f"recalibration.steps must be 0 in an effective-noise simulation (simulate_k = "
+                     f"{v['simulate_k']}: no ledger to account them in), got {v['recalibration'].steps}.")
   if v["adaptive_clip"] and v["clipped_count_noise"] is None:
     raise UsageError("adaptive_clip needs clipped_count_noise (the noisy clipped count it adapts from, accounted "
                      "in the ledger), got clipped_count_noise=None.")
@@ -289,7 +307,7 @@ def validate(config: ml_collections.ConfigDict) -> TrainConfig:
   if missing:
     raise UsageError(f"config is missing field(s) {missing}; start config files from "
                      "dpmega.train.config.base_config().")
-  for group in ("optimizer", "mesh", "sparse"):
+  for group in ("optimizer", "mesh", "sparse", "recalibration"):
     missing = [k for k in base[group].keys() if not isinstance(config[group], ml_collections.ConfigDict)
                or k not in config[group]]
     if missing:

@@ -74,7 +74,12 @@ def fingerprint(cfg: Any, *, task_config: Any, data: dict[str, Any],
   }
   if getattr(getattr(cfg, "sparse", None), "enabled", False):  # only when on: earlier checkpoints compare equal
     computation["sparse"] = dataclasses.asdict(cfg.sparse)
+  recalibration = getattr(cfg, "recalibration", None)
+  if recalibration is not None and recalibration.steps:  # only when on: earlier checkpoints compare equal
+    computation["recalibration"] = dataclasses.asdict(recalibration)
   optimizer = {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(cfg.optimizer).items()}
+  if not optimizer.get("ema_decay"):  # only when on: earlier checkpoints compare equal
+    optimizer.pop("ema_decay", None)
   devices = jax.devices()
   environment = {
       "jax": jax.__version__, "backend": jax.default_backend(), "device_kind": devices[0].device_kind,

@@ -37,10 +37,12 @@ from dpmega.errors import UsageError
 from dpmega.tasks import Task
 from dpmega.tasks import build_task
 from dpmega.train import adaptive_clip
+from dpmega.train import averaging
 from dpmega.train import checkpoint as checkpoint_lib
 from dpmega.train import config as config_lib
 from dpmega.train import identity
 from dpmega.train import randomness as randomness_lib
+from dpmega.train import recalibration
 from dpmega.train import report
 from dpmega.train import resume as resume_lib
 from dpmega.train import simulation
@@ -76,13 +78,21 @@ class Trainer:
     self.config_dict = config_dict
     self.dataset_size = len(task.train_source)
     config_lib.validate_against_dataset(cfg, self.dataset_size)
-    self.batch_sizes = cfg.batch_schedule.batch_sizes(cfg.num_steps)
+    # Every step's expected batch size: training, then the recalibration's (the schedule goes on at its end).
+    self.batch_sizes = cfg.batch_schedule.batch_sizes(cfg.num_steps + cfg.recalibration.steps)
     self.full_batch_sizes = self.batch_sizes  # a simulation samples B_t / k and predicts B_t
     if cfg.simulate_k:
       self.batch_sizes = simulation.simulated_batch_sizes(self.full_batch_sizes, cfg.simulate_k)
     # Public by design: the initialization does not depend on the data (the module docstring).
     # fold_in(., 0): the initialization stream of earlier versions, so a config initializes as it did.
     self.init_key = jax.random.fold_in(jax.random.key(cfg.init_seed), 0)
+    if cfg.recalibration.steps and task.predict_logits is None:
+      raise UsageError(f"recalibration.steps must be 0 for task {task.name!r}: it gives no logits "
+                       "(predict_logits), so it is not a binary classifier to recalibrate; got "
+                       f"{cfg.recalibration.steps}.")
+    if cfg.recalibration.steps and jax.process_count() > 1:
+      raise UsageError(f"recalibration.steps must be 0 with several processes ({jax.process_count()}): the "
+                       "recalibration runs on one process; recalibrate offline on one host.")
     self.randomness = randomness_lib.describe(cfg)
     self.sampler = None
     self._set_randomness(randomness_lib.run_secret(cfg), generation=0)
@@ -146,10 +156,17 @@ class Trainer:
     """Step ``step``'s noise key: a PRF of the run's secret, never logged."""
     return noise_lib.step_key(self.secret, step, generation=self.generation)
 
-  def _evaluate(self, params) -> dict[str, float]:
+  def _evaluate(self, params, calibration: dict[str, float] | None = None) -> dict[str, float]:
     # The task sees arrays this process can read: params sharded across processes are gathered first.
     local = all(x.is_fully_addressable for x in jax.tree_util.tree_leaves(params))
-    return self.task.evaluate(params if local else sharding.to_host(params))
+    params = params if local else sharding.to_host(params)
+    return self.task.evaluate(params) if calibration is None else self.task.evaluate(params, calibration=calibration)
+
+  @staticmethod
+  def model_params(state: TrainState):
+    """The parameters a run evaluates and returns: the average (``optimizer.ema_decay``), else the last iterate."""
+    average = averaging.averaged_params(state.opt_state)
+    return state.params if average is None else average
 
   def initial_state(self) -> TrainState:
     params = self.task.init_params(self.init_key)
@@ -362,7 +379,8 @@ class Trainer:
     self.stage.name, self.stage.in_loop = "training", True  # from here SIGTERM stops between steps
     needs_checks = privacy.needs_checks(self.spent, ledger, sigma)
     epsilon = privacy.epsilon(self.spent)
-    history, stop_reason, eval_metrics = [], None, {}
+    history, stop_reason, eval_metrics, last_iterate = [], None, {}, None
+    calibration = before_calibration = None
     last_saved = restored_at
     try:
       while int(state.step) < cfg.num_steps:
@@ -392,7 +410,7 @@ class Trainer:
           record.update(seconds=seconds, compile_seconds=compile_clock.seconds,
                         examples_per_s=metrics["sampled"] / max(seconds, 1e-9))
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
-          record.update({f"eval_{k}": v for k, v in self._evaluate(state.params).items()})
+          record.update({f"eval_{k}": v for k, v in self._evaluate(self.model_params(state)).items()})
         history.append(record)
         report.check_finite(metrics, step, last_saved)
         report.guarded(writer.write, record, what=writer.path, last_saved=last_saved)
@@ -407,7 +425,20 @@ class Trainer:
         report.guarded(self._save, ckpt, state, ledger, sigma, epsilon, what=f"the checkpoint of step {final_step}",
                        last_saved=last_saved)
         last_saved = final_step
-      eval_metrics = self._evaluate(state.params)
+      calibration = before_calibration = None
+      if cfg.recalibration.steps and stop_reason is None and final_step == cfg.num_steps:
+        # Private Platt scaling (dpmega.train.recalibration): more accounted steps, on the frozen model.
+        self.stage.name = "recalibrating"
+        before_calibration = self._evaluate(self.model_params(state))
+        calibration, records, stop_reason = recalibration.run(self, self.model_params(state), sigma, ledger,
+                                                              first_step=cfg.num_steps, out=self.out)
+        for record in records:
+          report.guarded(writer.write, record, what=writer.path, last_saved=last_saved)
+        history += records
+        epsilon = privacy.epsilon(self.spent)
+      eval_metrics = self._evaluate(self.model_params(state), calibration)
+      # With an average, the last iterate's evaluation too (summary.json, the closing lines): what it bought.
+      last_iterate = self._evaluate(state.params) if self.model_params(state) is not state.params else None
       report.guarded(writer.write, {"step": final_step, "final": True, "epsilon": epsilon, "delta": cfg.delta,
                                     **{f"eval_{k}": v for k, v in eval_metrics.items()}},
                      what=writer.path, last_saved=last_saved)
@@ -418,8 +449,9 @@ class Trainer:
 
     # --- the summary.
     result = TrainResult(final_step, epsilon, cfg.delta, sigma, stop_reason, eval_metrics,
-                         sharding.to_host(state.params), ledger, history, privacy.epsilon(ledger), self.spent,
-                         privacy.tail_delta(self.spent), self.generation)
+                         sharding.to_host(self.model_params(state)), ledger, history, privacy.epsilon(ledger),
+                         self.spent, privacy.tail_delta(self.spent), self.generation, last_iterate, calibration,
+                         before_calibration)
     if main:
       with open(os.path.join(cfg.workdir, "summary.json"), "w") as f:
         json.dump(report.summary(cfg, result, accounted_sigma=privacy.accounted(sigma), randomness=self.randomness,

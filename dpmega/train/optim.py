@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import optax
 
+from dpmega.train import averaging
 from dpmega.train import config as config_lib
 from dpmega.train import cowclip as cowclip_lib
 from dpmega.train import dp_adam
@@ -98,7 +99,14 @@ def is_grouped(cfg: config_lib.OptimizerConfig) -> bool:
 
 
 def make_optimizer(cfg: config_lib.OptimizerConfig, num_steps: int) -> optax.GradientTransformationExtraArgs:
-  """The optax optimizer of ``cfg``: one for every parameter, or tables and dense layers apart.
+  """The optax optimizer of ``cfg`` (:func:`make_update_rule`), with an average of the parameters in its state
+  when ``ema_decay`` > 0 (:func:`dpmega.train.averaging.with_ema`)."""
+  rule = make_update_rule(cfg, num_steps)
+  return averaging.with_ema(rule, cfg.ema_decay) if cfg.ema_decay > 0 else rule
+
+
+def make_update_rule(cfg: config_lib.OptimizerConfig, num_steps: int) -> optax.GradientTransformationExtraArgs:
+  """The optax optimizer of ``cfg`` without the average: one for every parameter, or tables and dense layers apart.
 
   Tables (:func:`param_labels`): CowClip on the update if ``cowclip``, then
   ``table_weight_decay`` times the row added, then ``table_name`` (or ``name``)
@@ -111,7 +119,7 @@ def make_optimizer(cfg: config_lib.OptimizerConfig, num_steps: int) -> optax.Gra
     >>> cfg = config_lib.OptimizerConfig(name=config_lib.Optimizer.SGD, learning_rate=1.0, table_name="sgd",
     ...                                  table_learning_rate=0.1)
     >>> params = {"embed": {"embedding": jnp.ones(1)}, "mlp": {"kernel": jnp.ones(1)}}
-    >>> tx = make_optimizer(cfg, num_steps=10)
+    >>> tx = make_update_rule(cfg, num_steps=10)
     >>> u, _ = tx.update(params, tx.init(params), params, noise_std=0.0)
     >>> round(float(u["embed"]["embedding"][0]), 6), float(u["mlp"]["kernel"][0])
     (-0.1, -1.0)

@@ -48,7 +48,11 @@ class RunPrivacy:
     self.dataset_size = dataset_size
     self.batch_sizes = batch_sizes
     self.tail = tail
-    self.plan = accounting.Plan(dataset_size=dataset_size, schedule=cfg.batch_schedule, num_steps=cfg.num_steps,
+    # Every step that releases something: training, then the recalibration's at the final batch size (the
+    # schedule object's ramp is pinned to num_steps, so its batch sizes go on at the final size).
+    self.recalibration_steps = cfg.recalibration.steps
+    self.total_steps = cfg.num_steps + self.recalibration_steps
+    self.plan = accounting.Plan(dataset_size=dataset_size, schedule=cfg.batch_schedule, num_steps=self.total_steps,
                                 delta=cfg.delta, scheme=cfg.sampling, accountant=cfg.accountant, tail=tail)
 
   def _refuse_simulation(self) -> None:
@@ -112,6 +116,10 @@ class RunPrivacy:
     out(f"plan: {cfg.num_steps} steps of batch schedule {cfg.batch_schedule.to_spec()} over "
         f"N = {fmt_int(n)} examples (q from {sizes.min() / n:.4g} to {sizes.max() / n:.4g}), "
         f"{cfg.sampling.value.replace('_', ' ')} sampling, {cfg.accountant.upper()} accountant")
+    if self.recalibration_steps:
+      out(f"plan: then {self.recalibration_steps} recalibration steps (temperature and bias, clip norm "
+          f"{cfg.recalibration.clip_norm:g}) at batch {fmt_int(sizes[-1])} and the same sigma: accounted as steps "
+          f"{cfg.num_steps + 1}-{self.total_steps}")
     out(f"plan: noise multiplier sigma = {sigma:.6g} ({how}), clip norm C = {cfg.clip_norm:g}, "
         f"micro-batch {cfg.microbatch_size} x {cfg.max_microbatches} per jitted call")
     shape = " x ".join(f"{name} {size}" for name, size in mesh.shape.items())
@@ -132,7 +140,7 @@ class RunPrivacy:
       out(f"plan: the {cfg.noise_sampler} noise sampler's bounded support costs delta_tail = {delta_tail:.3g} "
           f"over the whole schedule ({fmt_int(self.tail.num_coordinates)} noised coordinates), included in "
           f"delta = {cfg.delta:g}" + ("" if delta_tail < cfg.delta else ": no finite epsilon holds at this delta"))
-    points = sorted({max(1, round(cfg.num_steps * f)) for f in (0.1, 0.25, 0.5, 0.75, 1.0)})
+    points = sorted({max(1, round(cfg.num_steps * f)) for f in (0.1, 0.25, 0.5, 0.75, 1.0)} | {self.total_steps})
     curve = [(p, self.epsilon_of_prefix(p, sigma)) for p in points]
     out("plan: expected epsilon after step " + ", ".join(f"{p}: {e:.4g}" for p, e in curve) +
         f" (delta = {cfg.delta:g}, {cfg.sampling.relation_label} neighbours)")
@@ -140,7 +148,7 @@ class RunPrivacy:
       out(f"plan: {self.plan.delta_warning()}")
     if cfg.target_epsilon is not None and curve[-1][1] > cfg.target_epsilon:
       k = self.plan.max_steps(cfg.target_epsilon, self.accounted(sigma))
-      out(f"plan: the budget epsilon = {cfg.target_epsilon:g} allows only {k} of the {cfg.num_steps} "
+      out(f"plan: the budget epsilon = {cfg.target_epsilon:g} allows only {k} of the {self.total_steps} "
           f"steps; training will stop before step {k + 1}")
 
   def needs_checks(self, spent: accounting.Ledger, ledger: accounting.Ledger, sigma: float) -> bool:
@@ -152,7 +160,7 @@ class RunPrivacy:
     """
     cfg = self.cfg
     return cfg.target_epsilon is not None and (
-        spent.num_steps > ledger.num_steps or self.epsilon_of_prefix(cfg.num_steps, sigma) > cfg.target_epsilon)
+        spent.num_steps > ledger.num_steps or self.epsilon_of_prefix(self.total_steps, sigma) > cfg.target_epsilon)
 
   def budget_stop(self, spent: accounting.Ledger, step: int, sigma: float, epsilon: float) -> str | None:
     """Why step ``step`` (0-based) must not run -- it would take the workdir past the target -- or None."""
@@ -165,6 +173,6 @@ class RunPrivacy:
       return None
     trial = spent.copy()
     self.record(trial, step, sigma)
-    return (f"privacy budget: stopped before step {step + 1} of {cfg.num_steps}, which would take the workdir's "
+    return (f"privacy budget: stopped before step {step + 1} of {self.total_steps}, which would take the workdir's "
             f"epsilon from {epsilon:.4g} to {self.epsilon(trial):.4g} > target {cfg.target_epsilon:g} "
             f"(delta = {cfg.delta:g})")

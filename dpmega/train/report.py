@@ -101,14 +101,18 @@ class TrainResult:
     delta: the delta.
     noise_multiplier: sigma used at every step.
     stop_reason: why the run ended before ``num_steps`` (budget), else None.
-    eval_metrics: the task's evaluation at the end.
-    params: the final parameters (host arrays).
+    eval_metrics: the task's evaluation at the end (of the average of the parameters with ``optimizer.ema_decay``).
+    params: the final parameters (host arrays): their average with ``optimizer.ema_decay``, else the last iterate.
     ledger: the ledger of the steps that led to the final model (its trajectory).
     history: the per-step records written to ``metrics.jsonl`` by this process.
     trajectory_epsilon: epsilon(delta) of ``ledger`` alone (<= ``epsilon``).
     spent: the workdir's ledger (what ``epsilon`` is computed from).
     delta_tail: the part of ``delta`` that the noise sampler's bounded support costs over ``spent``.
     generation: the generation the final steps ran in (0 unless a rewind or change started a new one).
+    last_iterate_metrics: with ``optimizer.ema_decay``, the evaluation of the last iterate; else None.
+    calibration: with ``recalibration.steps``, the private ``{"temperature": a, "bias": b}``: the model predicts
+      ``sigmoid(a z + b)`` for its logit ``z`` (``eval_metrics`` are of these); else None.
+    uncalibrated_metrics: with ``recalibration.steps``, the evaluation before the recalibration; else None.
   """
 
   steps: int
@@ -124,6 +128,9 @@ class TrainResult:
   spent: accounting.Ledger | None = None
   delta_tail: float = 0.0
   generation: int = 0
+  last_iterate_metrics: dict[str, float] | None = None
+  calibration: dict[str, float] | None = None
+  uncalibrated_metrics: dict[str, float] | None = None
 
 
 class CompileClock:
@@ -241,6 +248,10 @@ def summary(cfg: config_lib.TrainConfig, result: TrainResult, *, accounted_sigma
       "accountant": cfg.accountant, "noise_multiplier": result.noise_multiplier, "clip_norm": cfg.clip_norm,
       "accounted_noise_multiplier": accounted_sigma, "clipped_count_noise": cfg.clipped_count_noise,
       "metrics": cfg.metrics.value, "stop_reason": result.stop_reason, "eval": result.eval_metrics,
+      "ema_decay": cfg.optimizer.ema_decay, "eval_last_iterate": result.last_iterate_metrics,
+      "recalibration": None if result.calibration is None else {
+          **result.calibration, "steps": cfg.recalibration.steps, "clip_norm": cfg.recalibration.clip_norm,
+          "learning_rate": cfg.recalibration.learning_rate, "eval_before": result.uncalibrated_metrics},
       "generation": result.generation, "trajectory_epsilon": result.trajectory_epsilon,
       "ledger": result.ledger.to_dict(), "spent_steps": result.spent.num_steps,
       "spent_ledger": result.spent.to_dict(), "randomness": randomness,
@@ -251,12 +262,23 @@ def summary(cfg: config_lib.TrainConfig, result: TrainResult, *, accounted_sigma
 def closing_lines(cfg: config_lib.TrainConfig, result: TrainResult) -> list[str]:
   """The ``done:`` and ``eval:`` lines a finished run prints."""
   spent, ledger = result.spent, result.ledger
-  done = (f"done: {result.steps} steps, " +
+  extra = result.ledger.num_steps - result.steps if result.calibration is not None else 0
+  done = (f"done: {result.steps} steps{f' + {extra} recalibration steps' if extra else ''}, " +
           accounting.describe(result.epsilon, cfg.delta, cfg.sampling, cfg.accountant) +
           (f"; delta_tail {result.delta_tail:.3g} included" if result.delta_tail > 1e-3 * cfg.delta else "") +
           (f"; spent by the workdir over {spent.num_steps} computed steps (this model's trajectory alone: "
            f"{result.trajectory_epsilon:.4g})" if spent.num_steps != ledger.num_steps else ""))
-  lines = [done, "eval: " + ", ".join(f"{k} {v:.4f}" for k, v in result.eval_metrics.items())]
+  average = result.last_iterate_metrics is not None
+  lines = [done, f"eval{' (average of the parameters)' if average else ''}: " +
+           ", ".join(f"{k} {v:.4f}" for k, v in result.eval_metrics.items())]
+  if average:
+    lines.append("eval (last iterate): " + ", ".join(f"{k} {v:.4f}" for k, v in result.last_iterate_metrics.items()))
+  if result.calibration is not None:
+    c, before = result.calibration, result.uncalibrated_metrics or {}
+    ne = (f"; normalized entropy {before['normalized_entropy']:.4f} before, "
+          f"{result.eval_metrics['normalized_entropy']:.4f} after" if "normalized_entropy" in before else "")
+    lines.append(f"recalibration (private, accounted): predict sigmoid({c['temperature']:.4f} z {c['bias']:+.4f})"
+                 f" for the model's logit z{ne}")
   ne = result.eval_metrics.get("normalized_entropy")
   if ne is not None and ne >= 1:
     lines.append(f"warning: normalized entropy {ne:.4f} >= 1: this model predicts worse than a constant predictor "

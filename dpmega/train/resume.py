@@ -54,8 +54,16 @@ def check_fingerprint(theirs: Any, mine: dict[str, Any], *, where: str) -> dict[
         f"{where} was computed differently, so resuming would redo steps with its noise keys and samples on "
         f"another computation ({detail}). Resume with the checkpoint's settings, or start a new run in another "
         "workdir.")
-  changed = [k for part in ("optimizer", "environment")
-             for k, _, _ in identity.differences(theirs[part], mine[part], prefix=part + ".")]
+  diffs = {k: (a, b) for part in ("optimizer", "environment")
+           for k, a, b in identity.differences(theirs[part], mine[part], prefix=part + ".")}
+  old, new = diffs.get("optimizer.ema_decay", (1, 1))
+  if old is None or new is None:  # the average is optimizer state: turning it on or off changes the state's shape
+    raise CheckpointError(
+        f"{where} was written with optimizer.ema_decay={old or 0.0!r} and this run sets {new or 0.0!r}: the average "
+        "of the parameters is part of the optimizer state, so it cannot be turned on or off at a resume (another "
+        "nonzero decay is fine). Resume with optimizer.ema_decay="
+        f"{old or 0.0!r}, or start a new run in another workdir.")
+  changed = list(diffs)
   return {"changed": [f"{k} (extended)" for k in extended] + changed}
 
 

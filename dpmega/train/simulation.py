@@ -114,13 +114,13 @@ def run(trainer: Any, *, resume: bool, overwrite: bool, stop: Any) -> report.Tra
       record = {"simulation": True, "simulate_k": k, "step": step, **metrics, "sigma": float(sigmas[t]),
                 "full_batch_size": int(full[t]), "full_sigma": sigma, "effective_noise": sigma / float(full[t])}
       if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
-        record.update({f"eval_{n}": v for n, v in trainer._evaluate(state.params).items()})  # noqa: SLF001
+        record.update({f"eval_{n}": v for n, v in trainer._evaluate(trainer.model_params(state)).items()})  # noqa: SLF001
       history.append(record)
       report.check_finite(metrics, step, None)
       writer.write(record)
       if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.num_steps):
         out(progress_line(cfg, record))
-    eval_metrics = trainer._evaluate(state.params)  # noqa: SLF001
+    eval_metrics = trainer._evaluate(trainer.model_params(state))  # noqa: SLF001
     writer.write({"simulation": True, "simulate_k": k, "step": int(state.step), "final": True,
                   **{f"eval_{n}": v for n, v in eval_metrics.items()}})
   finally:
@@ -134,7 +134,7 @@ def run(trainer: Any, *, resume: bool, overwrite: bool, stop: Any) -> report.Tra
       f"with sigma = {sigma:.6g}; no privacy guarantee, no epsilon")
   out(f"{TAG} eval: " + ", ".join(f"{n} {v:.4f}" for n, v in eval_metrics.items()))
   return report.TrainResult(int(state.step), math.nan, cfg.delta, sigma, stop_reason, eval_metrics,
-                            state.params, accounting.Ledger(), history, math.nan, accounting.Ledger())
+                            trainer.model_params(state), accounting.Ledger(), history, math.nan, accounting.Ledger())
 
 
 def progress_line(cfg: Any, r: dict[str, Any]) -> str:

@@ -105,6 +105,8 @@ def parse_args(argv):
   p.add_argument("--batch_clip_only", action="store_true", help="table 3: also the clipped-no-noise arm")
   p.add_argument("--batch_ema", type=float, default=0.0, help="table 3: optimizer.ema_decay of every run (0: off; "
                  "the runs then evaluate the average of the parameters, and record the last iterate's too)")
+  p.add_argument("--batch_family", default="recipe", help=f"table 3: the clipping/optimizer family of every run, "
+                 f"from {sorted(FAMILIES)} (the non-private arm too: its optimizer; it never clips)")
   p.add_argument("--batch_recal", type=int, default=0, help="table 3: recalibration.steps of every private run (0: "
                  "off): a private temperature and bias fitted after training, accounted (the same epsilon)")
   p.add_argument("--private_only", action="store_true", help="table 3: only the private arm (the non-private "
@@ -261,6 +263,7 @@ def plan(args) -> list[dict]:
           runs.append({"table": "batch", "model": model, "arm": arm, "epsilon": eps, "lr_factor": f,
                        "batch_size": b, "cowclip": True, **({"epochs": args.batch_epochs} if args.batch_epochs else {}),
                        **({"seed": seed} if seed else {}), **({"ema_decay": args.batch_ema} if args.batch_ema else {}),
+                       **({"family": args.batch_family} if args.batch_family != "recipe" else {}),
                        **({"recalibration_steps": args.batch_recal} if args.batch_recal and arm == "private" else {})})
   for seed in range(1, args.seeds if "seeds" in args.only else 1):
     for arm, eps in (("nonprivate", None), ("clip_only", None), ("private", args.batch_epsilon)):

@@ -19,6 +19,7 @@ from dpmega.accounting import journal as journal_lib
 from dpmega.data.sources import ArraySource
 from dpmega.errors import UsageError
 from dpmega.tasks import Task
+from dpmega.tasks import build_task
 from dpmega.tasks import register_task
 from dpmega.train import config as config_lib
 from dpmega.train import recalibration
@@ -222,3 +223,26 @@ def test_a_simulation_refuses_recalibration(tmp_path):
   config = _config(tmp_path, "simulate_k=2")
   with pytest.raises(UsageError, match="recalibration.steps must be 0 in an effective-noise simulation"):
     train_lib.train(config, out=lambda s: None)
+
+
+def test_every_release_has_its_own_steps_noise_key(tmp_path):
+  """Training steps 0-2 and recalibration steps 3-42 each draw the noise of their own step's key, once."""
+  config = _config(tmp_path)
+  requested = []
+
+  class Recording(train_lib.Trainer):
+    def noise_key(self, step):
+      requested.append(step)
+      return super().noise_key(step)
+
+  trainer = Recording(config_lib.validate(config), build_task(config), out=lambda s: None, config_dict=config)
+  trainer.run()
+  assert requested == list(range(43))
+
+
+def test_the_recalibration_noise_has_std_sigma_times_its_clip_norm_over_the_batch(tmp_path):
+  """sigma = 400, C_r = 10, B = 4000: per coordinate std s = 1, so the noisy mean's norm averages s sqrt(pi/2)."""
+  result = train_lib.train(_config(tmp_path, "noise_multiplier=400.0"), out=lambda s: None)
+  norms = [r["noisy_grad_norm"] for r in result.history if "recalibration_step" in r]
+  assert len(norms) == 40
+  assert np.mean(norms) == pytest.approx(math.sqrt(math.pi / 2), rel=0.2)  # the signal adds < 1 % here

@@ -57,6 +57,7 @@ from dpmega.models import ctr as ctr_models  # noqa: E402
 from dpmega.tasks import ctr as ctr_task  # noqa: E402
 from dpmega.train import config as config_lib  # noqa: E402
 from dpmega.train import optim  # noqa: E402
+from dpmega.train import recalibration  # noqa: E402
 
 # Alternatives to the recipe for table 2: name -> optimizer overrides (each at its own default rate).
 FAMILIES = {
@@ -212,7 +213,8 @@ def run_one(spec: dict, data, args, workdir: pathlib.Path) -> dict:
   result = train_lib.train(config, out=lambda line: None)
   model = ctr_models.make_model(ctr_task.model_config(config.task))
   _, evaluation = ctr_task.sources(config.task)
-  labels, logits = ctr_task.make_predict(model, evaluation)(result.params)
+  labels, raw_logits = ctr_task.make_predict(model, evaluation)(result.params)
+  logits = recalibration.apply(raw_logits, result.calibration)  # what the run deploys: sigmoid(a z + b)
   table = metrics_lib.calibration_table(labels, logits, num_buckets=10, binning="quantile")
   oracle_ne, oracle_a, oracle_b = oracle_platt_ne(labels, logits)
   num_params = sum(int(np.prod(x.shape)) for x in __import__("jax").tree_util.tree_leaves(result.params))
@@ -236,6 +238,9 @@ def run_one(spec: dict, data, args, workdir: pathlib.Path) -> dict:
          if result.calibration else {}),
       "oracle_platt": {"normalized_entropy": round(oracle_ne, 4), "a": round(oracle_a, 4), "b": round(oracle_b, 4)},
       "reliability": table.rows(),
+      **({"reliability_uncalibrated": metrics_lib.calibration_table(labels, raw_logits, num_buckets=10,
+                                                                    binning="quantile").rows()}
+         if result.calibration else {}),
   }
   print(json.dumps({k: v for k, v in row.items() if k != "reliability"}), flush=True)
   return row

@@ -122,6 +122,7 @@ def test_shipped_configs_validate_both_variants():
       assert mcfg.kind.value == name[4:]
       if variant == "kaggle":
         assert cfg.clipping == "auto" and config.task.data.train_dir
+      assert cfg.recalibration.steps > 0  # private temperature + bias by default (issue 18)
   with pytest.raises(ValueError, match="config variant must be 'small' or 'kaggle', got 'huge'"):
     config_lib.load_config(f"{CONFIGS / 'ctr_dlrm'}.py:huge")
 
@@ -203,3 +204,23 @@ def test_example_ctr_criteo_runs_end_to_end(tmp_path):
   # No AUC floor here: with secret noise this 30-step DLRM run lands anywhere in 0.51-0.67 (issue 18 fixes
   # the recipe); the trained-model floors are in test_model_trains_privately_and_beats_constant_predictor.
   assert out["epsilon"] <= 3.0 + 1e-9 and 0.0 <= out["auc"] <= 1.0 and out["oracle_auc"] > out["auc"]
+
+
+def test_ctr_task_gives_its_logits_and_evaluates_a_recalibration(tmp_path):
+  from dpmega import metrics as metrics_lib  # noqa: PLC0415
+
+  config = ml_collections.ConfigDict({"task": ctr_task.default_task_config("ctr_deepfm")})
+  d = config.task.data
+  d.synthetic_rows, d.synthetic_eval_rows, d.synthetic_vocab, d.synthetic_dir = 400, 300, 8, str(tmp_path)
+  config.task.model.buckets = 16
+  task = tasks.build_task(config)
+  params = task.init_params(jax.random.key(1))
+  _, evaluation = ctr_task.sources(config.task)
+  labels, logits = ctr_task.make_predict(ctr.make_model(ctr_task.model_config(config.task)), evaluation)(params)
+  batch = evaluation.take(np.arange(300))
+  np.testing.assert_allclose(task.predict_logits(params, batch), logits, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(batch[task.label_key], labels)
+  assert task.evaluate(params, calibration={"temperature": 1.0, "bias": 0.0}) == task.evaluate(params)
+  recalibrated = task.evaluate(params, calibration={"temperature": 0.5, "bias": -1.0})
+  assert recalibrated == metrics_lib.binary_metrics(labels, 0.5 * logits - 1.0)
+  assert recalibrated["log_loss"] != task.evaluate(params)["log_loss"]

@@ -246,3 +246,17 @@ def test_the_recalibration_noise_has_std_sigma_times_its_clip_norm_over_the_batc
   norms = [r["noisy_grad_norm"] for r in result.history if "recalibration_step" in r]
   assert len(norms) == 40
   assert np.mean(norms) == pytest.approx(math.sqrt(math.pi / 2), rel=0.2)  # the signal adds < 1 % here
+
+
+def test_the_builtin_ctr_task_recalibrates_too(tmp_path):
+  config = config_lib.load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic_ctr.py"))
+  config_lib.apply_overrides(config, [f"workdir='{tmp_path / 'run'}'", "task.num_train=6000", "task.num_eval=2000",
+                                      "num_steps=3", "batch_schedule='constant:2000'", "recalibration.steps=5",
+                                      "log_every=0"])
+  result = train_lib.train(config, out=lambda s: None)
+  assert result.calibration is not None and result.ledger.num_steps == 8
+  assert result.eval_metrics != result.uncalibrated_metrics
+  task = build_task(config)
+  identity = {"temperature": 1.0, "bias": 0.0}
+  assert task.evaluate(result.params, calibration=identity) == result.uncalibrated_metrics
+  assert task.evaluate(result.params, calibration=result.calibration) == result.eval_metrics

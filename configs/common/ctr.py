@@ -19,7 +19,9 @@ NE 0.762. Adaptive clip norm (Andrew et al.) to the 0.9 quantile: 0.8223 / 0.764
 accounted release); to the median: 0.8103 / NE 1.91 (clipping half of the examples gives every one the same
 push, the 75% negatives win: mean prediction 0.05 for a base rate 0.25). Clip groups tables/dense 0.5/0.5:
 0.722 / NE 1.54. Normalized ("automatic") clipping: the best ranking, 0.8317, but NE 1.56 (ECE 0.15) for the
-same reason, so it is unusable for pricing unless followed by a private recalibration (not built).
+same reason, so it is unusable for pricing unless followed by a private recalibration. That is now built
+(``recalibration.*``, on by default here), but at 10^6 rows, 12 epochs, batch 16,384, eps 8, normalized clipping +
+20 recalibration steps reached AUC 0.8484 and NE 0.816 against flat clipping's 0.8517 and 0.704, so flat stays.
 """
 
 import ml_collections
@@ -60,6 +62,7 @@ def ctr_config(name: str, variant: str | None = None) -> ml_collections.ConfigDi
     c.optimizer.warmup_steps = 50
     c.eval_every = 300
     c.checkpoint_every = 300
+    c.recalibration.steps = 20  # private temperature + bias after training: ~1% more accounted steps
   else:
     c.task.data.synthetic_rows = 50_000
     c.task.data.synthetic_eval_rows = 10_000
@@ -85,4 +88,9 @@ def ctr_config(name: str, variant: str | None = None) -> ml_collections.ConfigDi
     c.batch_schedule = "constant:2048"
     c.optimizer.warmup_steps = 5
     c.eval_every = 0
+    # Private recalibration (issue 18, dpmega.train.recalibration): 10 more accounted steps fit a temperature and
+    # a bias; the private models are over-confident (temperature ~0.85-0.95). Measured on this variant at
+    # epsilon 3, 2 init seeds: NE 0.8147 / 0.8193 without, 0.8106 / 0.8117 with 10 steps (sigma 0.976 -> 1.03,
+    # AUC unchanged: 0.7885 / 0.7871 -> 0.7895 / 0.7899); 20 steps cost more sigma for no further gain here.
+    c.recalibration.steps = 10
   return c

@@ -99,6 +99,15 @@ def markdown(model: str, rows: list[dict]) -> str:
   return "\n".join(out)
 
 
+def _save(plt, fig, ax, path: pathlib.Path) -> str:
+  """Legend, layout, PNG; the path as RESULTS.md names it."""
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+
+
 def plots(model: str, rows: list[dict], directory: pathlib.Path) -> list[str]:
   try:
     import matplotlib  # noqa: PLC0415 - optional (the plot extra)
@@ -130,12 +139,7 @@ def plots(model: str, rows: list[dict], directory: pathlib.Path) -> list[str]:
   ax.set_xlabel("epsilon")
   ax.set_ylabel("AUC (held-out 10^5 rows)")
   ax.set_title(f"{model}: tuned, batch 16,384, mean over seeds")
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  path = directory / f"ctr_tuned_auc_vs_epsilon_{model}.png"
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  written.append(str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path))
+  written.append(_save(plt, fig, ax, directory / f"ctr_tuned_auc_vs_epsilon_{model}.png"))
   recal = [r for r in rows if r.get("reliability_uncalibrated") and r.get("epsilon") == 3.0]
   if recal:
     r = recal[0]
@@ -148,12 +152,7 @@ def plots(model: str, rows: list[dict], directory: pathlib.Path) -> list[str]:
     ax.set_xlabel("mean predicted (decile)")
     ax.set_ylabel("observed rate")
     ax.set_title(f"{model}, eps 3: reliability")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = directory / f"ctr_tuned_reliability_{model}.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path))
+    written.append(_save(plt, fig, ax, directory / f"ctr_tuned_reliability_{model}.png"))
   return written
 
 

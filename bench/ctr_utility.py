@@ -104,6 +104,9 @@ def parse_args(argv):
   p.add_argument("--batch_seeds", type=int, default=1, help="table 3: init seeds of every run (the table shows the "
                  "mean over seeds of the learning rate of best mean)")
   p.add_argument("--batch_clip_only", action="store_true", help="table 3: also the clipped-no-noise arm")
+  p.add_argument("--batch_arms", nargs="+", default=["private", "nonprivate"],
+                 choices=["private", "nonprivate", "clip_only"], help="table 3: the arms to run (--private_only and "
+                 "--batch_clip_only edit this list)")
   p.add_argument("--batch_ema", type=float, default=0.0, help="table 3: optimizer.ema_decay of every run (0: off; "
                  "the runs then evaluate the average of the parameters, and record the last iterate's too)")
   p.add_argument("--batch_family", default="recipe", help=f"table 3: the clipping/optimizer family of every run, "
@@ -263,8 +266,9 @@ def plan(args) -> list[dict]:
   for seed in range(args.batch_seeds):  # seed 0 carries no "seed" key: the runs saved before seeds still match
     for b in args.batch_sizes if "batch" in args.only else []:
       for f in args.batch_lr_grid:
-        arms = [("private", args.batch_epsilon)] + ([] if args.private_only else [("nonprivate", None)])
-        for arm, eps in arms + ([("clip_only", None)] if args.batch_clip_only else []):
+        names = [a for a in args.batch_arms if not (args.private_only and a == "nonprivate")]
+        names += ["clip_only"] if args.batch_clip_only and "clip_only" not in names else []
+        for arm, eps in [(a, args.batch_epsilon if a == "private" else None) for a in names]:
           runs.append({"table": "batch", "model": model, "arm": arm, "epsilon": eps, "lr_factor": f,
                        "batch_size": b, "cowclip": True, **({"epochs": args.batch_epochs} if args.batch_epochs else {}),
                        **({"seed": seed} if seed else {}), **({"ema_decay": args.batch_ema} if args.batch_ema else {}),

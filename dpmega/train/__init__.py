@@ -18,7 +18,10 @@ the plan printed; with a fixed sigma, epsilon is reported as it goes; with
 both, training stops before the step that would take epsilon past the target,
 and says so. The ledger equals the ``(q_t, sigma_t)`` of the steps that ran,
 also across ``resume``: the checkpoint holds it, and it is checked against the
-schedule on restore.
+schedule on restore. With ``recalibration.steps = k`` (binary tasks), k more steps
+fit a temperature and a bias on the frozen model's logits
+(:mod:`dpmega.train.recalibration`): each is sampled, clipped, noised and
+recorded like a training step, and the plan and budget cover them.
 
 The step runs on a device mesh, always (``1 x 1`` for one device): its jitted
 pieces, ``accumulate(params, acc, batch, mask) -> acc`` and ``update(state,
@@ -30,10 +33,13 @@ The package, one job per module (imports go one way, down this list):
 :mod:`~dpmega.train.workdir` (one run per workdir: the lock, the usability check, ``--overwrite``),
 :mod:`~dpmega.train.resume` (the checks a checkpoint passes before a resume continues it),
 :mod:`~dpmega.train.identity` (the fingerprint of a computation, the generation a resume runs in),
+:mod:`~dpmega.train.recalibration` (private temperature and bias after training, ``recalibration.*``: more
+accounted steps, on the frozen model),
 :mod:`~dpmega.train.report` (the progress line, ``summary.json``, why a run stopped),
 :mod:`~dpmega.train.privacy` (the plan, sigma, epsilon of the ledgers, the budget stop),
 :mod:`~dpmega.train.step` (the private step on a mesh),
 :mod:`~dpmega.train.optim` (learning rates, optimizers),
+:mod:`~dpmega.train.averaging` (an average of the parameters, ``optimizer.ema_decay``),
 :mod:`~dpmega.train.writer` (``metrics.jsonl``, TensorBoard),
 :mod:`~dpmega.train.randomness` (the run's root secret),
 :mod:`~dpmega.train.checkpoint` and :mod:`~dpmega.train.config` (with :mod:`~dpmega.train.fields`).

@@ -51,8 +51,13 @@ def build_overconfident_task(config) -> Task:
     p = 1 / (1 + np.exp(-z))
     return {"log_loss": float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))}
 
+  def flip(batch, key):  # task.flip: a host-side preparation that swaps the labels
+    del key
+    return {**batch, "label": 1.0 - batch["label"]}
+
   task = Task("test_overconfident", lambda key: {"w": jnp.asarray(c.scale * W_TRUE)}, loss_fn,
-              ArraySource({"x": x, "label": y}), evaluate, predict_logits=logits)
+              ArraySource({"x": x, "label": y}), evaluate, predict_logits=logits,
+              prepare_batch=flip if c.flip else None)
   return task if c.binary else Task(task.name, task.init_params, loss_fn, task.train_source, evaluate)
 
 
@@ -61,7 +66,8 @@ register_task("test_overconfident", f"{__name__}:build_overconfident_task")
 
 def _config(tmp_path, *overrides, name="run"):
   c = config_lib.base_config()
-  c.task = ml_collections.ConfigDict({"name": "test_overconfident", "n": 20000, "scale": 2.0, "binary": True})
+  c.task = ml_collections.ConfigDict({"name": "test_overconfident", "n": 20000, "scale": 2.0, "binary": True,
+                                     "flip": False})
   c.workdir = str(tmp_path / name)
   c.num_steps = 3
   c.batch_schedule = "constant:4000"
@@ -260,3 +266,9 @@ def test_the_builtin_ctr_task_recalibrates_too(tmp_path):
   identity = {"temperature": 1.0, "bias": 0.0}
   assert task.evaluate(result.params, calibration=identity) == result.uncalibrated_metrics
   assert task.evaluate(result.params, calibration=result.calibration) == result.eval_metrics
+
+
+def test_the_recalibration_sees_the_tasks_prepared_batches(tmp_path):
+  """A preparation that swaps the labels makes the fitted temperature negative (the model then predicts 1 - p)."""
+  result = train_lib.train(_config(tmp_path, "task.flip=True", "recalibration.steps=60"), out=lambda s: None)
+  assert result.calibration["temperature"] < -0.2

@@ -158,8 +158,12 @@ def run(trainer: Any, params: Any, sigma: float, ledger: Any, *, first_step: int
     indices = trainer.sampler.sample(expected)
     total = jnp.zeros(2, jnp.float32)
     num_clipped = 0
-    for chunk in trainer.private_step.chunks(trainer.task.train_source, indices):
-      batch = {k: jnp.asarray(v) for k, v in chunk.batch.items()}
+    prepare_key = noise_lib.prepare_key(trainer.secret, t, generation=trainer.generation)
+    for i, chunk in enumerate(trainer.private_step.chunks(trainer.task.train_source, indices)):
+      batch = chunk.batch
+      if trainer.task.prepare_batch is not None:  # the task's host-side preparation, keyed as a training step's
+        batch = trainer.task.prepare_batch(batch, jax.random.fold_in(prepare_key, i))
+      batch = {k: jnp.asarray(v) for k, v in batch.items()}
       s, k, _ = grad_sum(predict(params, batch), batch[trainer.task.label_key], chunk.mask, head, rc.clip_norm)
       total, num_clipped = total + s, num_clipped + int(k)
     trainer._spend(t, sigma)  # noqa: SLF001 - durably in the journal BEFORE the noisy release exists

@@ -6,8 +6,9 @@ private recalibration (``--batch_recal``). This script reads those runs (one or 
 writes, per model:
 
 1. the grid: AUC of the first seed of every (epochs, learning rate) of every arm;
-2. the targets: each arm at its best (epochs, rate) by mean AUC over seeds -- mean, sd, gap to the tuned
-   non-private arm, NE and its gap, and for recalibrated arms the fitted (a, b) and NE before;
+2. the targets: each arm at its best (epochs, rate) by mean AUC over seeds, among the settings run with
+   >= 3 seeds (the grid picks them; a single-seed setting counts only when an arm has no seeded one) --
+   mean, sd, gap to the tuned non-private arm, NE and its gap, and for recalibrated arms the fitted (a, b) and NE before;
 3. plots: AUC vs epsilon (mean +- sd, with the non-private and clipped-no-noise lines) and the
    reliability diagram of the eps-3 arm before and after its recalibration.
 
@@ -47,9 +48,10 @@ def settings(rows: list[dict]) -> dict:
   return out
 
 
-def best(groups: dict) -> tuple[tuple, list[dict]]:
-  """The (epochs, lr) of highest mean AUC; ties go to more seeds."""
-  return max(groups.items(), key=lambda kv: (np.mean([r["auc"] for r in kv[1]]), len(kv[1])))
+def best(groups: dict, min_seeds: int = 3) -> tuple[tuple, list[dict]]:
+  """The (epochs, lr) of highest mean AUC among those run with >= ``min_seeds`` seeds (all, if none was)."""
+  seeded = {k: g for k, g in groups.items() if len(g) >= min_seeds} or groups
+  return max(seeded.items(), key=lambda kv: (np.mean([r["auc"] for r in kv[1]]), len(kv[1])))
 
 
 ORDER = ["non-private", "clipped, no noise", "eps 8", "eps 8 + recal", "eps 3", "eps 3 + recal", "eps 1",

@@ -425,7 +425,6 @@ class Trainer:
         report.guarded(self._save, ckpt, state, ledger, sigma, epsilon, what=f"the checkpoint of step {final_step}",
                        last_saved=last_saved)
         last_saved = final_step
-      calibration = before_calibration = None
       if cfg.recalibration.steps and stop_reason is None and final_step == cfg.num_steps:
         # Private Platt scaling (dpmega.train.recalibration): more accounted steps, on the frozen model.
         self.stage.name = "recalibrating"

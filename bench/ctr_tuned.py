@@ -113,6 +113,7 @@ def _save(plt, fig, ax, path: pathlib.Path) -> str:
 def plots(model: str, rows: list[dict], directory: pathlib.Path) -> list[str]:
   try:
     import matplotlib  # noqa: PLC0415 - optional (the plot extra)
+    import matplotlib.ticker  # noqa: PLC0415
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
   except ImportError:
@@ -122,22 +123,25 @@ def plots(model: str, rows: list[dict], directory: pathlib.Path) -> list[str]:
   written = []
   fig, ax = plt.subplots(figsize=(5, 3.6))
   for label, style in (("", "o-"), (" + recal", "s--")):
-    points = []
+    points, where = [], set()
     for eps in (1.0, 3.0, 8.0):
       name = f"eps {eps:g}{label}"
       if name in arms:
-        _, group = best(arms[name])
+        (epochs, lr), group = best(arms[name])
         aucs = [r["auc"] for r in group]
         points.append((eps, np.mean(aucs), np.std(aucs, ddof=1) if len(aucs) > 1 else 0.0))
+        where.add(f"{epochs:g} epochs x{lr:g}")
     if points:
       e, m, s = zip(*points)
-      ax.errorbar(e, m, yerr=s, fmt=style, capsize=3, label=f"private{label}")
+      ax.errorbar(e, m, yerr=s, fmt=style, capsize=3,
+                  label=f"private{' + recalibration' if label else ''} ({', '.join(sorted(where))})")
   for name, color in (("non-private", "k"), ("clipped, no noise", "tab:gray")):
     if name in arms:
       _, group = best(arms[name])
       ax.axhline(np.mean([r["auc"] for r in group]), color=color, ls=":", label=name)
   ax.set_xscale("log")
   ax.set_xticks([1, 3, 8], ["1", "3", "8"])
+  ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
   ax.set_xlabel("epsilon")
   ax.set_ylabel("AUC (held-out 10^5 rows)")
   ax.set_title(f"{model}: tuned, batch 16,384, mean over seeds")

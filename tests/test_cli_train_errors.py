@@ -15,6 +15,7 @@ import time
 import pytest
 
 from tests import train_configs
+from tests.interrupts import sigint_default
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CONFIG = train_configs.small_train_config(num_train=2000, num_eval=500, num_steps=12)
@@ -67,7 +68,8 @@ def test_disk_full_during_a_checkpoint_save_is_one_whole_line_and_no_traceback(c
 def _start(config_path, workdir, *args):
   return subprocess.Popen([sys.executable, "-m", "dpmega", "train", "--config", config_path, "--workdir", workdir,
                            "--set", "num_steps=100000", "checkpoint_every=4", "log_every=1", *args],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=_ROOT)
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=_ROOT,
+                          preexec_fn=sigint_default)
 
 
 def _signal_after_step(proc, step, signum):

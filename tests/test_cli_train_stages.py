@@ -12,6 +12,7 @@ import time
 import pytest
 
 from tests import train_configs
+from tests.interrupts import sigint_default
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _FAST = ["--insecure_reproducible_seed", "3"]
@@ -48,7 +49,7 @@ def test_first_call_compile_is_said_and_not_counted_in_examples_per_second(confi
 def _start(config_path, workdir, *args):
   return subprocess.Popen([sys.executable, "-m", "dpmega", "train", "--config", config_path, "--workdir",
                            str(workdir), *_FAST, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, env=_ENV, cwd=_ROOT)
+                          text=True, env=_ENV, cwd=_ROOT, preexec_fn=sigint_default)
 
 
 def _wait_for_calibration(proc, workdir, seconds=25.0):

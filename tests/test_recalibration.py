@@ -272,3 +272,17 @@ def test_the_recalibration_sees_the_tasks_prepared_batches(tmp_path):
   """A preparation that swaps the labels makes the fitted temperature negative (the model then predicts 1 - p)."""
   result = train_lib.train(_config(tmp_path, "task.flip=True", "recalibration.steps=60"), out=lambda s: None)
   assert result.calibration["temperature"] < -0.2
+
+
+def test_extending_a_recalibrated_run_never_reuses_a_recalibration_steps_key(tmp_path):
+  """Steps 3-7 were recalibration releases; the extension's training steps 3-4 must run with other keys."""
+  config = _config(tmp_path, "recalibration.steps=5", "checkpoint_every=1")
+  train_lib.train(config, out=lambda s: None)
+  journal = journal_lib.Journal(config.workdir)
+  assert sorted(journal.steps()) == [(0, t) for t in range(8)]
+  extended = config_lib.apply_overrides(config, ["num_steps=5"])
+  result = train_lib.train(extended, resume=True, out=lambda s: None)
+  assert result.generation == 1  # an extension: a new generation, so new keys for steps 3-9
+  steps = sorted(journal_lib.Journal(config.workdir).steps())
+  assert steps == [(0, t) for t in range(8)] + [(1, t) for t in range(3, 10)]
+  assert result.spent.num_steps == 15  # the 5 recalibration releases of generation 0 still count

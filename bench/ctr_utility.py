@@ -57,7 +57,6 @@ from dpmega.models import ctr as ctr_models  # noqa: E402
 from dpmega.tasks import ctr as ctr_task  # noqa: E402
 from dpmega.train import config as config_lib  # noqa: E402
 from dpmega.train import optim  # noqa: E402
-from dpmega.train import recalibration  # noqa: E402
 
 # Alternatives to the recipe for table 2: name -> optimizer overrides (each at its own default rate).
 FAMILIES = {
@@ -217,7 +216,7 @@ def run_one(spec: dict, data, args, workdir: pathlib.Path) -> dict:
   model = ctr_models.make_model(ctr_task.model_config(config.task))
   _, evaluation = ctr_task.sources(config.task)
   labels, raw_logits = ctr_task.make_predict(model, evaluation)(result.params)
-  logits = recalibration.apply(raw_logits, result.calibration)  # what the run deploys: sigmoid(a z + b)
+  logits = metrics_lib.recalibrated_logits(raw_logits, result.calibration)  # what the run deploys
   table = metrics_lib.calibration_table(labels, logits, num_buckets=10, binning="quantile")
   oracle_ne, oracle_a, oracle_b = oracle_platt_ne(labels, logits)
   num_params = sum(int(np.prod(x.shape)) for x in __import__("jax").tree_util.tree_leaves(result.params))

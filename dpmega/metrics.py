@@ -232,6 +232,18 @@ def expected_calibration_error(labels, logits, *, num_buckets: int = 10, binning
   return float(np.sum(t.count[full] * gap) / np.sum(t.count))
 
 
+def recalibrated_logits(logits, calibration: dict[str, float] | None):
+  """``a z + b`` for ``calibration = {"temperature": a, "bias": b}`` (a private Platt fit,
+  :mod:`dpmega.train.recalibration`); ``logits`` unchanged when ``calibration`` is None.
+
+  >>> recalibrated_logits(np.array([1.0, -2.0]), {"temperature": 0.5, "bias": 0.1}).tolist()
+  [0.6, -0.9]
+  """
+  if calibration is None:
+    return logits
+  return calibration["temperature"] * logits + calibration["bias"]
+
+
 def binary_metrics(labels, logits) -> dict[str, float]:
   """``auc``, ``log_loss``, ``normalized_entropy``, ``ece`` (10 uniform buckets), ``mean_predicted`` and
   ``positive_rate`` of logits on labels (scalars: what a progress line and ``summary.json`` carry)."""

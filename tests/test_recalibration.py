@@ -14,6 +14,7 @@ import optax
 import pytest
 
 from dpmega import accounting
+from dpmega import metrics as metrics_lib
 from dpmega import train as train_lib
 from dpmega.accounting import journal as journal_lib
 from dpmega.data.sources import ArraySource
@@ -47,7 +48,7 @@ def build_overconfident_task(config) -> Task:
     return optax.sigmoid_binary_cross_entropy(jnp.dot(params["w"], ex["x"]), ex["label"])
 
   def evaluate(params, calibration=None):
-    z = recalibration.apply(x @ np.asarray(params["w"]), calibration)
+    z = metrics_lib.recalibrated_logits(x @ np.asarray(params["w"]), calibration)
     p = 1 / (1 + np.exp(-z))
     return {"log_loss": float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))}
 

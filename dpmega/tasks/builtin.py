@@ -116,8 +116,7 @@ def build_task(config: Any) -> Task:
         for i in range(0, len(evaluation["label"]), 8192)
     ]).astype(np.float64)
     labels = evaluation["label"]
-    if calibration is not None:  # dpmega.train.recalibration's (a, b): predictions sigmoid(a z + b)
-      logits = calibration["temperature"] * logits + calibration["bias"]
+    logits = metrics_lib.recalibrated_logits(logits, calibration)  # dpmega.train.recalibration's (a, b)
     out = {"accuracy": float(np.mean((logits > 0) == (labels > 0.5)))}
     out.update(metrics_lib.binary_metrics(labels, logits))
     return out

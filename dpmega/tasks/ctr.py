@@ -181,9 +181,7 @@ def make_evaluate(model, source: criteo.CriteoSource, *, batch_size: int = 4096,
 
   def evaluate(params, calibration: dict[str, float] | None = None) -> dict[str, float]:
     labels, logits = predict(params)
-    if calibration is not None:
-      logits = calibration["temperature"] * logits + calibration["bias"]
-    return metrics_lib.binary_metrics(labels, logits)
+    return metrics_lib.binary_metrics(labels, metrics_lib.recalibrated_logits(logits, calibration))
 
   return evaluate
 

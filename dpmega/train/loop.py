@@ -220,26 +220,35 @@ class Trainer:
     return self.private_step.shard_state(state), ledger
 
   # ------------------------------------------------------------------ one step
-  def train_step(self, state: TrainState, sigma: float) -> tuple[TrainState, dict[str, Any]]:
-    """One logical step at ``state.step``: sample, stream chunks, noise once, update."""
-    cfg = self.cfg
-    t = int(state.step)
+  def sample_step(self, t: int) -> tuple[int, np.ndarray, Callable[[int, Any], Any] | None]:
+    """Step ``t``'s expected batch size, its sample (the sampler must stand at ``t``) and its batch
+    preparation ``prepare(chunk_index, batch)`` (None when the task has none); training and recalibration
+    steps alike."""
     if self.sampler.position != t:
       raise RuntimeError(f"sampler position {self.sampler.position} != step {t}.")
     expected = int(self.batch_sizes[t])
     indices = self.sampler.sample(expected)
+    if self.task.prepare_batch is None:
+      return expected, indices, None
     prepare_key = noise_lib.prepare_key(self.secret, t, generation=self.generation)
 
     def prepare(i, batch):  # one key per (chunk, process): each process prepares its own rows
       return self.task.prepare_batch(batch, jax.random.fold_in(prepare_key, i * jax.process_count() +
                                                                jax.process_index()))
 
+    return expected, indices, prepare
+
+  def train_step(self, state: TrainState, sigma: float) -> tuple[TrainState, dict[str, Any]]:
+    """One logical step at ``state.step``: sample, stream chunks, noise once, update."""
+    cfg = self.cfg
+    t = int(state.step)
+    expected, indices, prepare = self.sample_step(t)
     # Every process drew the same global sample; each reads only its share.
     chunks = self.private_step.chunks(self.task.train_source, indices)
     adaptive, clip_t = cfg.adaptive_clip, self.clip_norm_t
     acc, counts = self.private_step.clipped_sum_with_counts(  # counts: the sparse tables' rows, chunk by chunk
         state.params, chunks, self.count, None if self.sparse is None else self.sparse.zero_counts(),
-        prepare=None if self.task.prepare_batch is None else prepare, clip_norm_t=clip_t if adaptive else None)
+        prepare=prepare, clip_norm_t=clip_t if adaptive else None)
     self._spend(t, sigma)  # durably in the journal BEFORE the noisy update exists
     # Adaptive: the step was built with clip norm 1, so noise multiplier sigma * C_t is noise std sigma * C_t.
     state, update_metrics = self.private_step.update(state, acc.grad_sum, self.noise_key(t),
@@ -425,19 +434,20 @@ class Trainer:
         report.guarded(self._save, ckpt, state, ledger, sigma, epsilon, what=f"the checkpoint of step {final_step}",
                        last_saved=last_saved)
         last_saved = final_step
+      model = self.model_params(state)
       if cfg.recalibration.steps and stop_reason is None and final_step == cfg.num_steps:
         # Private Platt scaling (dpmega.train.recalibration): more accounted steps, on the frozen model.
         self.stage.name = "recalibrating"
-        before_calibration = self._evaluate(self.model_params(state))
-        calibration, records, stop_reason = recalibration.run(self, self.model_params(state), sigma, ledger,
-                                                              first_step=cfg.num_steps, out=self.out)
+        before_calibration = self._evaluate(model)
+        calibration, records, stop_reason = recalibration.run(self, model, sigma, ledger, first_step=cfg.num_steps,
+                                                              out=self.out)
         for record in records:
           report.guarded(writer.write, record, what=writer.path, last_saved=last_saved)
         history += records
         epsilon = privacy.epsilon(self.spent)
-      eval_metrics = self._evaluate(self.model_params(state), calibration)
+      eval_metrics = self._evaluate(model, calibration)
       # With an average, the last iterate's evaluation too (summary.json, the closing lines): what it bought.
-      last_iterate = self._evaluate(state.params) if self.model_params(state) is not state.params else None
+      last_iterate = self._evaluate(state.params) if model is not state.params else None
       report.guarded(writer.write, {"step": final_step, "final": True, "epsilon": epsilon, "delta": cfg.delta,
                                     **{f"eval_{k}": v for k, v in eval_metrics.items()}},
                      what=writer.path, last_saved=last_saved)

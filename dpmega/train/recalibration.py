@@ -116,17 +116,6 @@ def make_optimizer(learning_rate: float, steps: int) -> optax.GradientTransforma
   return optax.adam(optax.cosine_decay_schedule(learning_rate, max(steps, 1)))
 
 
-def apply(logits: Any, calibration: dict[str, float] | None) -> Any:
-  """The recalibrated logits ``a z + b`` (``logits`` unchanged without a calibration).
-
-  >>> apply(np.array([1.0, -2.0]), {"temperature": 0.5, "bias": 0.1}).tolist()
-  [0.6, -0.9]
-  """
-  if calibration is None:
-    return logits
-  return calibration["temperature"] * logits + calibration["bias"]
-
-
 def run(trainer: Any, params: Any, sigma: float, ledger: Any, *, first_step: int,
         out: Callable[[str], None]) -> tuple[dict[str, float], list[dict[str, Any]], str | None]:
   """The recalibration steps of ``trainer`` (a :class:`dpmega.train.loop.Trainer`) on the frozen ``params``.
@@ -144,25 +133,20 @@ def run(trainer: Any, params: Any, sigma: float, ledger: Any, *, first_step: int
   opt_state = optimizer.init(head)
   history, stop_reason = [], None
   privacy = trainer.privacy
+  epsilon = privacy.epsilon(trainer.spent)
   for j in range(rc.steps):
     t = first_step + j
     replay = (trainer.generation, t) in trainer.journal.steps()
     if cfg.target_epsilon is not None and not replay:
-      stop_reason = privacy.budget_stop(trainer.spent, t, sigma, privacy.epsilon(trainer.spent))
+      stop_reason = privacy.budget_stop(trainer.spent, t, sigma, epsilon)
       if stop_reason:
         out(stop_reason + " (recalibration)")
         break
-    if trainer.sampler.position != t:
-      raise RuntimeError(f"sampler position {trainer.sampler.position} != step {t}.")
-    expected = int(trainer.batch_sizes[t])
-    indices = trainer.sampler.sample(expected)
+    expected, indices, prepare = trainer.sample_step(t)  # the task's preparation keyed as a training step's
     total = jnp.zeros(2, jnp.float32)
     num_clipped = 0
-    prepare_key = noise_lib.prepare_key(trainer.secret, t, generation=trainer.generation)
     for i, chunk in enumerate(trainer.private_step.chunks(trainer.task.train_source, indices)):
-      batch = chunk.batch
-      if trainer.task.prepare_batch is not None:  # the task's host-side preparation, keyed as a training step's
-        batch = trainer.task.prepare_batch(batch, jax.random.fold_in(prepare_key, i))
+      batch = chunk.batch if prepare is None else prepare(i, chunk.batch)
       batch = {k: jnp.asarray(v) for k, v in batch.items()}
       s, k, _ = grad_sum(predict(params, batch), batch[trainer.task.label_key], chunk.mask, head, rc.clip_norm)
       total, num_clipped = total + s, num_clipped + int(k)

@@ -50,6 +50,7 @@ from dpmega import schedules  # noqa: E402
 from dpmega import tasks  # noqa: E402
 from dpmega import train as train_lib  # noqa: E402
 from dpmega.train import config as config_lib  # noqa: E402
+from dpmega.train import simulation  # noqa: E402
 
 DELTA = 1e-6
 
@@ -73,6 +74,7 @@ def base_config(args, lr: float) -> object:
   config.microbatch_size = 64
   config.max_microbatches = 16
   config.init_seed = args.seed  # public, init only: the DP runs key noise and sampling by a fresh secret
+  config.optimizer.b2 = args.b2
   return config
 
 
@@ -105,15 +107,23 @@ def _cached(args, key: dict, fn) -> dict:
   return cache[name]
 
 
-def run_dp(args, spec: str, steps: int, lr: float, *, epsilon: float, k: int = 0, eval_every: int = 0) -> dict:
-  """One DP arm through ``dpmega.train``: real (``k = 0``, sigma calibrated to ``epsilon``) or simulated."""
+def run_dp(args, spec: str, steps: int, lr: float, *, epsilon: float, k: int = 0, eval_every: int = 0,
+           noise_free: bool = False) -> dict:
+  """One DP arm through ``dpmega.train``: real (``k = 0``, sigma calibrated to ``epsilon``) or simulated.
+
+  With ``noise_free``: the same trainer, sampling and clipping with sigma = 1e-9 (not private; ``epsilon`` is
+  only a label): the ceiling of every private run at this batch and number of examples.
+  """
   key = {"arm": "dp", "corpus": args.corpus, "schedule": spec, "steps": steps, "lr": lr, "epsilon": epsilon,
-         "k": k, "eval_every": eval_every, "seed": args.seed}
+         "k": k, "eval_every": eval_every, "seed": args.seed, **({"noise_free": True} if noise_free else {}),
+         **({"b2": args.b2} if args.b2 != 0.999 else {})}
 
   def go():
     config = base_config(args, lr)
     config.num_steps, config.batch_schedule, config.eval_every = steps, spec, eval_every
-    if k:
+    if noise_free:
+      config.noise_multiplier, config.target_epsilon = 1e-9, None
+    elif k:
       config.noise_multiplier, config.target_epsilon, config.simulate_k = calibrate(args, spec, steps, epsilon), None, k
     else:
       config.noise_multiplier, config.target_epsilon = None, epsilon
@@ -127,7 +137,8 @@ def run_dp(args, spec: str, steps: int, lr: float, *, epsilon: float, k: int = 0
     done = np.cumsum(full)
     curve = [(int(done[r["step"] - 1]), r["eval_mlm_accuracy"]) for r in result.history if "eval_mlm_accuracy" in r]
     curve.append((int(done[result.steps - 1]), result.eval_metrics["mlm_accuracy"]))
-    return {"sigma": result.noise_multiplier, "epsilon_real": None if k else result.epsilon, "seconds": seconds,
+    return {"sigma": result.noise_multiplier, "epsilon_real": None if k or noise_free else result.epsilon,
+            "seconds": seconds,
             "examples": int(done[-1]), "computed_examples": int(done[-1] // max(k, 1)), "curve": curve,
             **result.eval_metrics}
   return _cached(args, key, go)
@@ -195,6 +206,11 @@ def sweep_batch(args) -> list[dict]:
       arms = [run_dp(args, f"constant:{b}", args.examples // b, lr, epsilon=eps, k=k) for lr in args.lrs]
       rows += arms
       best[(eps, b)] = max(arms, key=lambda r: r["mlm_accuracy"])
+  if args.noise_free:  # the same arms without noise: what any sigma at this B and example budget can reach
+    for b in batch_sizes(args):
+      arms = [run_dp(args, f"constant:{b}", args.examples // b, lr, epsilon=0.0, noise_free=True) for lr in args.lrs]
+      rows += arms
+      best[(0.0, b)] = max(arms, key=lambda r: r["mlm_accuracy"])
   if args.confirm and not args.real:
     eps = args.epsilons[0]
     top = max((r for (e, _), r in best.items() if e == eps), key=lambda r: r["mlm_accuracy"])
@@ -202,7 +218,9 @@ def sweep_batch(args) -> list[dict]:
       rows.append(run_dp(args, r["schedule"], r["steps"], r["lr"], epsilon=eps))
   series = {}
   for (eps, b), r in sorted(best.items()):
-    series.setdefault(f"eps {eps:g} (best lr{'' if args.real else ', simulated'})", []).append((b, r["mlm_accuracy"]))
+    label = ("clipped, no noise (best lr)" if r.get("noise_free")
+             else f"eps {eps:g} (best lr{'' if args.real else ', simulated'})")
+    series.setdefault(label, []).append((b, r["mlm_accuracy"]))
   plot(args, "batch", series, f"MLM accuracy vs batch size at {args.examples:,} examples", xlabel="batch size")
   return rows
 
@@ -233,8 +251,12 @@ def sweep_simulation(args) -> list[dict]:
   every = max(1, steps // 8)
   rows = [run_dp(args, f"constant:{b}", steps, args.schedule_lr, epsilon=eps, k=k, eval_every=every)
           for k in (0, 4, 16)]
+  params = task_of(args).init_params(jax.random.key(0))
+  d = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
   for r in rows[1:]:
     r["relative_error"] = r["mlm_accuracy"] / rows[0]["mlm_accuracy"] - 1
+    # The simulation's own fidelity bound (dpmega.train.simulation): its extra sampling variance / the DP noise's.
+    r["sampling_excess_bound"] = simulation.sampling_excess_bound(r["sigma"], np.array([b]), np.array([b // r["k"]]), d)
   plot(args, "simulation", {("real" if r["k"] == 0 else f"simulated k={r['k']}"): r["curve"] for r in rows},
        f"B = {b}, eps {eps:g}: real vs effective-noise simulation")
   return rows
@@ -265,8 +287,9 @@ def table(rows: list[dict]) -> str:
   lines = ["| arm | schedule / batch | steps | lr | k | sigma | epsilon | examples | MLM acc | unigram | seconds |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
-    eps = "inf" if r["arm"] == "non-private" else f"{r['epsilon']:g}"
-    arm = r["arm"] if r["arm"] == "non-private" else ("DP" if not r["k"] else "simulated (not private)")
+    eps = "inf" if r["arm"] == "non-private" or r.get("noise_free") else f"{r['epsilon']:g}"
+    arm = r["arm"] if r["arm"] == "non-private" else ("clipped, no noise" if r.get("noise_free") else
+                                                     "DP" if not r["k"] else "simulated (not private)")
     lines.append(f"| {arm} | {r.get('schedule', r.get('batch'))} | {r['steps']} | {r['lr']:g} | {r.get('k', '')} | "
                  f"{r.get('sigma', 0):.3g} | {eps} | {r['examples']:,} | {r['mlm_accuracy']:.4f} | "
                  f"{r['unigram_accuracy']:.4f} | {r['seconds']:.0f} |")
@@ -284,6 +307,8 @@ def main(argv=None) -> int:
   parser.add_argument("--sim_batch", type=int, default=64, help="batch the simulated arms sample")
   parser.add_argument("--real", action="store_true", help="run every arm for real (no simulation)")
   parser.add_argument("--confirm", action="store_true", help="batch sweep: rerun B = 256 and the best B for real")
+  parser.add_argument("--noise_free", action="store_true",
+                      help="batch sweep: also every B with clipping and no noise (not private: the ceiling)")
   parser.add_argument("--schedule_batch", type=int, default=None)
   parser.add_argument("--schedule_lr", type=float, default=None)
   parser.add_argument("--match_examples", action="store_true",
@@ -293,6 +318,8 @@ def main(argv=None) -> int:
   parser.add_argument("--ref_grid_steps", type=int, default=None)
   parser.add_argument("--ref_steps", type=int, default=None)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--b2", type=float, default=0.999, help="Adam's second-moment decay of the DP arms (a "
+                      "shorter memory forgets the noisier small batches of a ramp sooner)")
   parser.add_argument("--cache_dir", default=os.environ.get("DPMEGA_CACHE_DIR", ""))
   parser.add_argument("--cache", default=str(ROOT / "bench" / "results" / "bert_arms.json"))
   parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "bert_utility.json"))
@@ -315,7 +342,8 @@ def main(argv=None) -> int:
   rows = globals()[f"sweep_{args.sweep}"](args)
   print(table(rows))
   for r in rows:
-    extra = {k: r[k] for k in ("plateau", "relative_error", "examples_to_reach_fixed", "fraction_of_fixed_examples")
+    extra = {k: r[k] for k in ("plateau", "relative_error", "sampling_excess_bound", "examples_to_reach_fixed",
+                               "fraction_of_fixed_examples")
              if k in r}
     if extra:
       print(r.get("schedule", r.get("lr")), extra)

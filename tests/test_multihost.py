@@ -160,7 +160,11 @@ def test_dpmega_train_on_two_processes_matches_one_process(tmp_path):
   assert summary["steps"] == ref.steps == 3
   assert summary["epsilon"] == ref.epsilon
   for k, v in ref.eval_metrics.items():
-    assert summary["eval"][k] == pytest.approx(v, rel=1e-5), k
+    # AUC is a rank statistic: at 3 steps the model is near chance, many predictions are near ties, and the
+    # 2-process sum (another order of float32 additions) can swap a few of them (0.489953 vs 0.489945 seen once
+    # in a whole-suite run). The parameters themselves are compared to 1e-5 below; AUC to 1e-4 absolute.
+    tol = pytest.approx(v, abs=1e-4) if k == "auc" else pytest.approx(v, rel=1e-5)
+    assert summary["eval"][k] == tol, k
   # The checkpoints written by both processes hold the same parameters as the one-process run.
   trainer = train_lib.Trainer(config_lib.validate(config), build_task(config))
   template = trainer._checkpoint_tree(trainer.initial_state())

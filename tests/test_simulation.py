@@ -100,3 +100,43 @@ def test_simulated_sigmas_keep_sigma_over_b_when_k_does_not_divide_b():
   full = np.array([100, 1000, 3])
   sizes = simulation.simulated_batch_sizes(full, 16)
   np.testing.assert_allclose(simulation.simulated_sigmas(3.0, full, sizes) / sizes, 3.0 / full)
+
+
+def test_sampling_excess_bound_matches_the_variance_the_smaller_poisson_batch_adds():
+  # N clipped gradients of norm exactly C (the bound's worst case), Poisson-sampled at q = B / N (the real run)
+  # and q / k (the simulation), each sum divided by its expected batch size. The simulation's extra variance of
+  # the mean gradient, over the DP noise variance sigma^2 C^2 d / B^2 that both share, is the bound r.
+  rng = np.random.default_rng(0)
+  n, d, big_b, k, c, sigma, trials = 2000, 16, 200, 4, 3.0, 0.5, 4000
+  g = rng.normal(size=(n, d))
+  g *= c / np.linalg.norm(g, axis=1, keepdims=True)
+
+  def variance(b):
+    masks = rng.random((trials, n)) < b / n
+    means = masks @ g / b
+    return np.mean(np.sum((means - g.mean(axis=0)) ** 2, axis=1))
+
+  excess = (variance(big_b // k) - variance(big_b)) / (sigma ** 2 * c ** 2 * d / big_b ** 2)
+  r = simulation.sampling_excess_bound(sigma, np.array([big_b]), np.array([big_b // k]), d)
+  assert r == pytest.approx((k - 1) * big_b / (sigma ** 2 * d))
+  assert excess == pytest.approx(r, rel=0.1)  # Monte Carlo: 4,000 trials of each
+  # Gradients below the clip norm add less than the bound; the full batch adds nothing.
+  assert simulation.sampling_excess_bound(sigma, np.array([big_b, 64]), np.array([big_b, 64]), d) == 0.0
+
+
+@pytest.mark.parametrize("sigma, big_b, warned", [(2.0, 1024, False), (0.2, 1024, True), (2.0, 512, True)])
+def test_a_simulation_states_its_fidelity_bound_and_warns_when_it_is_not_small(tmp_path, sigma, big_b, warned):
+  # Warned when r is above FIDELITY_WARN (sigma 0.2), or when it samples fewer than FIDELITY_MIN_BATCH (512 / 4).
+  d = 16384
+  config = _config(tmp_path, "simulate_k=4", "task.kind='zero'", f"task.d={d}", "task.n=2048",
+                   f"noise_multiplier={sigma}", f"batch_schedule='constant:{big_b}'", "num_steps=1",
+                   "microbatch_size=64", "max_microbatches=8",
+                   name=f"s{sigma}_{big_b}")
+  result, lines = _run(config)
+  num_params = sum(np.size(x) for x in __import__("jax").tree_util.tree_leaves(result.params))
+  want = 3 * big_b / (sigma ** 2 * num_params)
+  with open(os.path.join(config.workdir, "summary.json")) as f:
+    assert json.load(f)["sampling_excess_bound"] == pytest.approx(want)
+  assert any(f"r = {want:.3g}" in line and "fidelity" in line for line in lines), lines
+  assert any("WARNING" in line and "smaller k" in line for line in lines) == warned
+  assert (want > simulation.FIDELITY_WARN or big_b // 4 < simulation.FIDELITY_MIN_BATCH) == warned

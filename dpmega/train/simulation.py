@@ -7,6 +7,22 @@ sigma_t = sigma * b_t / B_t (= sigma / k when k divides B_t), so that sigma_t / 
 it predicts the accuracy of the run at batch B and noise sigma for 1/k of its compute. This is how a mega-batch
 run is tuned without paying for the search.
 
+How far to trust it: the simulation keeps the DP noise on the mean gradient, ``(sigma C / B)^2`` per
+coordinate, but samples B / k examples, so its mean gradient carries more sampling noise. Under Poisson
+sampling with the sum divided by the expected batch size, that noise has variance ``E||g||^2 (1 - q) / B``
+(``g`` a clipped per-example gradient), so the simulation adds ``E||g||^2 (k - 1) / B`` to it, at most
+``C^2 (k - 1) / B``. Against the DP noise's ``sigma^2 C^2 d / B^2`` over the run's ``d`` parameters:
+
+    r = (k - 1) B / (sigma^2 d)    (:func:`sampling_excess_bound`, the largest over the steps)
+
+bounds the simulation's extra variance as a fraction of the DP noise's. TAN's premise is ``r << 1``; as ``r``
+grows the simulation turns pessimistic (it predicts a worse model than the real run gives). ``r`` is necessary,
+not sufficient: it averages over all coordinates, while the sampling noise sits on the few with the largest
+gradients, which an adaptive optimizer treats one by one. Measured on the tiny BERT (``bench/RESULTS.md``,
+issue 20, one seed a point): with ``b = B / k >= 256``, 2-13% below the real accuracy at ``r <= 0.6`` and
+26-39% below it at ``r > 1``; with ``b = 64``, 35-48% below it even at ``r = 0.3``. The run prints ``r`` and
+warns above :data:`FIDELITY_WARN` or when it samples fewer than :data:`FIDELITY_MIN_BATCH` examples a step.
+
 .. warning::
    A simulation is NOT a private release. Its sigma / k is far too little noise for the privacy of the batch
    B / k that it samples, so it keeps no ledger and no journal, writes no checkpoint, and never states an
@@ -23,6 +39,7 @@ import math
 import os
 from typing import Any
 
+import jax
 import numpy as np
 
 from dpmega import accounting
@@ -33,6 +50,10 @@ from dpmega.train import workdir as workdir_lib
 from dpmega.train.writer import MetricsWriter
 
 TAG = "SIMULATION (not private):"
+# Above this bound r (see the module docstring) a simulation warns that its prediction is pessimistic.
+FIDELITY_WARN = 0.25
+# Below this simulated batch size a simulation warns too (its measured error was 35-48% at b = 64 whatever r).
+FIDELITY_MIN_BATCH = 256
 REFUSAL = ("an effective-noise simulation (simulate_k > 0) is NOT private: it keeps no ledger and has no epsilon; "
            "run without simulate_k for a private run")
 
@@ -53,6 +74,21 @@ def simulated_sigmas(sigma: float, full_sizes: np.ndarray, sizes: np.ndarray) ->
   [0.5, 0.5]
   """
   return sigma * np.asarray(sizes, np.float64) / np.asarray(full_sizes, np.float64)
+
+
+def sampling_excess_bound(sigma: float, full_sizes: np.ndarray, sizes: np.ndarray, num_params: int) -> float:
+  """Upper bound ``r`` on the simulation's extra sampling variance over the DP noise's, the largest over steps.
+
+  Per step, ``(B_t / b_t - 1) B_t / (sigma^2 d)``: the extra variance ``E||g||^2 (B_t / b_t - 1) / B_t`` of the
+  mean gradient (``E||g||^2 <= C^2``: the gradients are clipped), over the DP noise's ``sigma^2 C^2 d / B_t^2``
+  (module docstring). 0 when the simulation samples the full batch.
+
+  >>> sampling_excess_bound(2.0, np.array([4096]), np.array([1024]), 10_000)
+  0.3072
+  """
+  full = np.asarray(full_sizes, np.float64)
+  k = full / np.asarray(sizes, np.float64)
+  return float(np.max((k - 1.0) * full / (sigma ** 2 * num_params)))
 
 
 def check_config(values: dict[str, Any]) -> None:
@@ -98,8 +134,17 @@ def run(trainer: Any, *, resume: bool, overwrite: bool, stop: Any) -> report.Tra
       f"to {sigmas.max():.4g}), predicting the utility of the run at batch schedule {cfg.batch_schedule.to_spec()} "
       f"with sigma = {sigma:.6g} over N = {trainer.dataset_size:,} examples")
   out(f"{TAG} no ledger, no journal, no checkpoint, no epsilon: this run protects nothing")
-  writer = MetricsWriter(cfg.workdir, resume_step=None, tensorboard=cfg.tensorboard)
   state = trainer.initial_state()
+  num_params = sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(trainer.model_params(state)))
+  excess = sampling_excess_bound(sigma, full, sizes, num_params)
+  out(f"{TAG} fidelity: its extra sampling variance is at most r = {excess:.3g} of the DP noise's "
+      f"((k - 1) B / (sigma^2 d), d = {num_params:,} parameters; TAN's premise is r << 1)")
+  if excess > FIDELITY_WARN or sizes.min() < FIDELITY_MIN_BATCH:
+    out(f"{TAG} WARNING: r = {excess:.3g}, smallest batch {int(sizes.min()):,} (want r <= {FIDELITY_WARN:g} and "
+        f"a batch >= {FIDELITY_MIN_BATCH}): the sampling noise of batch B / k is not small against the DP noise, so "
+        "this simulation is pessimistic, it predicts a worse model than the real run would give (tiny BERT: up "
+        "to 13% below at r <= 0.6, 26-39% at r > 1, 35-48% at batch 64); use a smaller k")
+  writer = MetricsWriter(cfg.workdir, resume_step=None, tensorboard=cfg.tensorboard)
   history: list[dict[str, Any]] = []
   stop_reason = None
   try:
@@ -128,7 +173,8 @@ def run(trainer: Any, *, resume: bool, overwrite: bool, stop: Any) -> report.Tra
   with open(os.path.join(cfg.workdir, "summary.json"), "w") as f:
     json.dump({"simulation": True, "private": False, "epsilon": None, "simulate_k": k, "steps": int(state.step),
                "num_steps": cfg.num_steps, "batch_schedule": cfg.batch_schedule.to_spec(),
-               "noise_multiplier": sigma, "clip_norm": cfg.clip_norm, "stop_reason": stop_reason,
+               "noise_multiplier": sigma, "clip_norm": cfg.clip_norm, "sampling_excess_bound": excess,
+               "stop_reason": stop_reason,
                "eval": eval_metrics, "note": REFUSAL}, f, indent=2)
   out(f"{TAG} done: {int(state.step)} steps; predicts the run at batch schedule {cfg.batch_schedule.to_spec()} "
       f"with sigma = {sigma:.6g}; no privacy guarantee, no epsilon")

@@ -17,6 +17,8 @@ Sweeps (``--sweep``):
   as many examples as the fixed run, epsilon accounted for all its steps); accuracy against examples processed
   (simulated, or real with ``--real``).
 * ``simulation``: one real run at ``--sim_check_batch`` against its simulations at k in {4, 16}.
+* ``ceiling``: the trainer's recipe with clipping and no noise at ``--ref_batch`` for ``--examples``, its curve.
+* ``long``: real private runs for ``--examples`` at each of ``--batches``, with their curves.
 
 Every arm is cached in ``--cache`` (JSON, keyed by its settings) so sweeps share arms and a rerun resumes.
 Tables go to stdout; a PNG per sweep goes next to ``--out``. ``--full`` gives the issue's sizes (hours on CPU).
@@ -262,6 +264,29 @@ def sweep_simulation(args) -> list[dict]:
   return rows
 
 
+def sweep_ceiling(args) -> list[dict]:
+  """The trainer's recipe with clipping and no noise (not private) at ``--ref_batch`` for ``--examples``, with its
+  curve: the ceiling of every private arm of this model (the plain loop of ``reference`` plateaus lower)."""
+  b = args.ref_batch
+  steps = args.examples // b
+  rows = [run_dp(args, f"constant:{b}", steps, args.lrs[0], epsilon=0.0, noise_free=True,
+                 eval_every=max(1, steps // 16))]
+  plot(args, "ceiling", {f"clipped, no noise, B = {b}": rows[0]["curve"]}, "the noise-free ceiling")
+  return rows
+
+
+def sweep_long(args) -> list[dict]:
+  """Real private runs at ``--epsilons[0]`` for ``--examples`` at each of ``--batches``, with curves."""
+  rows = []
+  for b in args.batches:
+    steps = args.examples // b
+    rows.append(run_dp(args, f"constant:{b}", steps, args.lrs[0], epsilon=args.epsilons[0],
+                       eval_every=max(1, steps // 8)))
+  plot(args, "long", {f"B = {r['schedule'].split(':')[1]}": r["curve"] for r in rows},
+       f"eps {args.epsilons[0]:g}, {args.examples:,} examples")
+  return rows
+
+
 def plot(args, name: str, series: dict, title: str, xlabel: str = "examples processed") -> None:
   import matplotlib  # noqa: PLC0415
   matplotlib.use("Agg")
@@ -298,7 +323,9 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--sweep", choices=("reference", "batch", "schedule", "simulation"), required=True)
+  parser.add_argument("--sweep", choices=("reference", "ceiling", "batch", "long", "schedule", "simulation"),
+                      required=True)
+  parser.add_argument("--batches", default="512,2048,8192", help="long: the batch sizes, comma-separated")
   parser.add_argument("--full", action="store_true", help="the issue's sizes (hours on CPU; an accelerator)")
   parser.add_argument("--corpus", choices=("packages", "stdlib"), default="packages")
   parser.add_argument("--examples", type=int, default=None, help="examples processed per arm")
@@ -333,6 +360,7 @@ def main(argv=None) -> int:
       setattr(args, name, value)
   args.lrs = [float(x) for x in str(args.lrs).split(",")]
   args.epsilons = [float(x) for x in args.epsilons.split(",")]
+  args.batches = [int(x) for x in args.batches.split(",")]
   if args.schedule_lr is None:
     args.schedule_lr = 1e-2
   start = time.perf_counter()

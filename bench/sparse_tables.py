@@ -26,6 +26,9 @@ Usage:
   python bench/sparse_tables.py --what time --rows 1000000 --batch 1024 --reps 10
   python bench/sparse_tables.py --what memory --rows 10000000
   python bench/sparse_tables.py --what utility --epsilon 1,3,8 --grid 0.5:3,0.3:3,0.5:2.5
+  # the issue's size: 10^6 rows, 2^20 rows per feature, ids with a long tail (hours: the dense arm is ~30 min)
+  python bench/sparse_tables.py --what utility --epsilon 1 --grid 0.2:2.5:shared,0.3:3:shared --train_rows 1000000 \
+      --eval_rows 100000 --batch 8192 --steps 250 --buckets 1048576 --vocab_max 1000000 --max_rows 131072
 """
 
 from __future__ import annotations
@@ -185,13 +188,18 @@ def memory_modes(rows: int, batch: int, max_rows: int, steps: int, modes) -> dic
 
 def utility(epsilon: float, *, train_rows: int = 40_000, eval_rows: int = 20_000, buckets: int = 2**15,
             batch: int = 512, steps: int = 200, lr: float = 3e-3, grid=((0.5, 3.0),),
-            max_rows: int = 8192, data_dir: str = "/tmp/dpmega-sparse-utility", seed: int = 0) -> dict:
+            max_rows: int = 8192, data_dir: str = "/tmp/dpmega-sparse-utility", seed: int = 0,
+            vocab_max: int | None = None, dense: dict | None = None) -> dict:
   """Sparse vs dense DP-SGD (same sigma_eff, same Poisson samples) on generated Criteo-format data: AUC.
 
   ``grid``: the ``(selection_fraction f, threshold in units of sigma1 C1, shared)`` triples of the sparse arm,
   each trained and evaluated (the dense arm once); ``shared``: DeepFM's two tables share one selection
   (``SparseTables.shared``: each example's C1 over its 26 rows, not 52). The best AUC is reported beside the
   whole grid. ``seed``: the init, the Poisson samples and the noise (an insecure seed: a benchmark).
+  ``vocab_max``: the generated features' distinct values, ``geomspace(3, vocab_max, 26)`` (default: the
+  generator's, 3 to 2,000, which fill 2,000 rows of any table however large; huge tables need a long tail).
+  ``dense``: the dense arm's result from an earlier call with the same settings and seed (the same samples,
+  noise and init: deterministic), reused instead of rerun.
   """
   import tempfile  # pylint: disable=import-outside-toplevel
   from pathlib import Path  # pylint: disable=import-outside-toplevel
@@ -206,7 +214,9 @@ def utility(epsilon: float, *, train_rows: int = 40_000, eval_rows: int = 20_000
   for i, (name, rows) in enumerate((("train", train_rows), ("eval", eval_rows))):
     if not (paths[name] / "meta.json").exists():
       root.mkdir(parents=True, exist_ok=True)
-      criteo_synthetic.generate_dataset(paths[name], rows, seed=0, row_seed=i)
+      spec = criteo_synthetic.SyntheticSpec() if vocab_max is None else criteo_synthetic.SyntheticSpec(
+          vocab_sizes=tuple(int(v) for v in np.geomspace(3, vocab_max, criteo.NUM_CAT).round()))
+      criteo_synthetic.generate_dataset(paths[name], rows, spec=spec, seed=0, row_seed=i)
   train = criteo.CriteoSource(paths["train"], buckets)
   evaluation = criteo.CriteoSource(paths["eval"], buckets)
   n = len(train)
@@ -232,7 +242,9 @@ def utility(epsilon: float, *, train_rows: int = 40_000, eval_rows: int = 20_000
   micro = 256
   out = {"epsilon": epsilon, "delta": delta, "sigma_eff": sigma, "steps": steps, "batch": batch, "train_rows": n,
          "table_rows": sum(table_rows.values()), "oracle_auc": None, "seed": seed}
-  specs = {"dense": None}
+  specs = {} if dense else {"dense": None}
+  if dense:
+    out["dense"] = dense
   tables = tuple(table_rows)
   for f, tau_sd, shared in grid:
     sigma1 = sparse.split_noise_multiplier(sigma, f)[0]
@@ -296,6 +308,15 @@ def main():
                  "kept (reused when there; one directory per --train_rows)")
   p.add_argument("--seeds", type=int, default=1, help="utility: seeds (init, samples, noise) of every arm")
   p.add_argument("--train_rows", type=int, default=40_000, help="utility: generated training rows")
+  p.add_argument("--buckets", type=int, default=2**15, help="utility: hashed rows per feature of each table "
+                 "(the issue's size: 2**20, with --train_rows 1000000)")
+  p.add_argument("--eval_rows", type=int, default=None, help="utility: generated held-out rows (default "
+                 "train_rows / 4)")
+  p.add_argument("--lr", type=float, default=3e-3, help="utility: Adam's learning rate (every arm)")
+  p.add_argument("--dense_from", default=None, help="utility: an earlier --out JSON of the same settings whose "
+                 "dense arms (same epsilon and seed) are reused rather than rerun")
+  p.add_argument("--vocab_max", type=int, default=None, help="utility: generated distinct values per feature, "
+                 "geomspace(3, VOCAB_MAX) (default the generator's 3 to 2,000: a long tail for huge tables)")
   p.add_argument("--out", default=None, help="write the results as JSON here")
   a = p.parse_args()
   if a.what == "_memory_one":
@@ -310,11 +331,19 @@ def main():
     grid = tuple((float(g.split(":")[0]), float(g.split(":")[1]), g.split(":")[2:] == ["shared"])
                  for g in a.grid.split(","))
     res = {}
+    earlier = {}
+    if a.dense_from:
+      with open(a.dense_from) as f:
+        earlier = json.load(f)
     for eps in (float(e) for e in a.epsilon.split(",")):
       for seed in range(a.seeds):
         start = time.perf_counter()
+        name = str(eps) if a.seeds == 1 else f"{eps:g} seed {seed}"
+        dense = earlier.get(name, {}).get("dense")
         r = utility(eps, steps=a.steps if a.steps != 3 else 200, train_rows=a.train_rows,
-                    eval_rows=a.train_rows // 4, batch=a.batch, grid=grid, seed=seed, data_dir=a.data_dir)
+                    eval_rows=a.eval_rows or a.train_rows // 4, batch=a.batch, grid=grid, seed=seed,
+                    data_dir=a.data_dir, buckets=a.buckets, lr=a.lr, max_rows=a.max_rows,
+                    vocab_max=a.vocab_max, dense=dense)
         r["wall_seconds"] = round(time.perf_counter() - start, 1)
         res[eps if a.seeds == 1 else f"{eps:g} seed {seed}"] = r
         if a.out:  # after each run: a partial result survives a stopped run

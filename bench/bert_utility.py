@@ -202,17 +202,15 @@ def batch_sizes(args) -> list[int]:
 
 def sweep_batch(args) -> list[dict]:
   rows, best = [], {}
-  for eps in args.epsilons:
+  # With --noise_free, the same arms without noise too (label epsilon 0): what any sigma at this B and example
+  # budget can reach.
+  for eps, free in [(eps, False) for eps in args.epsilons] + ([(0.0, True)] if args.noise_free else []):
     for b in batch_sizes(args):
-      k = 0 if args.real else max(1, b // args.sim_batch)
-      arms = [run_dp(args, f"constant:{b}", args.examples // b, lr, epsilon=eps, k=k) for lr in args.lrs]
+      k = 0 if args.real or free else max(1, b // args.sim_batch)
+      arms = [run_dp(args, f"constant:{b}", args.examples // b, lr, epsilon=eps, k=k, noise_free=free)
+              for lr in args.lrs]
       rows += arms
       best[(eps, b)] = max(arms, key=lambda r: r["mlm_accuracy"])
-  if args.noise_free:  # the same arms without noise: what any sigma at this B and example budget can reach
-    for b in batch_sizes(args):
-      arms = [run_dp(args, f"constant:{b}", args.examples // b, lr, epsilon=0.0, noise_free=True) for lr in args.lrs]
-      rows += arms
-      best[(0.0, b)] = max(arms, key=lambda r: r["mlm_accuracy"])
   if args.confirm and not args.real:
     eps = args.epsilons[0]
     top = max((r for (e, _), r in best.items() if e == eps), key=lambda r: r["mlm_accuracy"])

@@ -345,7 +345,7 @@ def main():
                     data_dir=a.data_dir, buckets=a.buckets, lr=a.lr, max_rows=a.max_rows,
                     vocab_max=a.vocab_max, dense=dense)
         r["wall_seconds"] = round(time.perf_counter() - start, 1)
-        res[eps if a.seeds == 1 else f"{eps:g} seed {seed}"] = r
+        res[name] = r
         if a.out:  # after each run: a partial result survives a stopped run
           with open(a.out, "w") as f:
             json.dump(res, f, indent=1)

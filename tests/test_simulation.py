@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from scipy import stats as sstats
@@ -120,7 +121,7 @@ def test_sampling_excess_bound_matches_the_variance_the_smaller_poisson_batch_ad
   r = simulation.sampling_excess_bound(sigma, np.array([big_b]), np.array([big_b // k]), d)
   assert r == pytest.approx((k - 1) * big_b / (sigma ** 2 * d))
   assert excess == pytest.approx(r, rel=0.1)  # Monte Carlo: 4,000 trials of each
-  # Gradients below the clip norm add less than the bound; the full batch adds nothing.
+  # The full batch adds nothing.
   assert simulation.sampling_excess_bound(sigma, np.array([big_b, 64]), np.array([big_b, 64]), d) == 0.0
 
 
@@ -133,7 +134,7 @@ def test_a_simulation_states_its_fidelity_bound_and_warns_when_it_is_not_small(t
                    "microbatch_size=64", "max_microbatches=8",
                    name=f"s{sigma}_{big_b}")
   result, lines = _run(config)
-  num_params = sum(np.size(x) for x in __import__("jax").tree_util.tree_leaves(result.params))
+  num_params = sum(np.size(x) for x in jax.tree_util.tree_leaves(result.params))
   want = 3 * big_b / (sigma ** 2 * num_params)
   with open(os.path.join(config.workdir, "summary.json")) as f:
     assert json.load(f)["sampling_excess_bound"] == pytest.approx(want)

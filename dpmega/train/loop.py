@@ -100,7 +100,8 @@ class Trainer:
     self.num_traces = 0
     # delta_tail (invariant 8) depends on how many coordinates get noise: every parameter, plus the count.
     shapes = jax.eval_shape(task.init_params, self.init_key)
-    num_noised = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes))
+    self.num_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes))
+    num_noised = self.num_params
     # Sparse tables (dpmega.train.sparse_tables): the selection adds one noisy count per table row.
     self.sparse = sparse_tables.build(cfg.sparse, None if config_dict is None else config_dict.task, shapes)
     num_noised += sparse_tables.count_coordinates(self.sparse)

@@ -40,7 +40,6 @@ import math
 import os
 from typing import Any
 
-import jax
 import numpy as np
 
 from dpmega import accounting
@@ -136,7 +135,7 @@ def run(trainer: Any, *, resume: bool, overwrite: bool, stop: Any) -> report.Tra
       f"with sigma = {sigma:.6g} over N = {trainer.dataset_size:,} examples")
   out(f"{TAG} no ledger, no journal, no checkpoint, no epsilon: this run protects nothing")
   state = trainer.initial_state()
-  num_params = sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(trainer.model_params(state)))
+  num_params = trainer.num_params
   excess = sampling_excess_bound(sigma, full, sizes, num_params)
   out(f"{TAG} fidelity: its extra sampling variance is at most r = {excess:.3g} of the DP noise's "
       f"((k - 1) B / (sigma^2 d), d = {num_params:,} parameters; TAN's premise is r << 1)")

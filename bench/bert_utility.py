@@ -77,6 +77,9 @@ def base_config(args, lr: float) -> object:
   config.max_microbatches = 16
   config.init_seed = args.seed  # public, init only: the DP runs key noise and sampling by a fresh secret
   config.optimizer.b2 = args.b2
+  config.optimizer.name = args.optimizer
+  config.optimizer.eps = args.adam_eps
+  config.optimizer.adam_bc_floor = args.adam_bc_floor
   return config
 
 
@@ -109,6 +112,13 @@ def _cached(args, key: dict, fn) -> dict:
   return cache[name]
 
 
+def optimizer_key(args) -> dict:
+  """The cache key's optimizer fields where they differ from the config's Adam (old keys stay valid)."""
+  return {**({"optimizer": args.optimizer} if args.optimizer != "adam" else {}),
+          **({"adam_eps": args.adam_eps} if args.adam_eps != 1e-8 else {}),
+          **({"adam_bc_floor": args.adam_bc_floor} if args.optimizer == "adam_bc" else {})}
+
+
 def run_dp(args, spec: str, steps: int, lr: float, *, epsilon: float, k: int = 0, eval_every: int = 0,
            noise_free: bool = False) -> dict:
   """One DP arm through ``dpmega.train``: real (``k = 0``, sigma calibrated to ``epsilon``) or simulated.
@@ -118,7 +128,7 @@ def run_dp(args, spec: str, steps: int, lr: float, *, epsilon: float, k: int = 0
   """
   key = {"arm": "dp", "corpus": args.corpus, "schedule": spec, "steps": steps, "lr": lr, "epsilon": epsilon,
          "k": k, "eval_every": eval_every, "seed": args.seed, **({"noise_free": True} if noise_free else {}),
-         **({"b2": args.b2} if args.b2 != 0.999 else {})}
+         **({"b2": args.b2} if args.b2 != 0.999 else {}), **optimizer_key(args)}
 
   def go():
     config = base_config(args, lr)
@@ -274,18 +284,54 @@ def sweep_ceiling(args) -> list[dict]:
 
 
 def sweep_long(args) -> list[dict]:
-  """Real private runs at ``--epsilons[0]`` for ``--examples`` at each of ``--batches``, with curves."""
-  rows = []
+  """Private runs at ``--epsilons[0]`` for ``--examples`` at each of ``--batches``, with curves: real, or with
+  ``--simulate`` the effective-noise simulation of each (batch ``--sim_batch``, k = B / sim_batch, sigma / k; NOT
+  private), which reaches
+  batches and example budgets that real runs cannot here. Each simulated arm records the simulation's fidelity
+  bound r (``dpmega.train.simulation``; above 0.25 the prediction is not to be trusted)."""
+  rows, d = [], None
   for b in args.batches:
     steps = args.examples // b
-    rows.append(run_dp(args, f"constant:{b}", steps, args.lrs[0], epsilon=args.epsilons[0],
-                       eval_every=max(1, steps // 8)))
-  plot(args, "long", {f"B = {r['schedule'].split(':')[1]}": r["curve"] for r in rows},
+    k = max(1, b // args.sim_batch) if args.simulate and not args.noise_free else 0
+    k = k if k > 1 else 0
+    rows.append(run_dp(args, f"constant:{b}", steps, args.lrs[0], epsilon=0.0 if args.noise_free else args.epsilons[0], k=k,
+                       eval_every=max(1, steps // 8), noise_free=args.noise_free))
+    if k:
+      if d is None:
+        params = task_of(args).init_params(jax.random.key(0))
+        d = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+      rows[-1]["sampling_excess_bound"] = simulation.sampling_excess_bound(
+          rows[-1]["sigma"], np.array([b]), np.array([b // k]), d)
+  kind = "clipped, no noise" if args.noise_free else f"simulated at {args.sim_batch}" if args.simulate else ""
+  plot(args, "long", {f"B = {r['schedule'].split(':')[1]}" + (f" ({kind})" if kind else ""): r["curve"]
+                      for r in rows},
        f"eps {args.epsilons[0]:g}, {args.examples:,} examples")
   return rows
 
 
-def plot(args, name: str, series: dict, title: str, xlabel: str = "examples processed") -> None:
+def sweep_noise_floor(args) -> list[dict]:
+  """No training: sigma and the per-step noise sigma C / B (C = 1) at ``--epsilons[0]`` for ``--floor_steps`` steps of
+  each of ``--batches``, on this corpus and on 10x and 100x as many rows. Once q = B / N passes ~0.1, sigma grows in
+  proportion to B and the noise per step stops falling: the floor that no batch size gets under on this corpus."""
+  n = len(task_of(args).train_source)
+  eps, steps, rows, series = args.epsilons[0], args.floor_steps, [], {}
+  for mult in (1, 10, 100):
+    for b in args.batches:
+      plan = accounting.Plan(dataset_size=n * mult, schedule=schedules.parse_schedule(f"constant:{b}"),
+                             num_steps=steps, delta=DELTA, scheme="poisson", accountant="rdp")
+      sigma = plan.calibrate(eps)
+      rows.append({"rows": n * mult, "batch": b, "q": b / (n * mult), "sigma": sigma, "noise_per_step": sigma / b})
+      series.setdefault(f"{n * mult:,} rows" + (" (this corpus)" if mult == 1 else ""), []).append((b, sigma / b))
+  print(f"eps {eps:g}, delta {DELTA:g}, {steps} steps:\n| rows | batch | q | sigma | sigma C / B |\n|---:|---:|---:|---:|---:|")
+  for r in rows:
+    print(f"| {r['rows']:,} | {r['batch']:,} | {r['q']:.4f} | {r['sigma']:.3f} | {r['noise_per_step']:.3g} |")
+  plot(args, "noise_floor", series, f"noise per step at eps {eps:g}, {steps} steps", xlabel="batch size",
+       ylabel="sigma C / B (C = 1)", logy=True)
+  return []
+
+
+def plot(args, name: str, series: dict, title: str, xlabel: str = "examples processed",
+         ylabel: str = "held-out MLM accuracy", logy: bool = False) -> None:
   import matplotlib  # noqa: PLC0415
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
@@ -296,7 +342,9 @@ def plot(args, name: str, series: dict, title: str, xlabel: str = "examples proc
   if xlabel == "batch size":
     ax.set_xscale("log", base=2)
   ax.set_xlabel(xlabel)
-  ax.set_ylabel("held-out MLM accuracy")
+  ax.set_ylabel(ylabel)
+  if logy:
+    ax.set_yscale("log")
   ax.set_title(title, fontsize=9)
   ax.legend(fontsize=8)
   fig.tight_layout()
@@ -321,9 +369,11 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--sweep", choices=("reference", "ceiling", "batch", "long", "schedule", "simulation"),
+  parser.add_argument("--sweep", choices=("reference", "ceiling", "batch", "long", "schedule", "simulation",
+                                          "noise_floor"),
                       required=True)
-  parser.add_argument("--batches", default="512,2048,8192", help="long: the batch sizes, comma-separated")
+  parser.add_argument("--batches", default="512,2048,8192", help="long, noise_floor: the batch sizes, comma-separated")
+  parser.add_argument("--floor_steps", type=int, default=512, help="noise_floor: the steps of every schedule")
   parser.add_argument("--full", action="store_true", help="the issue's sizes (hours on CPU; an accelerator)")
   parser.add_argument("--corpus", choices=("packages", "stdlib"), default="packages")
   parser.add_argument("--examples", type=int, default=None, help="examples processed per arm")
@@ -339,12 +389,18 @@ def main(argv=None) -> int:
   parser.add_argument("--match_examples", action="store_true",
                       help="schedule sweep: continue the ramp at batch B until it has processed the fixed run's examples")
   parser.add_argument("--sim_check_batch", type=int, default=1024)
+  parser.add_argument("--simulate", action="store_true", help="long: simulate each batch at --sim_batch (NOT private)")
   parser.add_argument("--ref_batch", type=int, default=256)
   parser.add_argument("--ref_grid_steps", type=int, default=None)
   parser.add_argument("--ref_steps", type=int, default=None)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--b2", type=float, default=0.999, help="Adam's second-moment decay of the DP arms (a "
                       "shorter memory forgets the noisier small batches of a ramp sooner)")
+  parser.add_argument("--optimizer", default="adam", choices=("adam", "adam_bc"), help="optimizer of the DP arms")
+  parser.add_argument("--adam_eps", type=float, default=1e-8, help="Adam's epsilon (DP arms; near sigma C / B it "
+                      "damps the coordinates whose update is noise)")
+  parser.add_argument("--adam_bc_floor", type=float, default=1e-8, help="adam_bc: floor of the corrected second "
+                      "moment (near (sigma C / B)^2)")
   parser.add_argument("--cache_dir", default=os.environ.get("DPMEGA_CACHE_DIR", ""))
   parser.add_argument("--cache", default=str(ROOT / "bench" / "results" / "bert_arms.json"))
   parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "bert_utility.json"))
@@ -366,7 +422,8 @@ def main(argv=None) -> int:
   print(f"corpus {args.corpus}: {len(task.train_source):,} train rows of 32 tokens "
         f"({32 * len(task.train_source):,} token slots); {os.getloadavg()=}", flush=True)
   rows = globals()[f"sweep_{args.sweep}"](args)
-  print(table(rows))
+  if rows:
+    print(table(rows))
   for r in rows:
     extra = {k: r[k] for k in ("plateau", "relative_error", "sampling_excess_bound", "examples_to_reach_fixed",
                                "fraction_of_fixed_examples")

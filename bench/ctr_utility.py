@@ -91,6 +91,13 @@ FAMILIES = {
     # Half the hashed rows per feature (26 x 500 x (8 + 1) table coordinates instead of 26 x 1,000 x 9): fewer
     # noisy coordinates, more collisions.
     "b500": {"task.model.buckets": 500},
+    # Adam's update is ~lr in every coordinate whose second moment is noise: at eps 1, batch 16,384, C = 20 the noise
+    # std on the mean gradient is sigma C / B = 3.9e-3. An epsilon of that size damps the noise-only coordinates;
+    # DP-AdamBC subtracts the noise variance (3.9e-3)^2 = 1.5e-5 from the second moment instead (floor at it).
+    "eps4e-3": {"optimizer.eps": 4e-3},
+    "eps1e-3": {"optimizer.eps": 1e-3},
+    "adam_bc_e1": {"optimizer.name": "adam_bc", "optimizer.learning_rate": 0.01, "optimizer.adam_bc_floor": 1.5e-5},
+    "adam_bc_e1_f10": {"optimizer.name": "adam_bc", "optimizer.learning_rate": 0.01, "optimizer.adam_bc_floor": 1.5e-4},
 }
 
 

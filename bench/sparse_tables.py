@@ -307,6 +307,8 @@ def main():
   p.add_argument("--data_dir", default="/tmp/dpmega-sparse-utility", help="utility: where the generated data is "
                  "kept (reused when there; one directory per --train_rows)")
   p.add_argument("--seeds", type=int, default=1, help="utility: seeds (init, samples, noise) of every arm")
+  p.add_argument("--first_seed", type=int, default=0, help="utility: run seeds first_seed .. first_seed + seeds - 1 "
+                 "(more seeds for an earlier --out: merge the files)")
   p.add_argument("--train_rows", type=int, default=40_000, help="utility: generated training rows")
   p.add_argument("--buckets", type=int, default=2**15, help="utility: hashed rows per feature of each table "
                  "(the issue's size: 2**20, with --train_rows 1000000)")
@@ -336,9 +338,10 @@ def main():
       with open(a.dense_from) as f:
         earlier = json.load(f)
     for eps in (float(e) for e in a.epsilon.split(",")):
-      for seed in range(a.seeds):
+      seeds = range(a.first_seed, a.first_seed + a.seeds)
+      for seed in seeds:
         start = time.perf_counter()
-        name = str(eps) if a.seeds == 1 else f"{eps:g} seed {seed}"
+        name = str(eps) if a.seeds == 1 and not a.first_seed else f"{eps:g} seed {seed}"
         dense = earlier.get(name, {}).get("dense")
         r = utility(eps, steps=a.steps if a.steps != 3 else 200, train_rows=a.train_rows,
                     eval_rows=a.eval_rows or a.train_rows // 4, batch=a.batch, grid=grid, seed=seed,
@@ -350,7 +353,7 @@ def main():
           with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
       if a.seeds > 1:
-        runs = [res[f"{eps:g} seed {s}"] for s in range(a.seeds)]
+        runs = [res[f"{eps:g} seed {s}"] for s in seeds]
         for mode in [k for k, v in runs[0].items() if isinstance(v, dict) and "auc" in v]:
           aucs = [r[mode]["auc"] for r in runs]
           gaps = [r[mode]["auc"] - r["dense"]["auc"] for r in runs]

@@ -18,7 +18,12 @@ Sweeps (``--sweep``):
   (simulated, or real with ``--real``).
 * ``simulation``: one real run at ``--sim_check_batch`` against its simulations at k in {4, 16}.
 * ``ceiling``: the trainer's recipe with clipping and no noise at ``--ref_batch`` for ``--examples``, its curve.
-* ``long``: real private runs for ``--examples`` at each of ``--batches``, with their curves.
+* ``long``: private runs for ``--examples`` at each of ``--batches``, with their curves: real, simulated at
+  ``--sim_batch`` with ``--simulate``, or clipped without noise with ``--noise_free``.
+* ``noise_floor``: no training; sigma and the noise per step sigma C / B at ``--floor_steps`` steps for each of
+  ``--batches``, on this corpus and on 10x and 100x its rows (where the per-step noise stops falling with B).
+
+The DP arms use the config's Adam; ``--optimizer adam_bc``, ``--adam_eps`` and ``--b2`` change it.
 
 Every arm is cached in ``--cache`` (JSON, keyed by its settings) so sweeps share arms and a rerun resumes.
 Tables go to stdout; a PNG per sweep goes next to ``--out``. ``--full`` gives the issue's sizes (hours on CPU).
@@ -286,16 +291,16 @@ def sweep_ceiling(args) -> list[dict]:
 def sweep_long(args) -> list[dict]:
   """Private runs at ``--epsilons[0]`` for ``--examples`` at each of ``--batches``, with curves: real, or with
   ``--simulate`` the effective-noise simulation of each (batch ``--sim_batch``, k = B / sim_batch, sigma / k; NOT
-  private), which reaches
-  batches and example budgets that real runs cannot here. Each simulated arm records the simulation's fidelity
-  bound r (``dpmega.train.simulation``; above 0.25 the prediction is not to be trusted)."""
+  private), which reaches batches and example budgets that real runs cannot here, or with ``--noise_free`` the
+  clipped arm without noise. Each simulated arm records the simulation's fidelity bound r
+  (``dpmega.train.simulation``; above 0.25 the prediction is not to be trusted)."""
   rows, d = [], None
+  eps = 0.0 if args.noise_free else args.epsilons[0]  # the label of a noise-free arm, as in the batch sweep
   for b in args.batches:
     steps = args.examples // b
-    k = max(1, b // args.sim_batch) if args.simulate and not args.noise_free else 0
-    k = k if k > 1 else 0
-    rows.append(run_dp(args, f"constant:{b}", steps, args.lrs[0], epsilon=0.0 if args.noise_free else args.epsilons[0], k=k,
-                       eval_every=max(1, steps // 8), noise_free=args.noise_free))
+    k = b // args.sim_batch if args.simulate and not args.noise_free and b // args.sim_batch > 1 else 0
+    rows.append(run_dp(args, f"constant:{b}", steps, args.lrs[0], epsilon=eps, k=k, eval_every=max(1, steps // 8),
+                       noise_free=args.noise_free))
     if k:
       if d is None:
         params = task_of(args).init_params(jax.random.key(0))
@@ -322,7 +327,8 @@ def sweep_noise_floor(args) -> list[dict]:
       sigma = plan.calibrate(eps)
       rows.append({"rows": n * mult, "batch": b, "q": b / (n * mult), "sigma": sigma, "noise_per_step": sigma / b})
       series.setdefault(f"{n * mult:,} rows" + (" (this corpus)" if mult == 1 else ""), []).append((b, sigma / b))
-  print(f"eps {eps:g}, delta {DELTA:g}, {steps} steps:\n| rows | batch | q | sigma | sigma C / B |\n|---:|---:|---:|---:|---:|")
+  print(f"eps {eps:g}, delta {DELTA:g}, {steps} steps:")
+  print("| rows | batch | q | sigma | sigma C / B |\n|---:|---:|---:|---:|---:|")
   for r in rows:
     print(f"| {r['rows']:,} | {r['batch']:,} | {r['q']:.4f} | {r['sigma']:.3f} | {r['noise_per_step']:.3g} |")
   plot(args, "noise_floor", series, f"noise per step at eps {eps:g}, {steps} steps", xlabel="batch size",

@@ -18,7 +18,10 @@ model) and ``nonprivate`` (no clipping, no noise: where the seeds' trade-off is 
 benchmark, not a private release); every setting of a seed sees the same samples. The evaluation AUC is exact on
 10,000 held-out rows. ``--resume`` keeps the runs already in ``--out`` and runs only the missing ones. The
 summary pairs each setting with ``plain d=16`` and ``plain d=4`` seed by seed (mean and standard error of the
-difference).
+difference). The config's data has a hidden model with 4-dimensional interactions among 8 features, where 4-wide
+tables hold all there is to learn; ``--latent_dim K --interacting F --rows N --eval_rows M`` generate data whose
+interactions are K-dimensional among F features instead (written once under ``--data_dir`` and read through the
+Criteo reader, as real data is).
 """
 
 from __future__ import annotations
@@ -133,8 +136,8 @@ def summary(rows: list[dict]) -> str:
       for ref in ("plain d=16", "plain d=4"):
         pairs = [(r, by.get((ref, arm, r["seed"]))) for r in rs]
         d = np.array([100 * (r["auc"] - q["auc"]) for r, q in pairs if q is not None and ok(q)])
-        cells.append("" if n == ref or not len(d) else
-                     f"{d.mean():+.2f}" + (f" +- {d.std(ddof=1) / np.sqrt(len(d)):.2f} ({len(d)})" if len(d) > 1 else ""))
+        err = f" +- {d.std(ddof=1) / np.sqrt(len(d)):.2f} ({len(d)})" if len(d) > 1 else ""
+        cells.append("" if n == ref or not len(d) else f"{d.mean():+.2f}{err}")
       sigma = everything[0]["noise_multiplier"]
       out.append(f"| {n} | {everything[0]['table_parameters']:,} | {everything[0]['trained_embedding_parameters']:,} | "
                  f"{len(everything)} | {len(everything) - len(rs)} | "

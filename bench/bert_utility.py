@@ -97,11 +97,22 @@ def task_of(args):
   return _TASKS[args.corpus]
 
 
-def calibrate(args, spec: str, steps: int, epsilon: float) -> float:
-  """sigma of the real run (``spec`` for ``steps`` over the corpus) at ``epsilon``, ``DELTA``."""
-  plan = accounting.Plan(dataset_size=len(task_of(args).train_source), schedule=schedules.parse_schedule(spec),
-                         num_steps=steps, delta=DELTA, scheme="poisson", accountant="rdp")
+def calibrate(args, spec: str, steps: int, epsilon: float, dataset_size: int | None = None) -> float:
+  """sigma of the real run (``spec`` for ``steps`` over the corpus, or ``dataset_size`` rows) at ``epsilon``,
+  ``DELTA``."""
+  n = len(task_of(args).train_source) if dataset_size is None else dataset_size
+  plan = accounting.Plan(dataset_size=n, schedule=schedules.parse_schedule(spec), num_steps=steps, delta=DELTA,
+                         scheme="poisson", accountant="rdp")
   return plan.calibrate(epsilon)
+
+
+def fidelity(args, row: dict) -> float:
+  """The effective-noise simulation's own fidelity bound r (:func:`dpmega.train.simulation.sampling_excess_bound`)
+  for a simulated arm of constant batch: its extra sampling variance as a fraction of the DP noise's."""
+  b = int(row["schedule"].split(":")[1])
+  shapes = jax.eval_shape(task_of(args).init_params, jax.random.key(0))
+  d = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))
+  return simulation.sampling_excess_bound(row["sigma"], np.array([b]), np.array([b // row["k"]]), d)
 
 
 def _cached(args, key: dict, fn) -> dict:
@@ -266,12 +277,9 @@ def sweep_simulation(args) -> list[dict]:
   every = max(1, steps // 8)
   rows = [run_dp(args, f"constant:{b}", steps, args.schedule_lr, epsilon=eps, k=k, eval_every=every)
           for k in (0, 4, 16)]
-  params = task_of(args).init_params(jax.random.key(0))
-  d = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
   for r in rows[1:]:
     r["relative_error"] = r["mlm_accuracy"] / rows[0]["mlm_accuracy"] - 1
-    # The simulation's own fidelity bound (dpmega.train.simulation): its extra sampling variance / the DP noise's.
-    r["sampling_excess_bound"] = simulation.sampling_excess_bound(r["sigma"], np.array([b]), np.array([b // r["k"]]), d)
+    r["sampling_excess_bound"] = fidelity(args, r)
   plot(args, "simulation", {("real" if r["k"] == 0 else f"simulated k={r['k']}"): r["curve"] for r in rows},
        f"B = {b}, eps {eps:g}: real vs effective-noise simulation")
   return rows
@@ -294,7 +302,7 @@ def sweep_long(args) -> list[dict]:
   private), which reaches batches and example budgets that real runs cannot here, or with ``--noise_free`` the
   clipped arm without noise. Each simulated arm records the simulation's fidelity bound r
   (``dpmega.train.simulation``; above 0.25 the prediction is not to be trusted)."""
-  rows, d = [], None
+  rows = []
   eps = 0.0 if args.noise_free else args.epsilons[0]  # the label of a noise-free arm, as in the batch sweep
   for b in args.batches:
     steps = args.examples // b
@@ -302,11 +310,7 @@ def sweep_long(args) -> list[dict]:
     rows.append(run_dp(args, f"constant:{b}", steps, args.lrs[0], epsilon=eps, k=k, eval_every=max(1, steps // 8),
                        noise_free=args.noise_free))
     if k:
-      if d is None:
-        params = task_of(args).init_params(jax.random.key(0))
-        d = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
-      rows[-1]["sampling_excess_bound"] = simulation.sampling_excess_bound(
-          rows[-1]["sigma"], np.array([b]), np.array([b // k]), d)
+      rows[-1]["sampling_excess_bound"] = fidelity(args, rows[-1])
   kind = "clipped, no noise" if args.noise_free else f"simulated at {args.sim_batch}" if args.simulate else ""
   plot(args, "long", {f"B = {r['schedule'].split(':')[1]}" + (f" ({kind})" if kind else ""): r["curve"]
                       for r in rows},
@@ -322,9 +326,7 @@ def sweep_noise_floor(args) -> list[dict]:
   eps, steps, rows, series = args.epsilons[0], args.floor_steps, [], {}
   for mult in (1, 10, 100):
     for b in args.batches:
-      plan = accounting.Plan(dataset_size=n * mult, schedule=schedules.parse_schedule(f"constant:{b}"),
-                             num_steps=steps, delta=DELTA, scheme="poisson", accountant="rdp")
-      sigma = plan.calibrate(eps)
+      sigma = calibrate(args, f"constant:{b}", steps, eps, dataset_size=n * mult)
       rows.append({"rows": n * mult, "batch": b, "q": b / (n * mult), "sigma": sigma, "noise_per_step": sigma / b})
       series.setdefault(f"{n * mult:,} rows" + (" (this corpus)" if mult == 1 else ""), []).append((b, sigma / b))
   print(f"eps {eps:g}, delta {DELTA:g}, {steps} steps:")

@@ -5,6 +5,7 @@ The 8-device check runs this file as a script in a subprocess started with
 count at start-up).
 """
 
+import functools
 import os
 import subprocess
 import sys
@@ -56,8 +57,11 @@ def _build(mesh, optimizer, spec, params, *, microbatch_size):
   return ps, update, count
 
 
-def run_steps(mesh_config, steps=3):
-  """Three sparse private steps (two chunks each) from a fixed insecure secret: the final params, as numpy."""
+def run_steps(mesh_config, steps=3, compact=True):
+  """Three sparse private steps (two chunks each) from a fixed insecure secret: the final params, as numpy.
+
+  ``compact``: the counts' layout (:func:`dpmega.sparse.zero_counts`); the chunks touch 40 rows, T = 64.
+  """
   mesh = sharding.make_mesh(mesh_config)
   opt = optax.adam(0.05)
   params = _params()
@@ -67,9 +71,11 @@ def run_steps(mesh_config, steps=3):
   secret = noise.insecure_secret_from_seed(7)
   metrics = []
   for t in range(steps):  # the trainer's path: the first chunk starts the sum, the second is added in place
-    counts = sharding.shard(sparse.zero_counts({TABLE: R}, spec.selection.max_touched), sharding.replicated(mesh))
+    counts = sharding.shard(sparse.zero_counts({TABLE: R}, spec.selection.max_touched, compact=compact),
+                            sharding.replicated(mesh))
     chunks = [sampling.Chunk(_batch(10 * t + c), np.ones(16, np.float32), 16) for c in range(2)]
     acc, counts = ps.clipped_sum_with_counts(state.params, chunks, count, counts)
+    assert isinstance(counts[TABLE], sparse.TouchedRowCounts) == compact
     state, m = update(state, acc.grad_sum, noise.step_key(secret, t), 0.7, 32.0, row_counts=counts)
     metrics.append({k: float(v) for k, v in m.items()})
   host = sharding.to_host(state.params)
@@ -258,39 +264,104 @@ def test_update_refuses_row_counts_exactly_when_not_sparse():
     dense(state, params, key, 1.0, 1.0, row_counts=sparse.zero_counts({TABLE: 8}, 8))
 
 
-def test_counts_accumulated_over_chunks_equal_the_whole_batch_counts():
+def _dense_view(rc, rows=R):
+  return sparse.to_dense(rc, rows) if isinstance(rc, sparse.TouchedRowCounts) else rc
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_counts_accumulated_over_chunks_equal_the_whole_batch_counts(compact):
   mesh = sharding.make_mesh(sharding.MeshConfig(data=1))
   count = sparse.make_count_fn(lambda b: [b["ids"]], {TABLE: R}, mesh, count_clip=1.0)
   b = _batch(0, 32)
   mask = np.ones(32, np.float32)
   mask[5] = 0.0  # a padding row: its ids touch nothing
   b["ids"][5] = [300, 301, 302]
-  whole = count(sparse.zero_counts({TABLE: R}, 64), b, mask)[TABLE]
-  halves = sparse.zero_counts({TABLE: R}, 64)
+  b["ids"][6] = [-1, R, 9]  # out of range: touch nothing; example 6 reaches row 9 only, with weight 1
+  whole = count(sparse.zero_counts({TABLE: R}, 64, compact=compact), b, mask)[TABLE]
+  halves = sparse.zero_counts({TABLE: R}, 64, compact=compact)
   for sl in (slice(0, 16), slice(16, 32)):
     halves = count(halves, {k: v[sl] for k, v in b.items()}, mask[sl])
   halves = halves[TABLE]
-  np.testing.assert_allclose(np.asarray(halves.counts), np.asarray(whole.counts), rtol=1e-6)
-  assert float(whole.counts[7]) >= 1.0 * (1 - 1e-6)  # example 0's [7, 7, 7]: one distinct row, weight 1
+  assert isinstance(halves, sparse.TouchedRowCounts) == compact  # 40 rows at most: the compact layout holds them
+  ref, = sparse.clipped_row_counts([b["ids"]], mask, [R], 1.0)
+  for rc in (whole, halves):
+    np.testing.assert_allclose(np.asarray(_dense_view(rc).counts), np.asarray(ref), rtol=1e-6)
+  assert float(_dense_view(whole).counts[7]) >= 1.0 * (1 - 1e-6)  # example 0's [7, 7, 7]: one distinct row, weight 1
   # The touched list is exactly the rows with a positive count, each once, whatever the chunking.
   for rc in (whole, halves):
-    positive = np.flatnonzero(np.asarray(rc.counts) > 0)
+    positive = np.flatnonzero(np.asarray(_dense_view(rc).counts) > 0)
     n = int(rc.num_touched)
-    assert n == len(positive) and 300 not in positive
+    assert n == len(positive) and 300 not in positive and 9 in positive
     np.testing.assert_array_equal(np.sort(np.asarray(rc.touched)[:n]), positive)
     assert np.all(np.asarray(rc.touched)[n:] == R)
+    if compact:  # ascending, each count beside its row
+      np.testing.assert_array_equal(np.asarray(rc.touched)[:n], positive)
+      np.testing.assert_allclose(np.asarray(rc.counts)[:n], np.asarray(ref)[positive], rtol=1e-6)
+      assert np.all(np.asarray(rc.counts)[n:] == 0)
 
 
-def test_selection_from_the_touched_list_equals_selection_from_the_counts():
+@pytest.mark.parametrize("max_touched", [64, 38, 37, 8])
+def test_compact_counts_that_would_overflow_turn_dense_and_drop_no_row(max_touched):
+  """A chunk that brings the touched rows above T: the table goes dense before it, never losing a row's count."""
   mesh = sharding.make_mesh(sharding.MeshConfig(data=1))
   count = sparse.make_count_fn(lambda b: [b["ids"]], {TABLE: R}, mesh, count_clip=1.0)
-  rc = count(sparse.zero_counts({TABLE: R}, 64), _batch(1, 32), np.ones(32, np.float32))[TABLE]
-  key = jax.random.key(5)
-  kw = dict(noise_std=0.5, threshold=0.4, max_rows=16, max_touched=64)
-  a = sparse.select_rows(rc.counts, key, **kw)
-  b = sparse.select_rows(rc.counts, key, touched=rc.touched, num_touched=rc.num_touched, **kw)
-  np.testing.assert_array_equal(np.asarray(a.ids), np.asarray(b.ids))
-  assert int(a.num_selected) == int(b.num_selected) > 0
+  b = _batch(3, 48)
+  mask = np.ones(48, np.float32)
+  distinct = len(np.unique(b["ids"]))
+  assert distinct == 38  # seed 3: 38 distinct rows, so T = 38 holds them and 37 does not
+  rc = sparse.zero_counts({TABLE: R}, max_touched)
+  assert isinstance(rc[TABLE], sparse.TouchedRowCounts)
+  for sl in (slice(0, 16), slice(16, 32), slice(32, 48)):
+    rc = count(rc, {k: v[sl] for k, v in b.items()}, mask[sl])
+  rc = rc[TABLE]
+  assert isinstance(rc, sparse.TouchedRowCounts) == (max_touched >= distinct)
+  ref, = sparse.clipped_row_counts([b["ids"]], mask, [R], 1.0)
+  np.testing.assert_allclose(np.asarray(_dense_view(rc).counts), np.asarray(ref), rtol=1e-6)
+  assert int(rc.num_touched) == distinct
+
+
+@pytest.mark.parametrize("max_touched", [64, 8])  # 64: the fast branch of both; 8: dense counts, dense branch
+def test_selection_is_the_same_from_either_layout_and_from_the_counts(max_touched):
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=1))
+  count = sparse.make_count_fn(lambda b: [b["ids"]], {TABLE: R}, mesh, count_clip=1.0)
+  b, mask = _batch(1, 32), np.ones(32, np.float32)
+  dense = count(sparse.zero_counts({TABLE: R}, max_touched, compact=False), b, mask)[TABLE]
+  compact = count(sparse.zero_counts({TABLE: R}, max_touched, compact=True), b, mask)[TABLE]
+  assert isinstance(compact, sparse.TouchedRowCounts) == (max_touched == 64)
+  kw = dict(noise_std=0.5, threshold=0.4, max_rows=16)
+  for seed in range(5):
+    key = jax.random.key(seed)
+    a = sparse.select_rows(dense.counts, key, max_touched=max_touched, **kw)
+    d = sparse.select_rows(dense.counts, key, max_touched=max_touched, touched=dense.touched,
+                           num_touched=dense.num_touched, **kw)
+    if isinstance(compact, sparse.TouchedRowCounts):
+      c = sparse.select_touched_rows(compact.counts, compact.touched, key, rows=R, **kw)
+    else:
+      c = sparse.select_rows(compact.counts, key, max_touched=max_touched, touched=compact.touched,
+                             num_touched=compact.num_touched, **kw)
+    for other in (d, c):
+      np.testing.assert_array_equal(np.asarray(a.ids), np.asarray(other.ids))
+      np.testing.assert_array_equal(np.asarray(a.valid), np.asarray(other.valid))
+      assert int(a.num_selected) == int(other.num_selected) > 0
+
+
+def test_compact_counting_allocates_nothing_table_sized():
+  """The compact count step and the selection from it: memory and noise draws scale with T, not with R."""
+  rows, b, t = 1 << 20, 64, 1024
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=1))
+  count = sparse.make_count_fn(lambda x: [x["ids"]], {TABLE: rows}, mesh, count_clip=1.0)
+  batch, mask = {"ids": np.arange(b * N_IDS, dtype=np.int32).reshape(b, N_IDS)}, np.ones(b, np.float32)
+  zero = sparse.zero_counts({TABLE: rows}, t)
+  mem = count.compact_jitted.lower(zero, batch, mask).compile().memory_analysis()
+  if mem is None:
+    pytest.skip("this backend reports no memory analysis")
+  total = mem.temp_size_in_bytes + mem.output_size_in_bytes + mem.argument_size_in_bytes
+  assert total < 64 * (t + b * N_IDS), mem  # a few words per slot; an [R] float vector alone would be 4 MiB
+  rc = count(zero, batch, mask)[TABLE]
+  assert isinstance(rc, sparse.TouchedRowCounts) and int(rc.num_touched) == b * N_IDS
+  select = functools.partial(sparse.select_touched_rows, rows=rows, noise_std=1.0, threshold=2.0, max_rows=256)
+  draws = max(_uint32_sizes(jax.make_jaxpr(select)(rc.counts, rc.touched, jax.random.key(0)).jaxpr, []))
+  assert draws <= 2 * t  # the dense selection would draw R
 
 
 # ----------------------------------------------------------------------------- 8 simulated devices
@@ -312,7 +383,9 @@ def test_same_sparse_update_on_1_and_8_devices_with_tables_sharded_by_rows(devic
   assert metrics[-1]["selected_rows"] > 0 and metrics[-1]["update_sparsity"] < 0.5
   assert not np.allclose(ref["table"], np.asarray(_params()["emb"]["table"]))  # it trained
   assert devices8["d2f4/rows_sharded"] == 1 and devices8["d8/rows_sharded"] == 0
-  for mesh in ("d8", "d2f4"):
+  dense_ref, _ = run_steps(sharding.MeshConfig(data=1), compact=False)  # the two layouts: the same training
+  np.testing.assert_allclose(dense_ref["table"], ref["table"], rtol=1e-5, atol=1e-6)
+  for mesh in ("d8", "d2f4", "d8dense", "d2f4dense"):
     np.testing.assert_allclose(devices8[f"{mesh}/table"], ref["table"], rtol=1e-5, atol=1e-6, err_msg=mesh)
     np.testing.assert_allclose(devices8[f"{mesh}/w"], ref["w"], rtol=1e-5, atol=1e-6, err_msg=mesh)
     moved = np.any(devices8[f"{mesh}/table"] != np.asarray(_params()["emb"]["table"]), axis=1)
@@ -323,8 +396,9 @@ def _worker(out_dir):
   assert jax.device_count() == 8, jax.device_count()
   arrays = {}
   for name, cfg in (("d8", sharding.MeshConfig(data=8)), ("d2f4", sharding.MeshConfig(data=2, fsdp=4))):
-    got, _ = run_steps(cfg)
-    arrays.update({f"{name}/{k}": v for k, v in got.items()})
+    for layout, compact in (("", True), ("dense", False)):
+      got, _ = run_steps(cfg, compact=compact)
+      arrays.update({f"{name}{layout}/{k}": v for k, v in got.items()})
   np.savez(os.path.join(out_dir, "sparse8.npz"), **arrays)
 
 

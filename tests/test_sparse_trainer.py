@@ -84,12 +84,16 @@ def test_a_task_without_row_ids_is_refused(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ one real step
 @pytest.mark.slow  # ~100 s of compilation (the sparse update) on a 2-core machine
-def test_a_trainer_step_leaves_unselected_rows_and_their_state_bit_for_bit(tmp_path):
-  config = _config(tmp_path)
+# max_touched: 2,048 >= R = 1,664 rows: dense counts; 512: compact counts (a step touches <= 26 x 8 rows);
+# 100: compact counts, which turn dense in a step that touches more than 100 rows.
+@pytest.mark.parametrize("max_touched, compact", [(2048, False), (512, True), (100, True)])
+def test_a_trainer_step_leaves_unselected_rows_and_their_state_bit_for_bit(tmp_path, max_touched, compact):
+  config = _config(tmp_path, f"sparse.max_touched={max_touched}")
   cfg = config_lib.validate(config)
   lines = []
   trainer = Trainer(cfg, build_task(config), config_dict=config, out=lines.append)
   state = trainer.initial_state()
+  assert all(isinstance(c, sparse.TouchedRowCounts) == compact for c in trainer.sparse.zero_counts().values())
   tables = [("embed", "table", "embedding"), ("linear", "table", "embedding")]
   assert tuple(trainer.sparse.spec.tables) == tuple(tables)
   # Step 2 too: a row selected at step 1 and not at step 2 would still move under a dense Adam (momentum).

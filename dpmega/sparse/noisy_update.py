@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from dpmega import noise as noise_lib
+from dpmega.sparse import counts as counts_lib
 from dpmega.sparse import lazy
 from dpmega.sparse import selection as sel
 
@@ -97,6 +98,23 @@ class SparseTables:
     return {g[0]: table_rows[g[0]] for g in self.groups()}
 
 
+def selection_rows(counts: Any, table_shape: tuple[int, ...]) -> int:
+  """The rows ``R`` that a selection's counts are over: their length, or for compact counts the table's."""
+  if isinstance(counts, counts_lib.TouchedRowCounts):
+    if counts.counts.shape != counts.touched.shape:
+      raise ValueError(f"compact counts must have counts and touched of one shape, got {counts.counts.shape} and "
+                       f"{counts.touched.shape}.")
+    return int(table_shape[0]) if table_shape else 0
+  return int(counts.counts.shape[0])
+
+
+def _leaf(tree: PyTree, path: tuple[str, ...]) -> Any:
+  for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if lazy.key_path(p) == path:
+      return x
+  raise ValueError(f"no parameter at {path}")
+
+
 class SparseRelease(NamedTuple):
   """The step's release: noisy mean gradient (tables as selected rows) and the selection of each table."""
 
@@ -143,17 +161,21 @@ def sparse_privatize(grad_sum: PyTree, counts: Mapping[tuple[str, ...], Any], ke
                      f"{sorted(counts)}.")
   shapes = {path: jnp.shape(g) for (_, g), path in zip(flat, paths)}
   for g in groups:
-    bad = [t for t in g if not shapes[t] or shapes[t][0] != counts[g[0]].counts.shape[0]]
+    r = selection_rows(counts[g[0]], shapes[g[0]])
+    bad = [t for t in g if not shapes[t] or shapes[t][0] != r]
     if bad:
-      raise ValueError(f"tables {bad} have not the {counts[g[0]].counts.shape[0]} rows of their selection's counts "
+      raise ValueError(f"tables {bad} have not the {r} rows of their selection's counts "
                        f"(keyed {g[0]}); shapes: { {t: shapes[t] for t in g} }.")
   sel_keys = jax.random.split(k_sel, len(groups))
   rows, num_selected = {}, {}
   for g, k in zip(groups, sel_keys):
     rc = counts[g[0]]
-    s = sel.select_rows(rc.counts, k, noise_std=sigma1 * cfg.count_clip, threshold=cfg.absolute_threshold(sigma1),
-                        max_rows=cfg.max_rows, max_touched=cfg.max_touched, touched=rc.touched,
-                        num_touched=rc.num_touched)
+    kw = dict(noise_std=sigma1 * cfg.count_clip, threshold=cfg.absolute_threshold(sigma1), max_rows=cfg.max_rows)
+    if isinstance(rc, counts_lib.TouchedRowCounts):
+      s = sel.select_touched_rows(rc.counts, rc.touched, k, rows=shapes[g[0]][0], **kw)
+    else:
+      s = sel.select_rows(rc.counts, k, max_touched=cfg.max_touched, touched=rc.touched,
+                          num_touched=rc.num_touched, **kw)
     for t in g:  # one selection for the group: post-processing of its one noisy count vector
       rows[t], num_selected[t] = (s.ids, s.valid), s.num_selected
   draw = noise_lib.gaussian_noise_like
@@ -195,7 +217,7 @@ def sparse_step(optimizer: optax.GradientTransformation, spec: SparseTables, par
                                                 noise_std=sigma2 * clip_norm / expected_batch_size)
   finite = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(updates)]
   kept = sum(jnp.sum(v, dtype=jnp.int32) for _, v in release.rows.values())
-  total_rows = sum(counts[g[0]].counts.shape[0] * len(g) for g in spec.groups())  # every table's rows
+  total_rows = sum(jnp.shape(_leaf(params, g[0]))[0] * len(g) for g in spec.groups())  # every table's rows
   cap = spec.selection.max_rows
   metrics = {"noisy_grad_norm": optax.tree.norm(release.grads), "update_norm": optax.tree.norm(updates),
              "params_finite": jnp.all(jnp.stack(finite)).astype(jnp.float32),

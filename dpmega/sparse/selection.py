@@ -44,9 +44,11 @@ We draw the number, then a uniform m-subset of ranks in ``[0, n0)`` (rejection
 of repeats, a procedure that only tests equality and so has a
 permutation-invariant, hence uniform, result) mapped to row ids through the
 sorted touched rows: the same law as a draw per row, in
-O(touched + K log K) work. :func:`select_rows` computes the dense, per-row
+O(touched + K log K) work. :func:`select_touched_rows` does this from the
+touched rows' counts alone (the compact counts of :mod:`dpmega.sparse.counts`:
+no ``[R]`` vector anywhere). :func:`select_rows` computes the dense, per-row
 version instead when more than ``max_touched`` rows are touched (the same
-law again; tests compare the two).
+law again; tests compare the two, and the two layouts of the counts).
 
 The static cap ``K`` (``max_rows``): at most ``K`` rows per table are kept.
 When more are selected, a uniformly random ``K``-subset of the selected rows
@@ -57,10 +59,11 @@ post-processing, privacy holds. ``num_selected`` (released) says when the
 cap binds.
 
 .. warning::
-   Whether the fast or the dense branch runs depends on the number of touched
-   rows, which is private; only the running time shows it (not the outputs,
-   which have the same law). If timing is observable by the adversary, set
-   ``max_touched`` at least to the rows a step can touch.
+   Whether the fast or the dense branch runs (and whether the counts stay
+   compact) depends on the number of touched rows, which is private; only the
+   running time and memory show it (not the outputs, which have the same law).
+   If timing is observable by the adversary, set ``max_touched`` at least to
+   the rows a step can touch.
 
 References:
   Ghazi, Huang, Kamath, Kumar, Manurangsi, Sinha, Zhang 2023, "Sparsity-Preserving
@@ -97,8 +100,10 @@ class SelectionConfig:
     selection_fraction: f in (0, 1), the share of the noise budget ``σ_eff⁻²``
       given to selection (:func:`split_noise_multiplier`).
     max_rows: K, static: rows kept per table and step at most (>= 1).
-    max_touched: static: touched rows handled by the fast branch (>= 1);
-      above it the step draws one noisy count per row of the table.
+    max_touched: static: touched rows handled by the fast branch, and the
+      size T of the compact counts (:func:`dpmega.sparse.zero_counts`) (>= 1);
+      above it the counts turn dense and the step draws one noisy count per
+      row of the table.
     threshold_in_noise_sd: ``threshold`` is in units of the selection noise's
       standard deviation: ``τ = threshold · σ1 · C1`` (so the chance that an
       untouched row passes, ``P(N(0, 1) > threshold)``, does not depend on σ);
@@ -180,6 +185,38 @@ def clipped_row_counts(ids: Sequence[jax.Array], mask: jax.Array, table_rows: Se
     >>> [round(float(x), 4) for x in c]  # example 0: rows {0, 2}, each 1/sqrt(2); example 1: row 1 once
     [0.7071, 1.0, 0.7071]
   """
+  out = []
+  for (s, vals), rows in zip(_touch_weights(ids, mask, table_rows, count_clip), table_rows):
+    out.append(jnp.zeros((rows,), jnp.float32).at[s.reshape(-1)].add(vals.reshape(-1), mode="drop"))
+  return tuple(out)
+
+
+def clipped_row_touches(ids: Sequence[jax.Array], mask: jax.Array, table_rows: Sequence[int],
+                        count_clip: float) -> tuple[tuple[jax.Array, jax.Array], ...]:
+  """:func:`clipped_row_counts` before the sum: each example's weighted distinct rows, ``O(b n)``, not ``O(R)``.
+
+  Summing ``vals`` by ``ids`` (ids ``rows`` touch nothing) gives :func:`clipped_row_counts` exactly.
+
+  Returns:
+    Per table ``(ids [b * n_t] int32, vals [b * n_t] float32)``: ``vals > 0`` exactly at the first occurrence
+    of each distinct in-range row of a live example (its weight ``w_i``); elsewhere ``vals = 0`` and
+    ``ids = rows``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> (i, v), = clipped_row_touches([jnp.array([[2, 2, 0], [1, 1, 1]])], jnp.ones(2), [3], 1.0)
+    >>> i.tolist(), [round(float(x), 4) for x in v]
+    ([0, 2, 3, 1, 3, 3], [0.7071, 0.7071, 0.0, 1.0, 0.0, 0.0])
+  """
+  out = []
+  for (s, vals), rows in zip(_touch_weights(ids, mask, table_rows, count_clip), table_rows):
+    live = vals > 0
+    out.append((jnp.where(live, s, rows).reshape(-1), jnp.where(live, vals, 0.0).reshape(-1)))
+  return tuple(out)
+
+
+def _touch_weights(ids, mask, table_rows, count_clip):
+  """Per table ``(s, vals)``, ``[b, n_t]``: each example's ids sorted, ``w_i`` at its distinct in-range rows."""
   check_real("count_clip", count_clip, 0.0, lo_open=True)
   firsts = []
   for x, rows in zip(ids, table_rows):
@@ -190,11 +227,7 @@ def clipped_row_counts(ids: Sequence[jax.Array], mask: jax.Array, table_rows: Se
   n = sum(jnp.sum(f, axis=-1, dtype=jnp.float32) for _, f in firsts)
   scale = jnp.where(n > 0, jnp.minimum(1.0, count_clip * lax.rsqrt(jnp.maximum(n, 1.0))) * _SAFETY, 0.0)
   w = jnp.asarray(mask, jnp.float32) * scale
-  out = []
-  for (s, first), rows in zip(firsts, table_rows):
-    vals = jnp.where(first, w[:, None], 0.0)
-    out.append(jnp.zeros((rows,), jnp.float32).at[s.reshape(-1)].add(vals.reshape(-1), mode="drop"))
-  return tuple(out)
+  return [(s, jnp.where(first, w[:, None], 0.0)) for s, first in firsts]
 
 
 class Selection(NamedTuple):
@@ -259,17 +292,16 @@ def _distinct_ranks(key, m, n0, k):
   return u
 
 
-def _select_fast(counts, key, stddev, threshold, k, t, touched=None):
-  """Same law as :func:`_select_dense`: noise on the touched rows, zero rows by Binomial + uniform subset."""
-  rows = counts.shape[0]
+def _select_fast(rows, touched, touched_counts, key, stddev, threshold, k):
+  """Same law as :func:`_select_dense`: noise on the touched rows, zero rows by Binomial + uniform subset.
+
+  ``touched``: ``[t]`` distinct rows in ascending order, padded with ``rows``; ``touched_counts`` their counts.
+  """
+  t = touched.shape[0]
   k_touch, k_num, k_rank, k_prio, k_exp, k_gam = jax.random.split(key, 6)
-  if touched is None:
-    touched = jnp.nonzero(counts > 0, size=t, fill_value=rows)[0].astype(jnp.int32)
-  else:  # the count function's list, in arrival order, padded with rows
-    touched = jnp.sort(touched)
   real = touched < rows
   nnz = jnp.sum(real, dtype=jnp.int32)
-  noisy = counts.at[touched].get(mode="fill", fill_value=0.0) + stddev * threefry.wide_tail_normal(k_touch, (t,))
+  noisy = touched_counts + stddev * threefry.wide_tail_normal(k_touch, (t,))
   sel_t = real & (noisy > threshold)
   # Zero rows: each passes with p = P(N(0, stddev^2) > tau), independently.
   z = jnp.where(stddev > 0, -threshold / jnp.where(stddev > 0, stddev, 1.0),
@@ -328,7 +360,50 @@ def select_rows(counts: jax.Array, key: jax.Array, *, noise_std, threshold: floa
     if touched.shape != (t,):
       raise ValueError(f"touched must have shape ({t},) (max_touched), got {touched.shape}.")
     nnz = num_touched
-  if t >= counts.shape[0]:  # nnz <= R = t always: the dense branch could never run, so it is not compiled
-    return _select_fast(counts, key, stddev, threshold, k, t, touched)
-  return lax.cond(nnz <= t, lambda: _select_fast(counts, key, stddev, threshold, k, t, touched),
-                  lambda: _select_dense(counts, key, stddev, threshold, k))
+  rows = counts.shape[0]
+
+  def fast():
+    if touched is None:
+      ids = jnp.nonzero(counts > 0, size=t, fill_value=rows)[0].astype(jnp.int32)
+    else:  # the count function's list, in any order, padded with rows
+      ids = jnp.sort(touched)
+    return _select_fast(rows, ids, counts.at[ids].get(mode="fill", fill_value=0.0), key, stddev, threshold, k)
+
+  if t >= rows:  # nnz <= R = t always: the dense branch could never run, so it is not compiled
+    return fast()
+  return lax.cond(nnz <= t, fast, lambda: _select_dense(counts, key, stddev, threshold, k))
+
+
+def select_touched_rows(touched_counts: jax.Array, touched: jax.Array, key: jax.Array, *, rows: int, noise_std,
+                        threshold: float, max_rows: int) -> Selection:
+  """:func:`select_rows` from the touched rows' counts alone (no ``[R]`` vector): the same law, O(T + K log K).
+
+  Precondition: every row with a positive count is in ``touched`` (as
+  :func:`dpmega.sparse.make_count_fn` keeps compact counts: it never drops
+  one); the other rows have count 0 and are selected by the Binomial + uniform
+  subset of the module docstring.
+
+  Args:
+    touched_counts: ``[T]`` float32 clipped counts of the rows in ``touched`` (0 at padding).
+    touched: ``[T]`` int32 distinct rows, any order, padded with ``rows``.
+    key: a key of this step only.
+    rows: R, the table's rows (static).
+    noise_std, threshold, max_rows: as in :func:`select_rows`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> s = select_touched_rows(jnp.array([5.0, 3.0, 0.0]), jnp.array([3, 1, 4]), jax.random.key(0), rows=4,
+    ...                         noise_std=0.0, threshold=1.0, max_rows=3)
+    >>> sorted(s.ids.tolist()), s.valid.tolist(), int(s.num_selected)
+    ([1, 3, 4], [True, True, False], 2)
+  """
+  rows = check_int("rows", rows, 1)
+  k = min(check_int("max_rows", max_rows, 1), rows)
+  if touched.ndim != 1 or touched_counts.shape != touched.shape:
+    raise ValueError(f"touched_counts and touched must be [T] arrays of one shape, got {touched_counts.shape} and "
+                     f"{touched.shape}.")
+  pair = (jnp.asarray(touched, jnp.int32), jnp.asarray(touched_counts, jnp.float32))
+  ascending = jnp.all(pair[0][1:] >= pair[0][:-1])  # as make_count_fn keeps them: no sort
+  ids, counts = lax.cond(ascending, lambda p: p, lambda p: tuple(lax.sort(p, num_keys=1)), pair)
+  return _select_fast(rows, ids, counts, key, jnp.asarray(noise_std, jnp.float32),
+                      jnp.asarray(threshold, jnp.float32), k)

@@ -74,8 +74,10 @@ class SparseSettings:
   count_clip: float = fields.positive(1.0, doc="C1: L2 bound of each example's row-touch indicator")
   max_rows: int = fields.integer(8192, 1, 2**31 - 1, doc="K: rows kept per table and step at most (a uniform "
                                  "subset of the selected ones beyond)")
-  max_touched: int = fields.integer(65536, 1, 2**31 - 1, doc="touched rows per table and step the fast selection "
-                                    "handles; above it one noisy count per row (same law, slower)")
+  max_touched: int = fields.integer(65536, 1, 2**31 - 1, doc="T: touched rows per table and step kept compactly "
+                                    "(T counts, no table-sized vector) and selected fast; above it the step's "
+                                    "counts turn dense (R floats) and one noisy count per row is drawn (same law, "
+                                    "slower)")
   share_selection: bool = fields.flag(True, doc="tables reached by the same row ids (DeepFM's embed and linear) share "
                                       "one selection: each example's C1 is spread over its rows once, not once per "
                                       "table (sqrt(2) more count per row for two tables; same privacy)")

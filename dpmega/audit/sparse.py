@@ -81,8 +81,10 @@ def _sparse_runs(*, sigma: float, selection_fraction: float, threshold: float, c
       mask = mask * jax.random.bernoulli(sample_key, q, (b,)).astype(jnp.float32)
     grad_sum, _, _ = clipping.clipped_grad_sum(loss, params, batch, mask, clip_norm=clip_norm, clipping="vmap")
     counts, = sparse.clipped_row_counts([batch["ids"]], mask, [rows], count_clip)
+    # The trainer's layout (compact counts of the touched rows, ascending) and so its selection path.
     touched = jnp.nonzero(counts > 0, size=rows, fill_value=rows)[0].astype(jnp.int32)
-    rc = sparse.RowCounts(counts, touched, jnp.sum(counts > 0, dtype=jnp.int32))
+    rc = sparse.TouchedRowCounts(counts.at[touched].get(mode="fill", fill_value=0.0), touched,
+                                 jnp.sum(counts > 0, dtype=jnp.int32))
     release = sparse.sparse_privatize(grad_sum, {table: rc}, noise_key, spec=spec, noise_multiplier=noise_multiplier,
                                       clip_norm=clip_norm, expected_batch_size=expected_batch_size)
     ids, valid = release.rows[table]

@@ -20,12 +20,18 @@ memory``: each mode in its own process at ``--rows`` (default 10^7), peak
 RSS (``VmHWM``) over a few steps (target: sparse <= 1.2x non-private).
 ``--what utility``: sparse vs dense DP-SGD AUC at the same epsilon on
 generated Criteo-format data (:mod:`dpmega.data.criteo_synthetic`), with the
-update sparsity.
+update sparsity. ``--what audit``: ``dpmega audit --kind sparse``
+(:func:`dpmega.audit.sparse_mechanism_audit`) at the sigma_eff the utility arms
+are calibrated to (same ``--epsilon/--train_rows/--batch/--steps``) and each
+``--grid`` point's (f, tau), with a sanity arm whose library noise is scaled
+by 0.25 while the claim is not (it must be detected).
 
 Usage:
   python bench/sparse_tables.py --what time --rows 1000000 --batch 1024 --reps 10
   python bench/sparse_tables.py --what memory --rows 10000000
   python bench/sparse_tables.py --what utility --epsilon 1,3,8 --grid 0.5:3,0.3:3,0.5:2.5
+  python bench/sparse_tables.py --what audit --epsilon 1,3,8 --grid 0.3:2.75 --train_rows 1000000 --batch 8192 \
+      --steps 250 --trials 50000
   # the issue's size: 10^6 rows, 2^20 rows per feature, ids with a long tail (hours: the dense arm is ~30 min)
   python bench/sparse_tables.py --what utility --epsilon 1 --grid 0.2:2.5:shared,0.3:3:shared --train_rows 1000000 \
       --eval_rows 100000 --batch 8192 --steps 250 --buckets 1048576 --vocab_max 1000000 --max_rows 131072
@@ -186,6 +192,38 @@ def memory_modes(rows: int, batch: int, max_rows: int, steps: int, modes) -> dic
   return out
 
 
+def audit_arms(epsilons, grid, *, train_rows: int, batch: int, steps: int, trials: int) -> dict:
+  """The sparse step's audit at each epsilon's calibrated sigma_eff and each (f, tau), plus a noise-x0.25 sanity arm.
+
+  sigma_eff is calibrated as :func:`utility` does (delta = 1 / (10 N), ``steps`` Poisson steps at ``batch``); the
+  audit is of one step without subsampling (the strongest attack), whose claim is the exact epsilon of one
+  Gaussian step at sigma_eff.
+  """
+  from dpmega import audit  # pylint: disable=import-outside-toplevel
+  from dpmega.accounting import calibrate  # pylint: disable=import-outside-toplevel
+
+  out = {}
+  for eps in epsilons:
+    delta = 1.0 / (10 * train_rows)
+    sigma = calibrate.calibrate_noise_multiplier(target_epsilon=eps, delta=delta, dataset_size=train_rows,
+                                                 batch_sizes=[batch] * steps)
+    for f, tau, _ in grid:
+      for arm, scale in (("honest", 1.0), ("sanity: noise x0.25", 0.25)):
+        t0 = time.perf_counter()
+        r = audit.sparse_mechanism_audit(noise_multiplier=sigma, selection_fraction=f, threshold=tau,
+                                         delta=delta, trials=trials, seed=int(eps * 100),
+                                         noise_scale_for_testing=scale)
+        row = {"epsilon": eps, "sigma_eff": sigma, "f": f, "tau": tau, "arm": arm,
+               "claimed": r.claimed_epsilon, "audited_lower_bound": r.epsilon_lower_bound,
+               "violation": bool(r.violation), "seconds": round(time.perf_counter() - t0, 1)}
+        out[f"{eps:g} f={f:g} tau={tau:g} {arm}"] = row
+        verdict = ("DETECTED" if r.violation else "not detected") if scale < 1 else (
+            "VIOLATION" if r.violation else "within the claim")
+        print(f"  eps {eps:g} sigma_eff {sigma:.4f} f={f:g} tau={tau:g} {arm:20s} claimed {r.claimed_epsilon:.3f} "
+              f"audited >= {r.epsilon_lower_bound:.3f}  {verdict}  ({row['seconds']} s)", flush=True)
+  return out
+
+
 def utility(epsilon: float, *, train_rows: int = 40_000, eval_rows: int = 20_000, buckets: int = 2**15,
             batch: int = 512, steps: int = 200, lr: float = 3e-3, grid=((0.5, 3.0),),
             max_rows: int = 8192, data_dir: str = "/tmp/dpmega-sparse-utility", seed: int = 0,
@@ -291,9 +329,15 @@ def utility(epsilon: float, *, train_rows: int = 40_000, eval_rows: int = 20_000
   return out
 
 
+def _grid(text: str):
+  """``f:tau[:shared],...`` -> ``((f, tau, shared), ...)``."""
+  return tuple((float(g.split(":")[0]), float(g.split(":")[1]), g.split(":")[2:] == ["shared"])
+               for g in text.split(","))
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--what", choices=["time", "memory", "utility", "_memory_one"], default="time")
+  p.add_argument("--what", choices=["time", "memory", "utility", "audit", "_memory_one"], default="time")
   p.add_argument("--rows", type=int, default=None)
   p.add_argument("--batch", type=int, default=1024)
   p.add_argument("--reps", type=int, default=10)
@@ -319,6 +363,7 @@ def main():
                  "dense arms (same epsilon and seed) are reused rather than rerun")
   p.add_argument("--vocab_max", type=int, default=None, help="utility: generated distinct values per feature, "
                  "geomspace(3, VOCAB_MAX) (default the generator's 3 to 2,000: a long tail for huge tables)")
+  p.add_argument("--trials", type=int, default=50_000, help="audit: runs per neighbouring input")
   p.add_argument("--out", default=None, help="write the results as JSON here")
   a = p.parse_args()
   if a.what == "_memory_one":
@@ -329,9 +374,11 @@ def main():
     res = time_modes(a.rows or 10**6, a.batch, a.reps, a.max_rows)
   elif a.what == "memory":
     res = memory_modes(a.rows or 10**7, a.batch, a.max_rows, a.steps, a.modes.split(","))
+  elif a.what == "audit":
+    res = audit_arms([float(e) for e in a.epsilon.split(",")], _grid(a.grid), train_rows=a.train_rows,
+                     batch=a.batch, steps=a.steps if a.steps != 3 else 200, trials=a.trials)
   else:
-    grid = tuple((float(g.split(":")[0]), float(g.split(":")[1]), g.split(":")[2:] == ["shared"])
-                 for g in a.grid.split(","))
+    grid = _grid(a.grid)
     res = {}
     earlier = {}
     if a.dense_from:

@@ -176,3 +176,79 @@ def test_dpmega_train_on_two_processes_matches_one_process(tmp_path):
   for k in want:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
   assert meta["ledger"] == ref.ledger.to_dict()
+
+
+# ----------------------------------------------------------------------------- sparse tables, 2 processes
+
+_SPARSE_CONFIG = '''
+from dpmega.tasks import ctr as ctr_task
+from dpmega.train import config as config_lib
+
+
+def get_config():
+  c = config_lib.base_config()
+  c.task = ctr_task.default_task_config("ctr_deepfm")
+  d = c.task.data
+  d.synthetic_rows, d.synthetic_eval_rows, d.synthetic_vocab = 600, 200, 8
+  d.synthetic_dir = {data!r}
+  c.task.model.buckets = 64
+  c.task.model.mlp_dims = (8,)
+  c.num_steps = 2
+  c.batch_schedule = "constant:64"
+  c.microbatch_size = 8
+  c.max_microbatches = 2  # 4 chunks a step: the counts are merged across chunks and processes
+  c.noise_multiplier = 1.0
+  c.delta = 1e-5
+  c.optimizer.name = "adam"
+  c.optimizer.learning_rate = 0.01
+  c.tensorboard = False
+  c.eval_every = 0
+  c.log_every = 0
+  c.checkpoint_every = 2
+  c.insecure_reproducible_seed = 7  # runs in different workdirs compared: a public seed, test-only
+  c.sparse.enabled = True
+  c.sparse.threshold = 1.0
+  c.sparse.max_rows = 512
+  c.sparse.max_touched = {max_touched}
+  return c
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("max_touched", [512, 40])  # compact counts all step; compact, then dense within a step
+def test_sparse_tables_on_two_processes_train_like_one_process(tmp_path, max_touched):
+  """The sparse step across processes (counts gathered over them, tables sharded by rows) equals one process."""
+  from dpmega.train import checkpoint as checkpoint_lib
+  from dpmega.train import config as config_lib
+  from dpmega import train as train_lib
+  from dpmega.tasks import build_task
+
+  path = tmp_path / "sparse_config.py"
+  path.write_text(_SPARSE_CONFIG.format(data=str(tmp_path / "data"), max_touched=max_touched))
+  config = config_lib.load_config(str(path))
+  build_task(config)  # generates the data once, before the processes read it
+  workdir = tmp_path / "run"
+  port = _free_port()
+  flags = ["train", "--config", str(path), "--set", "mesh.min_shard_size=0", "mesh.fsdp=2"]
+  distributed = ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", str(NUM_PROCESSES)]
+  run_processes([[sys.executable, "-m", "dpmega", *flags, "--workdir", str(workdir), *distributed,
+                  "--process_id", str(i)] for i in range(NUM_PROCESSES)], tmp_path)
+  with open(workdir / "summary.json") as f:
+    summary = json.load(f)
+  config.workdir = str(tmp_path / "ref")
+  config.mesh.enabled = False
+  trainer = train_lib.Trainer(config_lib.validate(config), build_task(config), config_dict=config,
+                              out=lambda s: None)
+  ref = trainer.run()
+  assert summary["steps"] == ref.steps == 2 and summary["epsilon"] == ref.epsilon
+  template = trainer._checkpoint_tree(trainer.initial_state())
+  with checkpoint_lib.Checkpointer(str(workdir / "checkpoints")) as ckpt:
+    tree, _ = ckpt.restore(template, step=2)
+  got, want = mesh_worker.flat_params(tree["params"]), mesh_worker.flat_params(ref.params)
+  init = mesh_worker.flat_params(trainer.initial_state().params)
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    if "embedding" in k:  # the same rows moved, and not all of them: the selection was the same and sparse
+      moved = np.any(np.asarray(want[k]) != np.asarray(init[k]), axis=-1)
+      np.testing.assert_array_equal(np.any(np.asarray(got[k]) != np.asarray(init[k]), axis=-1), moved)
+      assert 0 < moved.sum() < moved.size

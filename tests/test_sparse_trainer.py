@@ -223,6 +223,7 @@ def test_sparse_run_reports_its_selection_and_resumes_exactly(tmp_path, capsys):
   s1, s2 = sparse.split_noise_multiplier(full.noise_multiplier, 0.5)
   assert s["selection_sigma"] == pytest.approx(s1) and s["gradient_sigma"] == pytest.approx(s2)
   assert s["threshold"] == pytest.approx(2.0 * s1) and 0 < s["mean_update_sparsity"] < 0.5
+  assert s["cap_hit_steps"] == 0 and not any("sparse.max_rows" in line for line in lines)
   # The ledger holds sigma_eff, the calibrated sigma: epsilon within the target.
   assert summary["accounted_noise_multiplier"] == full.noise_multiplier and full.epsilon <= 8.0
   assert summary["num_noised_coordinates"] > 2 * 26 * BUCKETS
@@ -244,6 +245,20 @@ def test_sparse_run_reports_its_selection_and_resumes_exactly(tmp_path, capsys):
   with pytest.raises(UsageError, match="sparse"):
     train_lib.train(changed, resume=True, out=lambda s: None)
   assert accounting.Ledger.from_dict(summary["ledger"]) == full.ledger
+
+
+@pytest.mark.slow
+def test_a_cap_that_binds_is_said_once_and_counted(tmp_path):
+  """tau = -10 sigma1 C1 selects every row: the cap of 3 rows binds at every step."""
+  lines = []
+  train_lib.train(_config(tmp_path, "num_steps=3", "log_every=1", "sparse.max_rows=3", "sparse.threshold=-10.0",
+                          "insecure_reproducible_seed=7"), out=lines.append)
+  warnings = [line for line in lines if line.startswith("warning: at step")]
+  assert len(warnings) == 1 and "sparse.max_rows=3" in warnings[0] and "at step 1 " in warnings[0]
+  assert sum("cap hit" in line for line in lines if line.startswith("step ")) == 3
+  with open(tmp_path / "run" / "summary.json") as f:
+    s = json.load(f)["sparse"]
+  assert s["cap_hit_steps"] == 3 and s["mean_update_sparsity"] == pytest.approx(2 * 3 / (2 * 26 * BUCKETS))
 
 
 def _check_workdir_epsilon(workdir, summary, capsys):

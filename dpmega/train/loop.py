@@ -421,6 +421,8 @@ class Trainer:
                         examples_per_s=metrics["sampled"] / max(seconds, 1e-9))
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
           record.update({f"eval_{k}": v for k, v in self._evaluate(self.model_params(state)).items()})
+        if record.get("selection_cap_hit") and not any(r.get("selection_cap_hit") for r in history):
+          self.out(report.cap_warning(cfg, step))
         history.append(record)
         report.check_finite(metrics, step, last_saved)
         report.guarded(writer.write, record, what=writer.path, last_saved=last_saved)

@@ -229,6 +229,15 @@ def progress_line(cfg: config_lib.TrainConfig, r: dict[str, Any]) -> str:
   return line
 
 
+def cap_warning(cfg: config_lib.TrainConfig, step: int) -> str:
+  """Said once per run, at the first step whose selection ``sparse.max_rows`` bound (a released fact)."""
+  return (f"warning: at step {step} a table selected more rows than sparse.max_rows={cfg.sparse.max_rows:,}: a uniform "
+          "subset of them was updated and the rest dropped. Privacy is unchanged (post-processing of the released "
+          "selection) but utility suffers (bench/RESULTS.md: -0.57 to -2.05 AUC points at eps 1 when the cap bound "
+          "every step); raise sparse.max_rows above the rows a step selects (the progress line says 'cap hit', "
+          "summary.json counts cap_hit_steps).")
+
+
 def summary(cfg: config_lib.TrainConfig, result: TrainResult, *, accounted_sigma: float,
             randomness: str, sparse: dict[str, Any] | None = None,
             num_noised_coordinates: int | None = None) -> dict[str, Any]:
@@ -236,11 +245,13 @@ def summary(cfg: config_lib.TrainConfig, result: TrainResult, *, accounted_sigma
 
   ``num_noised_coordinates``: what ``delta_tail`` was computed for (``dpmega epsilon --workdir`` reads it).
   ``sparse``: the sparse tables' settings (:meth:`dpmega.train.sparse_tables.SparseRun.settings`), recorded
-  with the mean update sparsity of the steps this process ran (since the resume, on a resumed run).
+  with the mean update sparsity and the number of steps whose selection the cap ``max_rows`` bound, over the
+  steps this process ran (since the resume, on a resumed run).
   """
   if sparse is not None:
     sparsity = [r["update_sparsity"] for r in result.history if "update_sparsity" in r]
-    sparse = {**sparse, "mean_update_sparsity": sum(sparsity) / len(sparsity) if sparsity else None}
+    sparse = {**sparse, "mean_update_sparsity": sum(sparsity) / len(sparsity) if sparsity else None,
+              "cap_hit_steps": sum(1 for r in result.history if r.get("selection_cap_hit"))}
   return {
       "steps": result.steps, "num_steps": cfg.num_steps, "epsilon": result.epsilon, "delta": cfg.delta,
       "delta_tail": result.delta_tail, "noise_sampler": cfg.noise_sampler,

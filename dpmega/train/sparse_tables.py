@@ -72,9 +72,12 @@ class SparseSettings:
   threshold: float = fields.real(2.5, -10.0, 10.0, doc="tau in units of sigma1*C1: a row is selected when its noisy "
                                  "clipped count exceeds threshold*sigma1*C1")
   count_clip: float = fields.positive(1.0, doc="C1: L2 bound of each example's row-touch indicator")
-  max_rows: int = fields.integer(8192, 1, 2**31 - 1, doc="K: rows kept per table and step at most (a uniform "
+  # K and T large enough for the issue-size benchmark (batch 8,192 over 2^20-row tables selects ~80k rows a step;
+  # a K that binds cost 0.57-2.05 AUC points there). Both are static sizes of small buffers ([K, d] rows, T
+  # counts), and min(., rows) of a small table.
+  max_rows: int = fields.integer(2**17, 1, 2**31 - 1, doc="K: rows kept per table and step at most (a uniform "
                                  "subset of the selected ones beyond)")
-  max_touched: int = fields.integer(65536, 1, 2**31 - 1, doc="T: touched rows per table and step kept compactly "
+  max_touched: int = fields.integer(2**20, 1, 2**31 - 1, doc="T: touched rows per table and step kept compactly "
                                     "(T counts, no table-sized vector) and selected fast; above it the step's "
                                     "counts turn dense (R floats) and one noisy count per row is drawn (same law, "
                                     "slower)")

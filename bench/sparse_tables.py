@@ -192,6 +192,15 @@ def memory_modes(rows: int, batch: int, max_rows: int, steps: int, modes) -> dic
   return out
 
 
+def _calibrated(epsilon: float, n: int, batch: int, steps: int) -> tuple[float, float]:
+  """``(delta, sigma_eff)`` of the utility arms: delta = 1 / (10 N), RDP over ``steps`` Poisson steps at ``batch``."""
+  from dpmega.accounting import calibrate  # pylint: disable=import-outside-toplevel
+
+  delta = 1.0 / (10 * n)
+  return delta, calibrate.calibrate_noise_multiplier(target_epsilon=epsilon, delta=delta, dataset_size=n,
+                                                     batch_sizes=[batch] * steps)
+
+
 def audit_arms(epsilons, grid, *, train_rows: int, batch: int, steps: int, trials: int) -> dict:
   """The sparse step's audit at each epsilon's calibrated sigma_eff and each (f, tau), plus a noise-x0.25 sanity arm.
 
@@ -200,13 +209,10 @@ def audit_arms(epsilons, grid, *, train_rows: int, batch: int, steps: int, trial
   Gaussian step at sigma_eff.
   """
   from dpmega import audit  # pylint: disable=import-outside-toplevel
-  from dpmega.accounting import calibrate  # pylint: disable=import-outside-toplevel
 
   out = {}
   for eps in epsilons:
-    delta = 1.0 / (10 * train_rows)
-    sigma = calibrate.calibrate_noise_multiplier(target_epsilon=eps, delta=delta, dataset_size=train_rows,
-                                                 batch_sizes=[batch] * steps)
+    delta, sigma = _calibrated(eps, train_rows, batch, steps)
     for f, tau, _ in grid:
       for arm, scale in (("honest", 1.0), ("sanity: noise x0.25", 0.25)):
         t0 = time.perf_counter()
@@ -243,7 +249,6 @@ def utility(epsilon: float, *, train_rows: int = 40_000, eval_rows: int = 20_000
   from pathlib import Path  # pylint: disable=import-outside-toplevel
 
   from dpmega import metrics  # pylint: disable=import-outside-toplevel
-  from dpmega.accounting import calibrate  # pylint: disable=import-outside-toplevel
   from dpmega.data import criteo, criteo_synthetic  # pylint: disable=import-outside-toplevel
   from dpmega.models import ctr  # pylint: disable=import-outside-toplevel
 
@@ -258,9 +263,7 @@ def utility(epsilon: float, *, train_rows: int = 40_000, eval_rows: int = 20_000
   train = criteo.CriteoSource(paths["train"], buckets)
   evaluation = criteo.CriteoSource(paths["eval"], buckets)
   n = len(train)
-  delta = 1.0 / (10 * n)
-  sigma = calibrate.calibrate_noise_multiplier(target_epsilon=epsilon, delta=delta, dataset_size=n,
-                                               batch_sizes=[batch] * steps)
+  delta, sigma = _calibrated(epsilon, n, batch, steps)
   mcfg = ctr.CtrModelConfig(kind=ctr.ModelKind.DEEPFM, buckets=(buckets,) * criteo.NUM_CAT,
                             embed_dims=(8,) * criteo.NUM_CAT, mlp_dims=(64, 32))
   model = ctr.make_model(mcfg)

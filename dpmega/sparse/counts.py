@@ -83,11 +83,11 @@ def zero_counts(table_rows: Mapping[tuple[str, ...], int], max_touched: int, *,
   out = {}
   for t, r in table_rows.items():
     cap = min(int(max_touched), int(r))
-    none = jnp.zeros((), jnp.int32)
+    touched, num = jnp.full((cap,), r, jnp.int32), jnp.zeros((), jnp.int32)
     if (cap < r) if compact is None else compact:
-      out[t] = TouchedRowCounts(jnp.zeros((cap,), jnp.float32), jnp.full((cap,), r, jnp.int32), none)
+      out[t] = TouchedRowCounts(jnp.zeros((cap,), jnp.float32), touched, num)
     else:
-      out[t] = RowCounts(jnp.zeros((r,), jnp.float32), jnp.full((cap,), r, jnp.int32), none)
+      out[t] = RowCounts(jnp.zeros((r,), jnp.float32), touched, num)
   return out
 
 
@@ -205,7 +205,7 @@ def make_count_fn(row_ids_fn: RowIdsFn, table_rows: Mapping[tuple[str, ...], int
     if not any(isinstance(counts[t], TouchedRowCounts) for t in names):
       return donating(counts, batch, mask)
     out = keeping(counts, batch, mask)
-    full = [t for t, r in zip(names, rows) if isinstance(out[t], TouchedRowCounts)
+    full = [t for t in names if isinstance(out[t], TouchedRowCounts)
             and int(out[t].num_touched) > out[t].touched.shape[0]]
     if not full:
       return out

@@ -98,21 +98,9 @@ class SparseTables:
     return {g[0]: table_rows[g[0]] for g in self.groups()}
 
 
-def selection_rows(counts: Any, table_shape: tuple[int, ...]) -> int:
-  """The rows ``R`` that a selection's counts are over: their length, or for compact counts the table's."""
-  if isinstance(counts, counts_lib.TouchedRowCounts):
-    if counts.counts.shape != counts.touched.shape:
-      raise ValueError(f"compact counts must have counts and touched of one shape, got {counts.counts.shape} and "
-                       f"{counts.touched.shape}.")
-    return int(table_shape[0]) if table_shape else 0
-  return int(counts.counts.shape[0])
-
-
-def _leaf(tree: PyTree, path: tuple[str, ...]) -> Any:
-  for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    if lazy.key_path(p) == path:
-      return x
-  raise ValueError(f"no parameter at {path}")
+def _leaf_shapes(tree: PyTree) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Each leaf's shape, by its path (:func:`dpmega.sparse.lazy.key_path`)."""
+  return {lazy.key_path(p): jnp.shape(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 class SparseRelease(NamedTuple):
@@ -159,9 +147,16 @@ def sparse_privatize(grad_sum: PyTree, counts: Mapping[tuple[str, ...], Any], ke
   if set(counts) != set(keys):
     raise ValueError(f"counts must be keyed by the first table of each selection {keys}, got "
                      f"{sorted(counts)}.")
-  shapes = {path: jnp.shape(g) for (_, g), path in zip(flat, paths)}
+  shapes = _leaf_shapes(grad_sum)
   for g in groups:
-    r = selection_rows(counts[g[0]], shapes[g[0]])
+    rc = counts[g[0]]
+    if isinstance(rc, counts_lib.TouchedRowCounts):  # compact: the rows are the table's
+      if rc.counts.shape != rc.touched.shape:
+        raise ValueError(f"compact counts must have counts and touched of one shape, got {rc.counts.shape} and "
+                         f"{rc.touched.shape}.")
+      r = shapes[g[0]][0] if shapes[g[0]] else 0
+    else:
+      r = rc.counts.shape[0]
     bad = [t for t in g if not shapes[t] or shapes[t][0] != r]
     if bad:
       raise ValueError(f"tables {bad} have not the {r} rows of their selection's counts "
@@ -217,7 +212,8 @@ def sparse_step(optimizer: optax.GradientTransformation, spec: SparseTables, par
                                                 noise_std=sigma2 * clip_norm / expected_batch_size)
   finite = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(updates)]
   kept = sum(jnp.sum(v, dtype=jnp.int32) for _, v in release.rows.values())
-  total_rows = sum(jnp.shape(_leaf(params, g[0]))[0] * len(g) for g in spec.groups())  # every table's rows
+  shapes = _leaf_shapes(params)
+  total_rows = sum(shapes[g[0]][0] * len(g) for g in spec.groups())  # every table's rows
   cap = spec.selection.max_rows
   metrics = {"noisy_grad_norm": optax.tree.norm(release.grads), "update_norm": optax.tree.norm(updates),
              "params_finite": jnp.all(jnp.stack(finite)).astype(jnp.float32),

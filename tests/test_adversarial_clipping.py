@@ -116,7 +116,7 @@ def _rows_loss(dtype, gather):
 
 
 @functools.lru_cache(maxsize=None)
-def _setup(name, dtype_name, mode, budget):
+def _setup(name, dtype_name, mode, budget, scan_all=False):
   """(jitted contribution fn, params) for one model, dtype, mode and materialization budget (traced lazily)."""
   dtype = jnp.dtype(dtype_name)
   if name in _DENSE_MODELS:
@@ -133,17 +133,20 @@ def _setup(name, dtype_name, mode, budget):
   return _contribution_fn(loss, C, mode), params, budget
 
 
-def _contribution(name, dtype_name, mode, batch, budget=None, i=0):
-  fn, params, budget = _setup(name, dtype_name, mode, budget)
-  if budget is None:
-    return fn(params, batch, i)
-  saved = ghost._MATERIALIZE_BUDGET
-  ghost._MATERIALIZE_BUDGET = budget
+def _contribution(name, dtype_name, mode, batch, budget=None, i=0, scan_all=False):
+  """The contribution of example ``i``; ``budget`` replaces ghost's fallback budget for the call, and with
+  ``scan_all`` every multi-row dense leaf of "auto" takes the scanned materialization, whatever its rows."""
+  fn, params, budget = _setup(name, dtype_name, mode, budget, scan_all)
+  saved = ghost._MATERIALIZE_BUDGET, ghost._SCAN_MIN_ROWS
+  if budget is not None:
+    ghost._MATERIALIZE_BUDGET = budget
+  if scan_all:
+    ghost._SCAN_MIN_ROWS = 2
   try:
-    # A fresh trace under this budget: the cache above keys on it.
+    # A fresh trace under these limits: the cache above keys on them.
     return fn(params, batch, i)
   finally:
-    ghost._MATERIALIZE_BUDGET = saved
+    ghost._MATERIALIZE_BUDGET, ghost._SCAN_MIN_ROWS = saved
 
 
 # ---------------------------------------------------------------- crafted inputs
@@ -232,6 +235,41 @@ def test_rounding_bound_alone_is_never_permissive(name, p):
   batch = _tied_batch(p) if name == "tied" else _dense_batch(p)
   for mode in ("auto", "ghost"):
     _assert_bounded(_contribution(name, "float32", mode, batch, budget=0), C, (name, mode, p))
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", ["dense", "dense_general", "attention", "tied"])
+@given(p=_inputs)
+def test_scanned_materialization_is_never_permissive(name, dtype_name, p):
+  """Scanned leaves under "auto": each example's gradient materialized in a scan, its weight capped by the norm of
+  what it adds against the (crafted-to-be-wrong) Gram estimate the norms were built from."""
+  batch = _tied_batch(p) if name == "tied" else _dense_batch(p)
+  _assert_bounded(_contribution(name, dtype_name, "auto", batch, scan_all=True), C, (name, dtype_name, p))
+
+
+def test_scanned_materialization_clips_a_cancelling_example_by_what_it_adds():
+  """The issue's repro 1 (features v and -v + d, |v| = 1e6) through the scanned path, with a benign example beside
+  it: the crafted one's Gram estimate is off, its contribution still at most C; the benign one's is C, as vmap."""
+  model = _MeanPoolDense()
+  loss = lambda p, ex: -jax.nn.log_softmax(model.apply(p, ex["x"]))[ex["y"]]
+  params = model.init(jax.random.key(0), jnp.zeros((2, 4)))
+  rng = np.random.default_rng(30)
+  v = rng.normal(size=4)
+  v = v / np.linalg.norm(v) * 1e6
+  d = rng.normal(size=4) * 30
+  x = np.stack([np.stack([v, -v + d]), rng.normal(size=(2, 4)) * 30])
+  batch = {"x": jnp.asarray(x, jnp.float32), "y": jnp.array([0, 1])}
+  saved = ghost._SCAN_MIN_ROWS
+  ghost._SCAN_MIN_ROWS = 2
+  try:
+    assert ghost._scan_unroll(ghost.NormMethod.GRAM, 2, x, x[..., :3], None, auto=True) == 1  # the premise
+    crafted = _assert_bounded(_contribution_fn(loss, 1.0, "auto")(params, batch, 0), 1.0, "crafted")
+    benign = _assert_bounded(_contribution_fn(loss, 1.0, "auto")(params, batch, 1), 1.0, "benign")
+  finally:
+    ghost._SCAN_MIN_ROWS = saved
+  want = _f64_norm(_contribution_fn(loss, 1.0, "vmap")(params, batch, 1))
+  assert crafted > 0.0
+  np.testing.assert_allclose(benign, want, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- the issue's reproductions

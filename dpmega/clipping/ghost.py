@@ -39,15 +39,32 @@ overflow gives a non-finite bound, never a small one). The bound is used only
 where it exceeds the estimate by more than 5e-6 relative; and within a budget
 of ``_MATERIALIZE_BUDGET`` floats per leaf, the examples with the loosest bound
 are materialized and contribute exactly the gradient their norm was taken from
-(skipped by one batch-level ``lax.cond`` when no example's bound is used). Underflow in
+(skipped by one batch-level ``lax.cond`` unless some example's bound exceeds its
+estimate by more than ``_FALLBACK_LOOSENESS`` = 1e-2: cancellation, not rounding). Underflow in
 the book-keeping itself (``fl(w y)`` flushed to 0 can break a cancellation and enlarge a
 contribution) is bounded by :func:`dpmega.clipping.gram.flush_term`; an example where
 that bound is not below ``2^-22 C`` is materialized first, or dropped from the leaf. Lookups scatter each example's
 duplicate-id rows summed (:func:`dpmega.clipping.rows.dedup_rows`), the rows
-their norm came from. On benign inputs the result equals
-:func:`dpmega.clipping.vmap.clipped_sum_vmap` (same norms, clipped sum and stats) to
-float rounding; an op the fast path does not recognise only makes it slower
-(``vmap`` for the parameters involved), never different.
+their norm came from.
+
+Under ``"auto"`` most multi-row dense leaves never need the bound, because
+their clipped sum is taken from materialized gradients whose norms it was
+clipped by: a leaf with at least ``_SCAN_MIN_ROWS`` (64) rows per example (a
+transformer's positions) one example at a time in a ``lax.scan``
+(:func:`_scanned_sum`: norms from the Gram estimate, each example's weight on
+the leaf capped by the norm of what it adds, so the estimate's error can only
+shrink a contribution; memory independent of the batch), and a leaf with fewer
+rows outright when the micro-batch's per-example gradients fit
+``_MATERIALIZE_SMALL_LEAF`` floats (16 MiB). On benign inputs the result then
+equals :func:`dpmega.clipping.vmap.clipped_sum_vmap` (same norms, clipped sum
+and stats) to float rounding. What is left to the bound: ``"ghost"`` (pure Gram
+norms, by request), and under ``"auto"`` a leaf with 2 to 63 rows per example
+beyond the 16 MiB, where materializing costs more than the leaf's
+multiply-adds; there the sum is conservative, below vmap's by the bound's excess
+on benign inputs (``gamma_K`` and ``gamma_{n+2}`` terms: 1e-5 to 1e-4 relative,
+``bench/large_leaf.py``), and a smaller micro-batch makes such a leaf small.
+An op the fast path does not recognise only makes it slower (``vmap``
+for the parameters involved), never different.
 
 Edge cases (besides those of :mod:`dpmega.clipping`, which hold unchanged
 because the weights come from ``combine``; mirrored by ``tests/test_ghost.py``
@@ -119,13 +136,25 @@ _HIGHEST = lax.Precision.HIGHEST
 _BOUND_SLACK = 5e-6
 # Floats of materialized per-example gradients per GRAM leaf and micro-batch, for the examples whose bound is loose.
 _MATERIALIZE_BUDGET = 1 << 16
-# Under "auto", a multi-row dense leaf (or a tied table) whose per-example gradients for the whole micro-batch fit in
-# this many floats (16 MiB) is materialized outright: no Gram matrices, no bound, and the norm and the sum come from
-# the same numbers (exactly vmap's). Materializing takes n K M multiply-adds per example against n^2 (K + M) + n K M
-# for the Gram norms plus the book-keeping, so it is the cheaper path wherever memory allows (tiny BERT's clipped
-# step, in one process: 1.079x -> 1.018x of the non-private gradient); beyond it, the Gram path keeps memory
+# The fallback materializes (within that budget) only when some example's bound exceeds its estimate by more than
+# this: cancellation, where clipping by the bound would cost a visible part of the example's gradient. The rounding
+# terms alone (gamma_K, gamma_{n+2}: 1e-5 to 2e-3 on benign operands, e.g. a 30,522-row tied output table) stay
+# below it, so a benign batch never pays for materializing a gradient (a whole table for a tied embedding: small
+# BERT's 30,522 x 512 table alone, its clipped sum 1.38x -> 1.10x the non-private gradient) to gain that little;
+# those examples are clipped by their bound (conservative).
+_FALLBACK_LOOSENESS = 1e-2
+# Under "auto", a multi-row dense leaf (or a tied table) with fewer than _SCAN_MIN_ROWS rows whose per-example
+# gradients for the whole micro-batch fit in this many floats (16 MiB) is materialized outright: no Gram matrices, no
+# bound, and the norm and the sum come from the same numbers (exactly vmap's). Beyond it, the Gram path keeps memory
 # independent of b.
 _MATERIALIZE_SMALL_LEAF = 1 << 22
+# Under "auto", a dense leaf with at least this many rows per example (a transformer's positions) is materialized one
+# example at a time in a scan, whatever its size (`_scan_unroll`): exact like the outright path, memory independent
+# of b, and faster than it on CPU (2-D products instead of a batched one: small BERT's clipped step 1.26x -> 1.14x).
+_SCAN_MIN_ROWS = 64
+# Floats of per-example gradients live in one step of that scan (2 MiB, about a core's cache): unrolled further,
+# a 768 x 768 leaf's scan took 2.3x as long (7 examples a step vs 1, bench/large_leaf.py's shape 32,128,768,768).
+_SCAN_STEP_FLOATS = 1 << 19
 
 
 def _dot_factors(use: jaxpr_lib.Use, a: jax.Array, g: jax.Array):
@@ -155,13 +184,57 @@ def _from_canonical(mat: jax.Array, shape: tuple[int, ...], canon: frozenset[int
   return jnp.transpose(full, np.argsort(order))
 
 
+def _scan_unroll(method: NormMethod, b: int, x, y, rows, auto: bool) -> int:
+  """Examples per scan step when "auto" materializes a dense leaf in a scan; 0 when it does not (static).
+
+  Under "auto", a GRAM-method leaf with at least ``_SCAN_MIN_ROWS`` rows per example is materialized one example
+  at a time in a ``lax.scan`` (:func:`_scanned_sum`), unrolled to as many examples as fit
+  ``_SCAN_STEP_FLOATS`` floats (at most 16): memory independent of ``b``, each example's norm taken from the
+  numbers it adds, and one 2-D product per example (XLA's CPU runtime runs the batched ``[b, K, N]`` product of
+  outright materialization 1.5-3x slower than the same flops as 2-D products). With fewer rows, writing and reading
+  each example's ``K x N`` gradient costs more than its ``n K N`` multiply-adds (``bench/large_leaf.py``): such a
+  leaf is materialized outright when it is small (:func:`_materialize_count`), and otherwise keeps the Gram bound
+  (conservative: below vmap by the bound's excess).
+  """
+  if not auto or method != NormMethod.GRAM or x.shape[1] < max(_SCAN_MIN_ROWS, 2):
+    return 0
+  per_example = int(x.shape[2]) * int(y.shape[2])
+  return int(min(16, max(1, _SCAN_STEP_FLOATS // per_example)))
+
+
+def _scanned_sum(x, y, ids, rows, k_rows: int, weights, est, unroll: int) -> jax.Array:
+  """``[K, N]`` clipped sum of a dense leaf, each example's gradient materialized in turn (a ``lax.scan``).
+
+  ``weights`` come from the norms in which this leaf counted with its Gram estimate ``est``, which equals the
+  norm of the materialized gradient to rounding on benign inputs but can be anything under cancellation. So each
+  example's weight on this leaf is capped at ``weights est (1 + _BOUND_SLACK) / m``, ``m`` the (scaled, float-safe)
+  norm of the gradient it adds: the leaf's part of a contribution is then at most ``weights est (1 + slack)``
+  whatever the estimate's error, the bound the norms were combined with, and on benign inputs (``m <= est (1 +
+  slack)``) the weight is vmap's. The contribution is ``fl(w g)`` entry by entry (underflow only shrinks it); a
+  non-finite gradient gets weight 0. One 2-D product per example: XLA's CPU runtime runs a batched
+  ``[b, K, N]`` product ~3x slower than the same flops as 2-D products (``bench/large_leaf.py``).
+  """
+  ops = (x, y, weights, est) + (() if rows is None else (ids, rows))
+
+  def body(total, example):
+    xe, ye, w, e, *lookups = example
+    g = gram_lib.materialize_one(xe, ye, *(lookups or (None, None)), k_rows)
+    m = floats.scaled_norms(g[None])[0]
+    cap = e * (1.0 + _BOUND_SLACK)
+    w = jnp.where(jnp.isfinite(m) & (w > 0), jnp.where(m > cap, w * (cap / m), w), 0.0)
+    return total + jnp.where(w > 0, g * w, 0.0), None
+
+  total, _ = lax.scan(body, jnp.zeros((k_rows, y.shape[2]), jnp.float32), ops, unroll=unroll)
+  return total
+
+
 def _materialize_count(method: NormMethod, b: int, x, y, rows, auto: bool = False) -> int:
   """How many examples of a dense leaf get their gradient materialized (static).
 
   All of them under MATERIALIZE, and under "auto" (``auto``) for a multi-row
-  leaf (a tied table's lookups included) whose ``b K M`` is at most
-  ``_MATERIALIZE_SMALL_LEAF`` (unless the budget is 0: the bound alone, for
-  tests). Otherwise, none when the bound cannot be loose (one row, no lookups:
+  leaf (a tied table's lookups included) that is not scanned (:func:`_scan_unroll`)
+  and whose ``b K M`` is at most ``_MATERIALIZE_SMALL_LEAF`` (unless the budget
+  is 0: the bound alone, for tests). None for a scanned leaf. Otherwise, none when the bound cannot be loose (one row, no lookups:
   no cancellation), else as many as fit in ``_MATERIALIZE_BUDGET`` floats, at
   least one: the examples whose bound is loosest, which on benign inputs covers
   every example of a small layer and a crafted one in a large layer; the others
@@ -171,6 +244,8 @@ def _materialize_count(method: NormMethod, b: int, x, y, rows, auto: bool = Fals
     return b
   if _MATERIALIZE_BUDGET <= 0:  # budget 0: the bound alone (the adversarial tests of the bound)
     return 0
+  if _scan_unroll(method, b, x, y, rows, auto):
+    return 0  # materialized one example at a time in the sum instead (_scanned_sum)
   per_example = int(x.shape[2]) * int(y.shape[2])
   if auto and x.shape[1] > 1 and b * per_example <= _MATERIALIZE_SMALL_LEAF:
     return b  # a tied table too (its summed lookup rows added to the materialized gradient)
@@ -287,12 +362,18 @@ def clipped_sum_ghost(
       ids = jnp.concatenate(ids_l, axis=1)
       rows, first = rows_lib.dedup_rows(ids, jnp.concatenate(rows_l, axis=1), jnp.concatenate(valid_l, axis=1))
     sel = g_sel = used = danger = None
+    unroll = 0
     if xd is None:
       est = upper = (plain_norm(rows),)
     else:
       k_rows = int(np.prod([shape[d] for d in sorted(canon)], dtype=np.int64))
       n_sel = _materialize_count(methods[leaf], b, xd, yd, rows, auto=method == NormMethod.AUTO)
-      if xd.shape[1] == 1 and rows is None:
+      unroll = _scan_unroll(methods[leaf], b, xd, yd, rows, auto=method == NormMethod.AUTO)
+      if unroll:
+        # The Gram estimate, as vmap's norm to rounding on benign inputs; _scanned_sum caps what each example adds
+        # by it, so no rounding bound (and no flush term: fl(w g) entry by entry) is needed.
+        est = upper = gram_lib.dense_norm_estimate(xd, yd, ids, rows, mask)
+      elif xd.shape[1] == 1 and rows is None:
         # One row: G = x y^T, ||G|| = ||x|| ||y|| with no cancellation, and the book-keeping adds each entry as
         # one product (relative error 2u): the estimate is its own bound.
         est = upper = (plain_norm(xd), plain_norm(yd))
@@ -316,9 +397,9 @@ def clipped_sum_ghost(
           loose = jnp.where(est > 0, upper / jnp.where(est > 0, est, 1.0), jnp.where(upper > 0, jnp.inf, 0.0))
           loose = jnp.where((mask > 0) & ~jnp.isnan(loose), loose, -1.0)
           sel = lax.top_k(jnp.where(danger, jnp.inf, loose), n_sel)[1]
-          # Skipped (one batch-level cond) when no example's bound is used: then every norm is its estimate, as
-          # the materialized norm would be to rounding, and the book-keeping below adds every example.
-          used = jnp.any(((mask > 0) & (upper > est * (1.0 + _BOUND_SLACK))) | danger)
+          # Skipped (one batch-level cond) unless some example's bound is loose beyond rounding: then every norm is
+          # its estimate or its bound, and the book-keeping below adds every example.
+          used = jnp.any(((mask > 0) & (upper > est * (1.0 + _FALLBACK_LOOSENESS))) | danger)
 
           def with_sel(est=est, upper=upper):
             g = materialize()
@@ -327,7 +408,7 @@ def clipped_sum_ghost(
 
           g_shape = (n_sel, k_rows, yd.shape[2])
           g_sel, est, upper = lax.cond(used, with_sel, lambda: (jnp.zeros(g_shape, jnp.float32), est, upper))
-    factors[leaf] = (xd, yd, ids, first, rows, sel, g_sel, used, danger)
+    factors[leaf] = (xd, yd, ids, first, rows, sel, g_sel, used, danger, unroll, est)
     est_norms.append(est)
     upper_norms.append(upper)
     item_groups.append(groups[leaf])
@@ -358,7 +439,7 @@ def clipped_sum_ghost(
   weights, stats = stats_lib.combine(norms, mask, clip_norm, losses, rule)
   leaf_weights = lambda leaf: weights if rule.num_groups == 1 else weights[groups[leaf]]
   out_leaves = [jnp.zeros(np.shape(x), jnp.float32) for x in leaves]  # unused leaves stay 0
-  for leaf, (xd, yd, ids, first, rows, sel, g_sel, used, danger) in factors.items():
+  for leaf, (xd, yd, ids, first, rows, sel, g_sel, used, danger, unroll, est) in factors.items():
     us, canon = ghost[leaf]
     shape = tuple(leaves[leaf].shape)
     order = sorted(canon) + [d for d in range(len(shape)) if d not in canon]
@@ -366,6 +447,9 @@ def clipped_sum_ghost(
     total = None  # no zeros-and-add pass over a whole (embedding) table
     w_leaf = leaf_weights(leaf)
     w_bk, keep_bk = w_leaf, w_leaf > 0
+    if unroll:
+      total = _scanned_sum(xd, yd, ids, rows, k, w_leaf, est, unroll)
+      xd = ids = None  # nothing left to the book-keeping
     if sel is not None:
       w_sel = w_leaf[sel]
       g_w = jnp.where((w_sel > 0)[:, None, None], g_sel * w_sel[:, None, None], 0.0)

@@ -177,6 +177,23 @@ def dense_norm_bounds(x, y, ids, rows, mask=None, with_x_sum: bool = False):
   return lax.cond(jnp.all(fine), lambda: fast, lambda: dense_norm_bounds_scaled(x, y, ids, rows, with_x_sum))
 
 
+def dense_norm_estimate(x, y, ids, rows, mask=None):
+  """``[b]`` Gram estimate of the norm of one leaf's per-example gradient, without its bound.
+
+  The estimate of :func:`dense_norm_bounds`, on the same two paths: unscaled when, in every example (``mask > 0``),
+  it is finite and its underflow part is below ``2^-40`` of it, else on operands scaled per example (a crafted
+  cancellation, whose estimate is ~0, takes the scaled path too). The rounding-error sums are not computed (XLA
+  drops them). For callers that cap each contribution by the norm of what it adds
+  (:func:`dpmega.clipping.ghost._scanned_sum`): there an estimate that is wrong can only shrink a contribution.
+  """
+  est2, _, _, _, abs2, _ = bounds_in_units(x, y, ids, rows)
+  fine = jnp.isfinite(est2) & (abs2 <= FAST_REL2 * jnp.maximum(est2, 0.0))
+  if mask is not None:
+    fine = fine | (mask <= 0)
+  return lax.cond(jnp.all(fine), lambda: jnp.sqrt(jnp.maximum(est2, 0.0)),
+                  lambda: dense_norm_bounds_scaled(x, y, ids, rows)[0])
+
+
 # An example whose flush term (`flush_term`) exceeds this fraction of C is not left to the book-keeping.
 FLUSH_REL = 2.0 ** -22
 
@@ -211,9 +228,16 @@ def flush_term(sx, n: int, k: int, m: int, n_rows: int, d: int) -> jax.Array:
   return _ETA * (math.sqrt(m) * sx + 2.0 * n * math.sqrt(float(k) * float(m)) + math.sqrt(d) * n_rows)
 
 
+def materialize_one(x, y, ids, rows, k_rows: int) -> jax.Array:
+  """``[K, N]`` gradient ``sum_s x_s y_s^T`` of one example (+ the summed lookup rows of a tied table)."""
+  g = jnp.einsum("nk,nm->km", x, y, precision=_HIGHEST)
+  if rows is not None:
+    g = g + jnp.zeros((k_rows, rows.shape[-1]), jnp.float32).at[ids].add(rows, mode="drop")
+  return g
+
+
 def materialize(x, y, ids, rows, k_rows: int) -> jax.Array:
   """``[k, K, N]`` per-example gradients ``sum_s x_s y_s^T`` (+ the summed lookup rows of a tied table)."""
-  g = jnp.einsum("bnk,bnm->bkm", x, y, precision=_HIGHEST)
-  if rows is not None:
-    g = g + jax.vmap(lambda i, r: jnp.zeros((k_rows, r.shape[-1]), jnp.float32).at[i].add(r, mode="drop"))(ids, rows)
-  return g
+  if rows is None:
+    return jax.vmap(lambda a, b: materialize_one(a, b, None, None, k_rows))(x, y)
+  return jax.vmap(lambda a, b, i, r: materialize_one(a, b, i, r, k_rows))(x, y, ids, rows)

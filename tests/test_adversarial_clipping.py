@@ -262,7 +262,7 @@ def test_scanned_materialization_clips_a_cancelling_example_by_what_it_adds():
   saved = ghost._SCAN_MIN_ROWS
   ghost._SCAN_MIN_ROWS = 2
   try:
-    assert ghost._scan_unroll(ghost.NormMethod.GRAM, 2, x, x[..., :3], None, auto=True) == 1  # the premise
+    assert ghost._scan_unroll(ghost.NormMethod.GRAM, 2, x, x[..., :3], None, auto=True) > 0  # the premise: scanned
     crafted = _assert_bounded(_contribution_fn(loss, 1.0, "auto")(params, batch, 0), 1.0, "crafted")
     benign = _assert_bounded(_contribution_fn(loss, 1.0, "auto")(params, batch, 1), 1.0, "benign")
   finally:

@@ -1,8 +1,9 @@
 """Clipped sum (``clipping="auto"``, no noise) over the non-private gradient, for A/B runs across source trees.
 
 One workload of ``bench/step_overhead.py``, both functions jitted and called interleaved ``REPS`` times; prints the
-ratio of the minima (robust to load spikes on a shared machine) and of the medians. ``dpmega`` is imported from
-``PYTHONPATH``, so the same script times any tree (the pre-issue-15 tree included):
+ratio of the minima (robust to load spikes on a shared machine) and of the medians. Run from a tree's root with
+that tree on ``PYTHONPATH``: ``dpmega`` and the workloads (``bench/step_overhead.py``) both come from it, so the
+same script times any tree (the pre-issue-15 tree included):
 
   for t in /tmp/tree-f597161 "$PWD"; do (cd "$t" && PYTHONPATH="$t" python "$OLDPWD/bench/clip_ratio.py" \
       bert_small 9); done
@@ -18,7 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+sys.path.insert(0, str(pathlib.Path.cwd() / "bench"))  # the timed tree's workloads
 import step_overhead  # noqa: E402  pylint: disable=wrong-import-position
 
 import dpmega  # noqa: E402  pylint: disable=wrong-import-position

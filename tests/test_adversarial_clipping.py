@@ -247,9 +247,16 @@ def test_scanned_materialization_is_never_permissive(name, dtype_name, p):
   _assert_bounded(_contribution(name, dtype_name, "auto", batch, scan_all=True), C, (name, dtype_name, p))
 
 
-def test_scanned_materialization_clips_a_cancelling_example_by_what_it_adds():
-  """The issue's repro 1 (features v and -v + d, |v| = 1e6) through the scanned path, with a benign example beside
-  it: the crafted one's Gram estimate is off, its contribution still at most C; the benign one's is C, as vmap."""
+# ---------------------------------------------------------------- the issue's reproductions
+
+class _MeanPoolDense(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return jnp.mean(nn.Dense(3)(x), axis=0)
+
+
+def _cancelling_repro():
+  """Repro 1's loss, params, crafted features ``[v, -v + d]`` (``|v| = 1e6``) and the generator that made them."""
   model = _MeanPoolDense()
   loss = lambda p, ex: -jax.nn.log_softmax(model.apply(p, ex["x"]))[ex["y"]]
   params = model.init(jax.random.key(0), jnp.zeros((2, 4)))
@@ -257,7 +264,32 @@ def test_scanned_materialization_clips_a_cancelling_example_by_what_it_adds():
   v = rng.normal(size=4)
   v = v / np.linalg.norm(v) * 1e6
   d = rng.normal(size=4) * 30
-  x = np.stack([np.stack([v, -v + d]), rng.normal(size=(2, 4)) * 30])
+  return loss, params, np.stack([v, -v + d]), rng
+
+
+@pytest.mark.parametrize("budget", [None, 0])
+def test_dense_shared_over_positions_with_cancelling_features_is_clipped(budget):
+  """Issue 15 repro 1: features v and -v + d, |v| = 1e6, softmax cross-entropy; was 61.7 with C = 1."""
+  loss, params, crafted, _ = _cancelling_repro()
+  batch = {"x": jnp.asarray(crafted, jnp.float32)[None], "y": jnp.array([0])}
+  for mode in MODES:
+    fn = _contribution_fn(loss, 1.0, mode)
+    if budget is None or mode == "vmap":
+      grads = fn(params, batch, 0)
+    else:
+      saved, ghost._MATERIALIZE_BUDGET = ghost._MATERIALIZE_BUDGET, budget
+      try:
+        grads = fn(params, batch, 0)
+      finally:
+        ghost._MATERIALIZE_BUDGET = saved
+    _assert_bounded(grads, 1.0, mode)
+
+
+def test_scanned_materialization_clips_a_cancelling_example_by_what_it_adds():
+  """The issue's repro 1 (features v and -v + d, |v| = 1e6) through the scanned path, with a benign example beside
+  it: the crafted one's Gram estimate is off, its contribution still at most C; the benign one's is C, as vmap."""
+  loss, params, crafted, rng = _cancelling_repro()
+  x = np.stack([crafted, rng.normal(size=(2, 4)) * 30])
   batch = {"x": jnp.asarray(x, jnp.float32), "y": jnp.array([0, 1])}
   saved = ghost._SCAN_MIN_ROWS
   ghost._SCAN_MIN_ROWS = 2
@@ -270,38 +302,6 @@ def test_scanned_materialization_clips_a_cancelling_example_by_what_it_adds():
   want = _f64_norm(_contribution_fn(loss, 1.0, "vmap")(params, batch, 1))
   assert crafted > 0.0
   np.testing.assert_allclose(benign, want, rtol=1e-5)
-
-
-# ---------------------------------------------------------------- the issue's reproductions
-
-class _MeanPoolDense(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    return jnp.mean(nn.Dense(3)(x), axis=0)
-
-
-@pytest.mark.parametrize("budget", [None, 0])
-def test_dense_shared_over_positions_with_cancelling_features_is_clipped(budget):
-  """Issue 15 repro 1: features v and -v + d, |v| = 1e6, softmax cross-entropy; was 61.7 with C = 1."""
-  model = _MeanPoolDense()
-  loss = lambda p, ex: -jax.nn.log_softmax(model.apply(p, ex["x"]))[ex["y"]]
-  params = model.init(jax.random.key(0), jnp.zeros((2, 4)))
-  rng = np.random.default_rng(30)
-  v = rng.normal(size=4)
-  v = v / np.linalg.norm(v) * 1e6
-  d = rng.normal(size=4) * 30
-  batch = {"x": jnp.asarray(np.stack([v, -v + d]), jnp.float32)[None], "y": jnp.array([0])}
-  for mode in MODES:
-    fn = _contribution_fn(loss, 1.0, mode)
-    if budget is None or mode == "vmap":
-      grads = fn(params, batch, 0)
-    else:
-      saved, ghost._MATERIALIZE_BUDGET = ghost._MATERIALIZE_BUDGET, budget
-      try:
-        grads = fn(params, batch, 0)
-      finally:
-        ghost._MATERIALIZE_BUDGET = saved
-    _assert_bounded(grads, 1.0, mode)
 
 
 def test_underflowing_features_are_clipped():

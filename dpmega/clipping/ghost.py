@@ -79,7 +79,7 @@ weight inside ``custom_jvp`` / ``scan`` / cond   whole weight by ``vmap``
 ``stop_gradient`` on activations                 respected (it stays in the jaxpr)
 lookup id out of range, fill / promise mode      row gets no gradient (dropped), as ``jax.grad``
 lookup id out of range, ``mode="clip"``          clamped, as ``jax.grad`` (unsigned ids exact)
-cancellation across positions or ids             clipped by the bound, or materialized
+cancellation across positions or ids             bound, materialized, or capped in the scan
 activations ``1e-19`` / ``1e19``                 scaled: no under- or overflow in the norm
 a row ``2^-40`` beside a row ``2^100``           underflow term in the bound, or materialized
 features near ``2^100 C`` (flushed ``w y``)      materialized, or beyond the budget dropped (leaf)

@@ -231,10 +231,11 @@ def _scanned_sum(x, y, ids, rows, k_rows: int, weights, est, unroll: int) -> jax
 def _materialize_count(method: NormMethod, b: int, x, y, rows, auto: bool = False) -> int:
   """How many examples of a dense leaf get their gradient materialized (static).
 
-  All of them under MATERIALIZE, and under "auto" (``auto``) for a multi-row
-  leaf (a tied table's lookups included) that is not scanned (:func:`_scan_unroll`)
-  and whose ``b K M`` is at most ``_MATERIALIZE_SMALL_LEAF`` (unless the budget
-  is 0: the bound alone, for tests). None for a scanned leaf. Otherwise, none when the bound cannot be loose (one row, no lookups:
+  For a leaf that is not scanned (:func:`_scan_unroll`; the caller asks only
+  for those). All of them under MATERIALIZE, and under "auto" (``auto``) for a
+  multi-row leaf (a tied table's lookups included) whose ``b K M`` is at most
+  ``_MATERIALIZE_SMALL_LEAF`` (unless the budget is 0: the bound alone, for
+  tests). Otherwise, none when the bound cannot be loose (one row, no lookups:
   no cancellation), else as many as fit in ``_MATERIALIZE_BUDGET`` floats, at
   least one: the examples whose bound is loosest, which on benign inputs covers
   every example of a small layer and a crafted one in a large layer; the others
@@ -244,8 +245,6 @@ def _materialize_count(method: NormMethod, b: int, x, y, rows, auto: bool = Fals
     return b
   if _MATERIALIZE_BUDGET <= 0:  # budget 0: the bound alone (the adversarial tests of the bound)
     return 0
-  if _scan_unroll(method, b, x, y, rows, auto):
-    return 0  # materialized one example at a time in the sum instead (_scanned_sum)
   per_example = int(x.shape[2]) * int(y.shape[2])
   if auto and x.shape[1] > 1 and b * per_example <= _MATERIALIZE_SMALL_LEAF:
     return b  # a tied table too (its summed lookup rows added to the materialized gradient)
@@ -367,8 +366,8 @@ def clipped_sum_ghost(
       est = upper = (plain_norm(rows),)
     else:
       k_rows = int(np.prod([shape[d] for d in sorted(canon)], dtype=np.int64))
-      n_sel = _materialize_count(methods[leaf], b, xd, yd, rows, auto=method == NormMethod.AUTO)
       unroll = _scan_unroll(methods[leaf], b, xd, yd, rows, auto=method == NormMethod.AUTO)
+      n_sel = 0 if unroll else _materialize_count(methods[leaf], b, xd, yd, rows, auto=method == NormMethod.AUTO)
       if unroll:
         # The Gram estimate, as vmap's norm to rounding on benign inputs; _scanned_sum caps what each example adds
         # by it, so no rounding bound (and no flush term: fl(w g) entry by entry) is needed.

@@ -14,13 +14,15 @@ from __future__ import annotations
 import pathlib
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, str(pathlib.Path.cwd() / "bench"))  # the timed tree's workloads
+# The timed tree's workloads; bench/timing.py from that tree, or from this script's directory (sys.path[1]) when
+# the tree predates it.
+sys.path.insert(0, str(pathlib.Path.cwd() / "bench"))
 import step_overhead  # noqa: E402  pylint: disable=wrong-import-position
+import timing  # noqa: E402  pylint: disable=wrong-import-position
 
 import dpmega  # noqa: E402  pylint: disable=wrong-import-position
 from dpmega import clipping  # noqa: E402  pylint: disable=wrong-import-position
@@ -32,12 +34,7 @@ def main(name: str, reps: int) -> None:
          "clip": jax.jit(lambda p, b: clipping.clipped_grad_sum(loss, p, b, clip_norm=1e-3, clipping="auto")[0])}
   for f in fns.values():
     jax.block_until_ready(f(params, batch))
-  times = {k: [] for k in fns}
-  for _ in range(reps):
-    for k, f in fns.items():
-      start = time.perf_counter()
-      jax.block_until_ready(f(params, batch))
-      times[k].append(time.perf_counter() - start)
+  times = timing.interleaved_times(fns, (params, batch), reps)
   lo, mid = ({k: agg(v) for k, v in times.items()} for agg in (min, statistics.median))
   print(f"{pathlib.Path(dpmega.__file__).parents[1]}  {name}: non-private min {1e3 * lo['non-private']:.1f} ms, "
         f"clip min {1e3 * lo['clip']:.1f} ms; ratio of minima {lo['clip'] / lo['non-private']:.3f}, "

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import flax.linen as nn
 import jax
@@ -24,10 +23,7 @@ import numpy as np
 
 from dpmega import clipping
 
-
-def _temp_mb(jitted, *args) -> float:
-  mem = jitted.lower(*args).compile().memory_analysis()
-  return mem.temp_size_in_bytes / 2**20 if mem is not None else float("nan")
+import timing  # bench/timing.py (this directory)
 
 
 def run(b: int, n: int, k: int, m: int, reps: int, vmap_limit: int) -> None:
@@ -43,12 +39,7 @@ def run(b: int, n: int, k: int, m: int, reps: int, vmap_limit: int) -> None:
   if b * k * m <= vmap_limit:
     fns["vmap"] = jax.jit(lambda p, xs: clipping.clipped_grad_sum(loss, p, xs, clip_norm=clip, clipping="vmap")[0])
   outs = {name: jax.block_until_ready(f(params, x)) for name, f in fns.items()}  # compile + warm
-  times = {name: [] for name in fns}
-  for _ in range(reps):
-    for name, f in fns.items():
-      t = time.perf_counter()
-      jax.block_until_ready(f(params, x))
-      times[name].append(time.perf_counter() - t)
+  times = timing.interleaved_times(fns, (params, x), reps)
   base = statistics.median(times["non-private"])
   print(f"\n(b, n, K, M) = ({b}, {n}, {k}, {m}); load {open('/proc/loadavg').read().split()[0]}")
   print(f"{'':12s} {'ms':>9s} {'ratio':>7s} {'temp MiB':>9s} {'vs vmap':>9s}")
@@ -59,7 +50,7 @@ def run(b: int, n: int, k: int, m: int, reps: int, vmap_limit: int) -> None:
       want = np.asarray(outs["vmap"]["params"]["kernel"])
       got = np.asarray(outs[name]["params"]["kernel"])
       diff = f"{np.max(np.abs(got - want)) / np.max(np.abs(want)):.1e}"
-    print(f"{name:12s} {1e3 * med:9.1f} {med / base:6.2f}x {_temp_mb(f, params, x):9.1f} {diff:>9s}")
+    print(f"{name:12s} {1e3 * med:9.1f} {med / base:6.2f}x {timing.temp_mib(f, (params, x)):9.1f} {diff:>9s}")
 
 
 def main() -> None:

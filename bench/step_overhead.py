@@ -37,6 +37,8 @@ import optax
 import dpmega
 from dpmega.clipping import ghost
 
+import timing  # bench/timing.py (this directory)
+
 
 class MLP(nn.Module):
   @nn.compact
@@ -147,14 +149,6 @@ def workload(name, key, b=None):
   raise ValueError(f"unknown workload {name!r}")
 
 
-def _temp_mb(jitted, args):
-  try:
-    mem = jitted.lower(*args).compile().memory_analysis()
-    return mem.temp_size_in_bytes / 2**20 if mem is not None else float("nan")
-  except Exception:  # pylint: disable=broad-except
-    return float("nan")
-
-
 def _train_step(grad_fn, opt):
   """(params, opt_state, batch, key) -> (params, opt_state): one jitted step, params and state donated."""
   def step(p, s, x, k):
@@ -203,11 +197,11 @@ def run(name, reps, modes, microbatch, batch_size=None, optimizer=False):
     def call(p, x, k, fn=fn, state=state):
       state["p"], state["s"] = fn(state["p"], state["s"], x, k)
       return state["p"]
-    mems[label] = _temp_mb(fn, (state["p"], state["s"], batch, args[2]))
+    mems[label] = timing.temp_mib(fn, (state["p"], state["s"], batch, args[2]))
     jax.block_until_ready(call(*args))
     fast[label] = call
   for label, fn in cands.items():
-    mems[label] = _temp_mb(fn, args)
+    mems[label] = timing.temp_mib(fn, args)
     if "vmap" in label and mems[label] > 4096:
       print(f"   {label:26s} not run: needs {mems[label] / 1024:.1f} GiB temp (out of memory here)")
       continue

@@ -67,6 +67,33 @@ def encoder_batch(key, b, model):
   return {"ids": ids, "attn": attn, "mlm": mlm, "labels": labels}
 
 
+class TiedHead(nn.Module):
+  """Token embeddings and the tied output projection at a few predicted positions (BERT's MLM head, no encoder)."""
+
+  vocab: int = 4096
+  dim: int = 32
+
+  @nn.compact
+  def __call__(self, ids, positions):
+    embed = nn.Embed(self.vocab, self.dim, name="tok")
+    h = nn.LayerNorm()(embed(ids))
+    return embed.attend(h[positions])  # [predictions, vocab]
+
+
+def tied_head_loss(model):
+  def loss(params, ex):
+    logp = jax.nn.log_softmax(model.apply(params, ex["ids"], ex["positions"]))
+    return -jnp.mean(jnp.take_along_axis(logp, ex["labels"][:, None], axis=1))
+  return loss
+
+
+def tied_head_batch(key, b, model, seq, predictions):
+  k1, k2, k3 = jax.random.split(key, 3)
+  return {"ids": jax.random.randint(k1, (b, seq), 0, model.vocab),
+          "positions": jax.random.randint(k2, (b, predictions), 0, seq),
+          "labels": jax.random.randint(k3, (b, predictions), 0, model.vocab)}
+
+
 class NNXEncoder(nnx.Module):
   """The same kind of block in NNX."""
 

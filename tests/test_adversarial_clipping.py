@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 import dpmega
 from dpmega import clipping
+from dpmega.clipping import floats
 from dpmega.clipping import ghost
 from dpmega.clipping import gram
 
@@ -81,7 +82,10 @@ class _Attention(nn.Module):
     return jnp.mean(h, axis=0).astype(jnp.float32)[:3]
 
 
-_DENSE_MODELS = {"dense": _PosDense, "dense_general": _PosDenseGeneral, "attention": _Attention}
+_DENSE_MODELS = {"dense": _PosDense, "dense_general": _PosDenseGeneral, "attention": _Attention,
+                 "dense_wide": _PosDense}
+# Features per position (the rows' K); 64 is wide enough for blocked Gram products (gram.BLOCKED_MAX_ROWS).
+_WIDTH = {"dense_wide": 64}
 
 
 def _regression_loss(model):
@@ -92,12 +96,17 @@ def _regression_loss(model):
 
 class _Tied(nn.Module):
   dtype: jnp.dtype = jnp.float32
+  vocab: int = 7
 
   @nn.compact
   def __call__(self, ids, c):
-    emb = nn.Embed(7, 4, dtype=self.dtype)
+    emb = nn.Embed(self.vocab, 4, dtype=self.dtype)
     h = emb(ids) * c.astype(self.dtype)[:, None]
-    return emb.attend(h).astype(jnp.float32)  # [n, 7]
+    return emb.attend(h).astype(jnp.float32)  # [n, vocab]
+
+
+# Vocabulary of the tied models; 70 is wide enough for blocked Gram products of the output gradients.
+_VOCAB = {"tied": 7, "tied_wide": 70}
 
 
 def _tied_loss(model):
@@ -121,10 +130,10 @@ def _setup(name, dtype_name, mode, budget, scan_all=False):
   dtype = jnp.dtype(dtype_name)
   if name in _DENSE_MODELS:
     model = _DENSE_MODELS[name](dtype=dtype)
-    params = model.init(jax.random.key(1), jnp.ones((3, 4)))
+    params = model.init(jax.random.key(1), jnp.ones((3, _WIDTH.get(name, 4))))
     loss = _regression_loss(model)
-  elif name == "tied":
-    model = _Tied(dtype=dtype)
+  elif name in _VOCAB:
+    model = _Tied(dtype=dtype, vocab=_VOCAB[name])
     params = model.init(jax.random.key(1), jnp.zeros((4,), jnp.int32), jnp.ones((4,)))
     loss = _tied_loss(model)
   else:
@@ -174,19 +183,25 @@ _inputs = st.fixed_dictionaries({
 })
 
 
-def _dense_batch(p, n=3):
+def _batch(name, p):
+  if name in _VOCAB:
+    return _tied_batch(p, vocab=_VOCAB[name])
+  return _rows_batch(p) if name.startswith("rows") else _dense_batch(p, width=_WIDTH.get(name, 4))
+
+
+def _dense_batch(p, n=3, width=4):
   rng = np.random.default_rng(p["seed"])
-  x = np.stack([_crafted(rng, (n, 4), p["exp_x"], p["cancel"], p["subnormal"], p["big"]) for _ in range(2)])
+  x = np.stack([_crafted(rng, (n, width), p["exp_x"], p["cancel"], p["subnormal"], p["big"]) for _ in range(2)])
   y = (rng.normal(size=(2, 3)) * 10.0 ** p["exp_y"]).astype(np.float32)
   return {"x": jnp.asarray(x), "y": jnp.asarray(y)}
 
 
-def _tied_batch(p, n=4):
+def _tied_batch(p, n=4, vocab=7):
   rng = np.random.default_rng(p["seed"])
-  ids = np.stack([rng.integers(0, 7, size=n) for _ in range(2)])
+  ids = np.stack([rng.integers(0, vocab, size=n) for _ in range(2)])
   ids[:, 1] = ids[:, 0]  # duplicate ids
   c = np.stack([_crafted(rng, (n,), p["exp_x"], p["cancel"], p["subnormal"], p["big"]) for _ in range(2)])
-  t = np.stack([_crafted(rng, (n, 7), p["exp_y"], False, False, 0) for _ in range(2)])
+  t = np.stack([_crafted(rng, (n, vocab), p["exp_y"], False, False, 0) for _ in range(2)])
   if p["cancel"]:
     t[:, 1] = t[:, 0]  # same output gradient at the cancelling pair: lookup rows and attend terms cancel
   return {"ids": jnp.asarray(ids, jnp.int32), "c": jnp.asarray(c), "t": jnp.asarray(t)}
@@ -202,18 +217,18 @@ def _rows_batch(p, n=5):
 
 # ---------------------------------------------------------------- property tests
 
-@pytest.mark.parametrize("name", ["dense", "dense_general", "attention"])
+@pytest.mark.parametrize("name", ["dense", "dense_general", "attention", "dense_wide"])
 @given(p=_inputs)
 def test_dense_layers_each_contribution_at_most_clip_in_every_mode(name, p):
-  batch = _dense_batch(p)
+  batch = _batch(name, p)
   for mode in MODES:
     _assert_bounded(_contribution(name, "float32", mode, batch), C, (name, mode, p))
 
 
-@pytest.mark.parametrize("name", ["tied", "rows_plain", "rows_fill", "rows_clip"])
+@pytest.mark.parametrize("name", ["tied", "tied_wide", "rows_plain", "rows_fill", "rows_clip"])
 @given(p=_inputs)
 def test_tied_embeddings_and_row_lookups_each_contribution_at_most_clip(name, p):
-  batch = _tied_batch(p) if name == "tied" else _rows_batch(p)
+  batch = _batch(name, p)
   for mode in MODES:
     _assert_bounded(_contribution(name, "float32", mode, batch), C, (name, mode, p))
 
@@ -222,17 +237,18 @@ def test_tied_embeddings_and_row_lookups_each_contribution_at_most_clip(name, p)
 @pytest.mark.parametrize("name", ["dense", "attention", "tied", "rows_plain"])
 @given(p=_inputs)
 def test_bf16_compute_each_contribution_at_most_clip(name, p):
-  batch = _tied_batch(p) if name == "tied" else (_rows_batch(p) if name.startswith("rows") else _dense_batch(p))
+  batch = _batch(name, p)
   for mode in MODES:
     _assert_bounded(_contribution(name, "bfloat16", mode, batch), C, (name, mode, p))
 
 
 @pytest.mark.slow  # 25 examples x 3 modes x 4 models: ~1 min of the file's ~3 on 2 idle cores
-@pytest.mark.parametrize("name", ["dense", "attention", "tied"])
+@pytest.mark.parametrize("name", ["dense", "attention", "tied", "dense_wide", "tied_wide"])
 @given(p=_inputs)
 def test_rounding_bound_alone_is_never_permissive(name, p):
-  """With no example materialized, the Gram norm plus its error bound must still clip every crafted example."""
-  batch = _tied_batch(p) if name == "tied" else _dense_batch(p)
+  """With no example materialized, the Gram norm plus its error bound must still clip every crafted example
+  (the wide models: from blocked Gram products)."""
+  batch = _batch(name, p)
   for mode in ("auto", "ghost"):
     _assert_bounded(_contribution(name, "float32", mode, batch, budget=0), C, (name, mode, p))
 
@@ -243,7 +259,7 @@ def test_rounding_bound_alone_is_never_permissive(name, p):
 def test_scanned_materialization_is_never_permissive(name, dtype_name, p):
   """Scanned leaves under "auto": each example's gradient materialized in a scan, its weight capped by the norm of
   what it adds against the (crafted-to-be-wrong) Gram estimate the norms were built from."""
-  batch = _tied_batch(p) if name == "tied" else _dense_batch(p)
+  batch = _batch(name, p)
   _assert_bounded(_contribution(name, dtype_name, "auto", batch, scan_all=True), C, (name, dtype_name, p))
 
 
@@ -394,13 +410,16 @@ def _gram_cases():
   """Crafted ``(x [b, n, K], y [b, n, N])`` batches, the exact per-example norms (float64), and whether benign."""
   rng = np.random.default_rng(7)
   cases = []
-  for exp_x, exp_y, cancel, subnormal, big in [(0, 0, False, False, 0), (0, -3, True, False, 6), (-25, 20, True, False, 3),
-                                               (25, -20, False, True, 0), (-19, -19, False, False, 0), (18, 18, True, False, 4)]:
-    x = np.stack([_crafted(rng, (5, 4), exp_x, cancel, subnormal, big) for _ in range(3)])
-    y = np.stack([_crafted(rng, (5, 3), exp_y, False, False, 0) for _ in range(3)])
-    if cancel:
-      y[:, 1] = y[:, 0]  # the same output gradient at the cancelling pair
-    cases.append((x, y, not cancel and not subnormal and abs(exp_x) + abs(exp_y) <= 10))
+  # (rows, K, N): narrow; wide enough for blocked Gram products on one side (K = 300) or both (64, 70).
+  for n, kx, ny in [(5, 4, 3), (5, 300, 3), (3, 64, 70)]:
+    for exp_x, exp_y, cancel, subnormal, big in [(0, 0, False, False, 0), (0, -3, True, False, 6),
+                                                 (-25, 20, True, False, 3), (25, -20, False, True, 0),
+                                                 (-19, -19, False, False, 0), (18, 18, True, False, 4)]:
+      x = np.stack([_crafted(rng, (n, kx), exp_x, cancel, subnormal, big) for _ in range(3)])
+      y = np.stack([_crafted(rng, (n, ny), exp_y, False, False, 0) for _ in range(3)])
+      if cancel:
+        y[:, 1] = y[:, 0]  # the same output gradient at the cancelling pair
+      cases.append((x, y, not cancel and not subnormal and abs(exp_x) + abs(exp_y) <= 10))
   # One row at 2^-40 beside a row at 2^100 whose output gradient is 0: per-example scaling flushes the small row,
   # which carries the whole gradient (2^20 with these values: was bounded by 0 before the underflow term).
   x = np.zeros((2, 2, 4), np.float32)
@@ -448,6 +467,48 @@ def test_dense_norm_bound_takes_the_fast_path_only_when_it_is_as_tight():
   got = gram.dense_norm_bounds(x, y.at[1].set(0.0), None, None, mask)
   want = gram.dense_norm_bounds_scaled(x, y, None, None)
   np.testing.assert_allclose(np.asarray(got)[:, [0, 2, 3]], np.asarray(want)[:, [0, 2, 3]], rtol=1e-6)
+
+
+def test_blocked_dot_products_meet_their_rounding_bound():
+  """floats.dot_rows: each entry within ``g sum |a c|`` of the exact dot product, blocked or not, on sums built to
+  lose digits when added in sequence (a 1 followed by thousands of terms below its half ulp)."""
+  rng = np.random.default_rng(5)
+  for k in (62, 512, 5000):
+    a = rng.normal(size=(2, 3, k)) * 10.0 ** rng.integers(-8, 9, size=(2, 3, k))
+    c = rng.normal(size=(2, 4, k)) * 10.0 ** rng.integers(-8, 9, size=(2, 4, k))
+    a[0, 0], c[0, 0] = 2.0**-12, 2.0**-13  # products 2^-25 ...
+    a[0, 0, 0], c[0, 0, 0] = 1.0, 1.0  # ... after a 1: in sequence, every one of them rounds away
+    a, c = a.astype(np.float32), c.astype(np.float32)
+    exact = np.einsum("bsk,btk->bst", a.astype(np.float64), c.astype(np.float64))
+    scale = np.einsum("bsk,btk->bst", np.abs(a).astype(np.float64), np.abs(c).astype(np.float64))
+    plain, g_plain = floats.dot_rows(jnp.asarray(a), jnp.asarray(c), blocked=False)
+    blocked, g_blocked = floats.dot_rows(jnp.asarray(a), jnp.asarray(c), blocked=True)
+    assert g_blocked <= g_plain / 2, k  # the point of blocking
+    for got, g in ((plain, g_plain), (blocked, g_blocked)):
+      assert np.all(np.abs(np.asarray(got, np.float64) - exact) <= g * scale + 4 * k * 2.0**-126), (k, g)
+
+
+def test_blocked_gram_bound_is_within_the_slack_on_a_benign_tied_table():
+  """The demo's tied 512 x 32 table (5 predictions: softmax-minus-one-hot rows beside hidden states; 32 lookup rows):
+  from blocked products, the bound exceeds the estimate by less than twice ghost's slack, so clipping by it is
+  vmap's to ~5e-6 (from one einsum each: 3e-5); and it still holds (>= the exact norm)."""
+  rng = np.random.default_rng(0)
+  b, n, k, d, r = 64, 5, 512, 32, 32
+  logits = rng.normal(size=(b, n, k))
+  x = np.exp(logits) / np.sum(np.exp(logits), axis=2, keepdims=True)
+  x[np.arange(b)[:, None], np.arange(n)[None], rng.integers(0, k, size=(b, n))] -= 1.0
+  y = rng.normal(size=(b, n, d))
+  ids = np.stack([rng.permutation(k)[:r] for _ in range(b)])  # distinct ids: rows already summed
+  rows = rng.normal(size=(b, r, d)) * 0.3
+  x, y, rows = (v.astype(np.float32) for v in (x, y, rows))
+  g = np.einsum("bnk,bnm->bkm", x.astype(np.float64), y.astype(np.float64))
+  np.add.at(g, (np.arange(b)[:, None], ids), rows.astype(np.float64))
+  exact = np.linalg.norm(g.reshape(b, -1), axis=1)
+  est, upper = (np.asarray(v, np.float64) for v in gram.dense_norm_bounds(
+      jnp.asarray(x), jnp.asarray(y), jnp.asarray(ids, jnp.int32), jnp.asarray(rows)))
+  np.testing.assert_allclose(est, exact, rtol=1e-6)
+  assert np.all(upper >= exact)
+  assert np.max(upper / est - 1.0) < 2 * ghost._BOUND_SLACK, np.max(upper / est - 1.0)
 
 
 def test_row_underflow_under_per_example_scaling_is_clipped():

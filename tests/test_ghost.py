@@ -306,6 +306,26 @@ def test_auto_equals_vmap_on_a_benign_bert_sized_leaf_that_is_not_materialized_o
   assert float(jnp.linalg.norm(ghost_sum)) < float(jnp.linalg.norm(want[0]["params"]["kernel"])) * (1 - 1e-5)
 
 
+@pytest.mark.parametrize("predictions", [5, 16])
+def test_auto_equals_vmap_on_a_benign_tied_output_table_clipped_by_its_bound(predictions):
+  # A tied 8,192 x 64 embedding: 16 lookups and the output projection at 5 or 16 predicted positions, 16 examples,
+  # every one clipped. Under "auto" it is clipped by its Gram bound (not materialized: 2 to 16 rows), which comes
+  # from blocked dot products. Before, a leaf beyond 2^22 floats per micro-batch (8.4M here) took the bound from
+  # one einsum, whose gamma_K term (K = 8,192: 4.9e-4) put it ~2e-4 above the norm and the sum that much below vmap.
+  m = cm.TiedHead(vocab=8192, dim=64)
+  batch = cm.tied_head_batch(jax.random.key(0), 16, m, seq=16, predictions=predictions)
+  loss_fn, params = cm.tied_head_loss(m), m.init(jax.random.key(1), batch["ids"][0], batch["positions"][0])
+  x, y, rows = np.empty((16, predictions, m.vocab)), np.empty((16, predictions, m.dim)), np.empty((16, 16, m.dim))
+  assert ghost._materialize_count(ghost.NormMethod.GRAM, 16, x, y, rows, auto=True) < 16  # the premise: the bound
+  clip = _median_norm(loss_fn, params, batch) / 4
+  got = clipping.clipped_grad_sum(loss_fn, params, batch, clip_norm=clip, clipping="auto")
+  want = clipping.clipped_grad_sum(loss_fn, params, batch, clip_norm=clip, clipping="vmap")
+  assert int(want[2].num_clipped) == 16
+  scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree_util.tree_leaves(want[0]))
+  _assert_trees_close(got[0], want[0], rtol=1e-5, atol=1e-5 * scale)
+  np.testing.assert_allclose([got[2].norm_sum, got[2].norm_max], [want[2].norm_sum, want[2].norm_max], rtol=1e-5)
+
+
 @pytest.mark.parametrize("step_floats", [1, 1 << 14])
 def test_auto_equals_vmap_on_benign_encoder_leaves_through_the_scan(step_floats, monkeypatch):
   # An encoder MLM (attention projections, DenseGeneral with multi-dim in/out, the tied embedding's lookups and

@@ -77,6 +77,34 @@ def sum_nonneg(x: jax.Array) -> jax.Array:
   return jnp.sum(x, axis=-1)
 
 
+def dot_rows(a: jax.Array, c: jax.Array, blocked: bool) -> tuple[jax.Array, float]:
+  """``(p, g)``: ``p [b, n, r]`` the float32 dot products of the rows of ``a [b, n, K]`` and ``c [b, r, K]``.
+
+  ``g`` bounds each entry's rounding: ``|p - exact| <= g sum_k |a_k c_k|`` (plus underflow, at most one
+  ``2**-126`` per operation). Plain: one batched product, each entry a length-``K`` dot product in any order,
+  ``g = gamma(K)``. With ``blocked`` (and ``K`` large enough for it to help): dot products of 16 terms each, an
+  optimization barrier (so XLA cannot merge them back into one contraction), and their sum by
+  :func:`sum_nonneg`, so ``g = gamma(16 + 15 * tree_levels(K / 16))``: ``2.7e-6`` instead of ``3.1e-5`` at
+  ``K = 512`` (taken where it at least halves ``g``, ``K >= 62``). Its scratch memory is ``b n r K / 16`` floats
+  (callers block only where ``n <= 16``).
+  """
+  k = a.shape[2]
+  blocks = -(-k // _TREE_FAN_IN)
+  g_blocked = _TREE_FAN_IN + (_TREE_FAN_IN - 1) * tree_levels(blocks)
+  if not blocked or 2 * g_blocked > k:  # blocking must at least halve the bound
+    return jnp.einsum("bsk,btk->bst", a, c, precision=jax.lax.Precision.HIGHEST), gamma(k)
+  # Block j holds the entries k = i * blocks + j, i < 16 (any partition into 16s will do). Its products are added in
+  # 16 elementwise steps over the major axis i, vectorized along j: on CPU 2-3x faster than the same 16-term dot
+  # products as a batched matmul, whose matrices are tiny.
+  pad = [(0, 0), (0, 0), (0, blocks * _TREE_FAN_IN - k)]
+  split = lambda m: jnp.pad(m, pad).reshape(m.shape[0], m.shape[1], _TREE_FAN_IN, blocks)
+  sa, sc = split(a), split(c)
+  partial = sa[:, :, None, 0] * sc[:, None, :, 0]
+  for i in range(1, _TREE_FAN_IN):
+    partial = partial + sa[:, :, None, i] * sc[:, None, :, i]
+  return sum_nonneg(jax.lax.optimization_barrier(partial)), gamma(g_blocked)
+
+
 def _exact_pow2(p: jax.Array) -> jax.Array:
   """``2.0 ** p`` as float32 for integer ``p`` in ``[-126, 127]``, built from its bits (exact on every backend)."""
   return jax.lax.bitcast_convert_type(((p.astype(jnp.int32) + 127) << 23).astype(jnp.int32), jnp.float32)

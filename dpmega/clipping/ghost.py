@@ -53,16 +53,21 @@ clipped by: a leaf with at least ``_SCAN_MIN_ROWS`` (64) rows per example (a
 transformer's positions) one example at a time in a ``lax.scan``
 (:func:`_scanned_sum`: norms from the Gram estimate, each example's weight on
 the leaf capped by the norm of what it adds, so the estimate's error can only
-shrink a contribution; memory independent of the batch), and a leaf with fewer
-rows outright when the micro-batch's per-example gradients fit
+shrink a contribution; memory independent of the batch), and a leaf with 17 to
+63 rows outright when the micro-batch's per-example gradients fit
 ``_MATERIALIZE_SMALL_LEAF`` floats (16 MiB). On benign inputs the result then
 equals :func:`dpmega.clipping.vmap.clipped_sum_vmap` (same norms, clipped sum
-and stats) to float rounding. What is left to the bound: ``"ghost"`` (pure Gram
-norms, by request), and under ``"auto"`` a leaf with 2 to 63 rows per example
-beyond the 16 MiB, where materializing costs more than the leaf's
-multiply-adds; there the sum is conservative, below vmap's by the bound's excess
-on benign inputs (``gamma_K`` and ``gamma_{n+2}`` terms: 1e-5 to 1e-4 relative,
-``bench/large_leaf.py``), and a smaller micro-batch makes such a leaf small.
+and stats) to float rounding. A leaf with 2 to ``_BOUND_MAX_ROWS`` (16) rows per
+example (a tied output table's predictions) takes the bound, whatever its size:
+from blocked Gram products (:func:`dpmega.clipping.floats.dot_rows`) it exceeds
+the estimate by ~5e-6 on benign operands, within the slack, so the sum is
+vmap's there too (to ~1e-6), without a per-example copy of the table. What is
+left to a looser bound: ``"ghost"`` (pure Gram norms, by request), and under
+``"auto"`` a leaf with 17 to 63 rows per example beyond the 16 MiB, where
+materializing costs more than the leaf's multiply-adds; there the sum is
+conservative, below vmap's by the bound's excess on benign inputs (``gamma_K``
+and ``gamma_{n+2}`` terms: 1e-5 to 1e-3 relative, ``bench/large_leaf.py``), and
+a smaller micro-batch makes such a leaf small.
 An op the fast path does not recognise only makes it slower (``vmap``
 for the parameters involved), never different.
 
@@ -143,7 +148,7 @@ _MATERIALIZE_BUDGET = 1 << 16
 # BERT's 30,522 x 512 table alone, its clipped sum 1.38x -> 1.10x the non-private gradient) to gain that little;
 # those examples are clipped by their bound (conservative).
 _FALLBACK_LOOSENESS = 1e-2
-# Under "auto", a multi-row dense leaf (or a tied table) with fewer than _SCAN_MIN_ROWS rows whose per-example
+# Under "auto", a dense leaf (or a tied table) with _BOUND_MAX_ROWS + 1 to _SCAN_MIN_ROWS - 1 rows whose per-example
 # gradients for the whole micro-batch fit in this many floats (16 MiB) is materialized outright: no Gram matrices, no
 # bound, and the norm and the sum come from the same numbers (exactly vmap's). Beyond it, the Gram path keeps memory
 # independent of b.
@@ -152,6 +157,12 @@ _MATERIALIZE_SMALL_LEAF = 1 << 22
 # example at a time in a scan, whatever its size (`_scan_unroll`): exact like the outright path, memory independent
 # of b, and faster than it on CPU (2-D products instead of a batched one: small BERT's clipped step 1.26x -> 1.14x).
 _SCAN_MIN_ROWS = 64
+# Under "auto", a leaf with 2 to this many rows per example (a tied output table's predictions, a head over a few
+# positions) is never materialized outright: its Gram bound, from blocked products (gram.BLOCKED_MAX_ROWS), exceeds
+# the estimate by ~5e-6 on benign operands (5.4e-6 at most on the demo's tied 512 x 32 table, 3.2e-5 unblocked), so
+# within _BOUND_SLACK of vmap's norm, while materializing such a table per example costs more than the whole leaf:
+# the demo's clipped sum 1.34x -> 1.12x of the non-private gradient (pre-issue-15: 1.12x; bench/clip_ratio.py).
+_BOUND_MAX_ROWS = 16
 # Floats of per-example gradients live in one step of that scan (2 MiB, about a core's cache): unrolled further,
 # a 768 x 768 leaf's scan took 2.3x as long (7 examples a step vs 1, bench/large_leaf.py's shape 32,128,768,768).
 _SCAN_STEP_FLOATS = 1 << 19
@@ -202,6 +213,21 @@ def _scan_unroll(method: NormMethod, b: int, x, y, rows, auto: bool) -> int:
   return int(min(16, max(1, _SCAN_STEP_FLOATS // per_example)))
 
 
+def _bookkeeping(xd, yd, ids, first, rows, k_rows: int, w_bk) -> jax.Array | None:
+  """``[K, N]`` book-keeping sum of a leaf with weights ``w_bk`` (0: example left out); None when it has no uses."""
+  keep = w_bk > 0
+  total = None  # no zeros-and-add pass over a whole (embedding) table
+  if xd is not None:
+    xw = jnp.where(keep[:, None, None], xd, 0.0)
+    yw = jnp.where(keep[:, None, None], yd * w_bk[:, None, None], 0.0)
+    # One [b*n, K]^T [b*n, M] matmul: the layout of the non-private weight gradient.
+    total = jnp.einsum("nk,nm->km", xw.reshape(-1, xw.shape[-1]), yw.reshape(-1, yw.shape[-1]), precision=_HIGHEST)
+  if ids is not None:
+    scattered = rows_lib.scatter_add_rows(ids, rows, k_rows, valid=first, weights=w_bk)
+    total = scattered if total is None else total + scattered
+  return total
+
+
 def _scanned_sum(x, y, ids, rows, k_rows: int, weights, est, unroll: int) -> jax.Array:
   """``[K, N]`` clipped sum of a dense leaf, each example's gradient materialized in turn (a ``lax.scan``).
 
@@ -233,9 +259,9 @@ def _materialize_count(method: NormMethod, b: int, x, y, rows, auto: bool = Fals
 
   For a leaf that is not scanned (:func:`_scan_unroll`; the caller asks only
   for those). All of them under MATERIALIZE, and under "auto" (``auto``) for a
-  multi-row leaf (a tied table's lookups included) whose ``b K M`` is at most
-  ``_MATERIALIZE_SMALL_LEAF`` (unless the budget is 0: the bound alone, for
-  tests). Otherwise, none when the bound cannot be loose (one row, no lookups:
+  leaf with more than ``_BOUND_MAX_ROWS`` rows (a tied table's lookups included)
+  whose ``b K M`` is at most ``_MATERIALIZE_SMALL_LEAF`` (unless the budget is 0:
+  the bound alone, for tests). Otherwise, none when the bound cannot be loose (one row, no lookups:
   no cancellation), else as many as fit in ``_MATERIALIZE_BUDGET`` floats, at
   least one: the examples whose bound is loosest, which on benign inputs covers
   every example of a small layer and a crafted one in a large layer; the others
@@ -246,7 +272,7 @@ def _materialize_count(method: NormMethod, b: int, x, y, rows, auto: bool = Fals
   if _MATERIALIZE_BUDGET <= 0:  # budget 0: the bound alone (the adversarial tests of the bound)
     return 0
   per_example = int(x.shape[2]) * int(y.shape[2])
-  if auto and x.shape[1] > 1 and b * per_example <= _MATERIALIZE_SMALL_LEAF:
+  if auto and x.shape[1] > _BOUND_MAX_ROWS and b * per_example <= _MATERIALIZE_SMALL_LEAF:
     return b  # a tied table too (its summed lookup rows added to the materialized gradient)
   if x.shape[1] == 1 and rows is None:
     return 0
@@ -443,31 +469,22 @@ def clipped_sum_ghost(
     shape = tuple(leaves[leaf].shape)
     order = sorted(canon) + [d for d in range(len(shape)) if d not in canon]
     k = int(np.prod([shape[d] for d in sorted(canon)], dtype=np.int64))
-    total = None  # no zeros-and-add pass over a whole (embedding) table
     w_leaf = leaf_weights(leaf)
-    w_bk, keep_bk = w_leaf, w_leaf > 0
     if unroll:
-      total = _scanned_sum(xd, yd, ids, rows, k, w_leaf, est, unroll)
-      xd = ids = None  # nothing left to the book-keeping
-    if sel is not None:
-      w_sel = w_leaf[sel]
-      g_w = jnp.where((w_sel > 0)[:, None, None], g_sel * w_sel[:, None, None], 0.0)
-      total = jnp.sum(g_w, axis=0)
-      # The materialized examples are not added again by the book-keeping below.
-      w_bk = w_leaf.at[sel].set(0.0) if used is True else jnp.where(used, w_leaf.at[sel].set(0.0), w_leaf)
-      keep_bk = w_bk > 0
-    if danger is not None:  # left to the book-keeping, underflow could add more than FLUSH_REL C: dropped
-      w_bk = jnp.where(danger, 0.0, w_bk)
-      keep_bk = w_bk > 0
-    if xd is not None and (sel is None or sel.shape[0] < xd.shape[0]):
-      xw = jnp.where(keep_bk[:, None, None], xd, 0.0)
-      yw = jnp.where(keep_bk[:, None, None], yd * w_bk[:, None, None], 0.0)
-      # One [b*n, K]^T [b*n, M] matmul: the layout of the non-private weight gradient.
-      bk = jnp.einsum("nk,nm->km", xw.reshape(-1, xw.shape[-1]), yw.reshape(-1, yw.shape[-1]), precision=_HIGHEST)
-      total = bk if total is None else total + bk
-    if ids is not None and (sel is None or sel.shape[0] < ids.shape[0]):
-      scattered = rows_lib.scatter_add_rows(ids, rows, k, valid=first, weights=w_bk)
-      total = scattered if total is None else total + scattered
+      total = _scanned_sum(xd, yd, ids, rows, k, w_leaf, est, unroll)  # nothing left to the book-keeping
+    else:
+      total, w_bk = None, w_leaf
+      if sel is not None:
+        w_sel = w_leaf[sel]
+        g_w = jnp.where((w_sel > 0)[:, None, None], g_sel * w_sel[:, None, None], 0.0)
+        total = jnp.sum(g_w, axis=0)
+        # The materialized examples are not added again by the book-keeping below.
+        w_bk = w_leaf.at[sel].set(0.0) if used is True else jnp.where(used, w_leaf.at[sel].set(0.0), w_leaf)
+      if danger is not None:  # left to the book-keeping, underflow could add more than FLUSH_REL C: dropped
+        w_bk = jnp.where(danger, 0.0, w_bk)
+      if sel is None or sel.shape[0] < b:
+        bk = _bookkeeping(xd, yd, ids, first, rows, k, w_bk)
+        total = bk if total is None else total + bk
     out_leaves[leaf] = _from_canonical(total, shape, canon) if order != list(range(len(shape))) else total.reshape(shape)
   if fb:
     for j, g in zip(fb, fb_grads):

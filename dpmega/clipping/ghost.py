@@ -64,10 +64,12 @@ the estimate by ~5e-6 on benign operands, within the slack, so the sum is
 vmap's there too (to ~1e-6), without a per-example copy of the table. What is
 left to a looser bound: ``"ghost"`` (pure Gram norms, by request), and under
 ``"auto"`` a leaf with 17 to 63 rows per example beyond the 16 MiB, where
-materializing costs more than the leaf's multiply-adds; there the sum is
-conservative, below vmap's by the bound's excess on benign inputs (``gamma_K``
-and ``gamma_{n+2}`` terms: 1e-5 to 1e-3 relative, ``bench/large_leaf.py``), and
-a smaller micro-batch makes such a leaf small.
+materializing costs more than the leaf's multiply-adds. Up to 32 rows its Gram
+products are blocked too, so a tied table (small BERT's 30,522 x 512 at 20
+predictions) is within the slack and vmap's; otherwise the sum is conservative,
+below vmap's by the bound's excess on benign inputs (the ``gamma_{n+2}`` term of
+the book-keeping, and ``gamma_K`` beyond 32 rows: 1e-5 to 1e-4 relative,
+``bench/large_leaf.py``), and a smaller micro-batch makes such a leaf small.
 An op the fast path does not recognise only makes it slower (``vmap``
 for the parameters involved), never different.
 

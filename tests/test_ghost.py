@@ -327,6 +327,26 @@ def test_auto_equals_vmap_on_a_benign_tied_output_table_clipped_by_its_bound(pre
   np.testing.assert_allclose([got[2].norm_sum, got[2].norm_max], [want[2].norm_sum, want[2].norm_max], rtol=1e-5)
 
 
+def test_auto_equals_vmap_on_a_benign_leaf_of_32_rows_too_large_to_materialize_outright():
+  # One Dense 512 -> 512 shared over 32 positions, 20 benign examples (5.2M floats of per-example gradients, beyond
+  # the outright path's 2^22), every example clipped: "auto" scans it (17 to 63 rows beyond 2^22). The Gram bound
+  # it took before exceeded the norm by ~1e-4 here (its gamma_K and gamma_{n+2} terms), and the sum came out that
+  # much below vmap; "ghost" keeps it.
+  model = nn.Dense(512, use_bias=False)
+  x = jax.random.normal(jax.random.key(0), (20, 32, 512))
+  assert 20 * 512 * 512 > ghost._MATERIALIZE_SMALL_LEAF
+  assert ghost._scan_unroll(ghost.NormMethod.GRAM, 20, x, x, None, auto=True) > 0
+  params = model.init(jax.random.key(1), x[0])
+  loss = lambda p, ex: jnp.mean(model.apply(p, ex) ** 2)
+  got = clipping.clipped_grad_sum(loss, params, x, clip_norm=1e-3, clipping="auto")
+  want = clipping.clipped_grad_sum(loss, params, x, clip_norm=1e-3, clipping="vmap")
+  np.testing.assert_allclose(np.asarray(got[0]["params"]["kernel"]), np.asarray(want[0]["params"]["kernel"]),
+                             rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want[0]["params"]["kernel"]))))
+  np.testing.assert_allclose([got[2].norm_sum, got[2].norm_max], [want[2].norm_sum, want[2].norm_max], rtol=1e-5)
+  ghost_sum = clipping.clipped_grad_sum(loss, params, x, clip_norm=1e-3, clipping="ghost")[0]["params"]["kernel"]
+  assert float(jnp.linalg.norm(ghost_sum)) < float(jnp.linalg.norm(want[0]["params"]["kernel"])) * (1 - 1e-5)
+
+
 @pytest.mark.parametrize("step_floats", [1, 1 << 14])
 def test_auto_equals_vmap_on_benign_encoder_leaves_through_the_scan(step_floats, monkeypatch):
   # An encoder MLM (attention projections, DenseGeneral with multi-dim in/out, the tied embedding's lookups and

@@ -55,21 +55,20 @@ transformer's positions) one example at a time in a ``lax.scan``
 the leaf capped by the norm of what it adds, so the estimate's error can only
 shrink a contribution; memory independent of the batch), and a leaf with 17 to
 63 rows outright when the micro-batch's per-example gradients fit
-``_MATERIALIZE_SMALL_LEAF`` floats (16 MiB). On benign inputs the result then
+``_MATERIALIZE_SMALL_LEAF`` floats (16 MiB), else in the scan too (1.3-1.6x the
+bound's time on such a leaf; ``"ghost"`` keeps the bound). On benign inputs the result then
 equals :func:`dpmega.clipping.vmap.clipped_sum_vmap` (same norms, clipped sum
 and stats) to float rounding. A leaf with 2 to ``_BOUND_MAX_ROWS`` (16) rows per
 example (a tied output table's predictions) takes the bound, whatever its size:
 from blocked Gram products (:func:`dpmega.clipping.floats.dot_rows`) it exceeds
 the estimate by ~5e-6 on benign operands, within the slack, so the sum is
-vmap's there too (to ~1e-6), without a per-example copy of the table. What is
-left to a looser bound: ``"ghost"`` (pure Gram norms, by request), and under
-``"auto"`` a leaf with 17 to 63 rows per example beyond the 16 MiB, where
-materializing costs more than the leaf's multiply-adds. Up to 32 rows its Gram
-products are blocked too, so a tied table (small BERT's 30,522 x 512 at 20
-predictions) is within the slack and vmap's; otherwise the sum is conservative,
-below vmap's by the bound's excess on benign inputs (the ``gamma_{n+2}`` term of
-the book-keeping, and ``gamma_K`` beyond 32 rows: 1e-5 to 1e-4 relative,
-``bench/large_leaf.py``), and a smaller micro-batch makes such a leaf small.
+vmap's there too (to ~1e-6), without a per-example copy of the table; so is a
+tied table with 17 to 32 predictions beyond the 16 MiB (small BERT's 30,522 x
+512 at 20: 9.9e-6 above its estimate), whose Gram products are blocked too
+(:func:`_scan_unroll`). What is left to a looser bound: ``"ghost"`` (pure Gram
+norms, by request: conservative, below vmap's by the bound's excess on benign
+inputs, 1e-5 to 1e-3 relative, ``bench/large_leaf.py``), and under ``"auto"`` a
+tied table with 33 to 63 predictions beyond the 16 MiB.
 An op the fast path does not recognise only makes it slower (``vmap``
 for the parameters involved), never different.
 
@@ -204,14 +203,27 @@ def _scan_unroll(method: NormMethod, b: int, x, y, rows, auto: bool) -> int:
   at a time in a ``lax.scan`` (:func:`_scanned_sum`), unrolled to as many examples as fit
   ``_SCAN_STEP_FLOATS`` floats (at most 16): memory independent of ``b``, each example's norm taken from the
   numbers it adds, and one 2-D product per example (XLA's CPU runtime runs the batched ``[b, K, N]`` product of
-  outright materialization 1.5-3x slower than the same flops as 2-D products). With fewer rows, writing and reading
-  each example's ``K x N`` gradient costs more than its ``n K N`` multiply-adds (``bench/large_leaf.py``): such a
-  leaf is materialized outright when it is small (:func:`_materialize_count`), and otherwise keeps the Gram bound
-  (conservative: below vmap by the bound's excess).
+  outright materialization 1.5-3x slower than the same flops as 2-D products). So is a leaf with
+  ``_BOUND_MAX_ROWS + 1`` to ``_SCAN_MIN_ROWS - 1`` (17 to 63) rows whose per-example gradients exceed
+  ``_MATERIALIZE_SMALL_LEAF`` floats per micro-batch: there the Gram bound exceeds the norm by 1e-5 to 1e-4 on
+  benign operands (its ``gamma_{n+2}`` book-keeping term; more where rows correlate, as attention's do), and the
+  scan, exact, costs 1.3-1.6x the bound's time on such a leaf (each example's ``K x N`` gradient written and read for
+  ``n K N`` multiply-adds; ``bench/large_leaf.py``; ``"ghost"`` keeps the bound). Except a tied table (lookups and
+  an output projection) with at most ``gram.BLOCKED_MAX_ROWS`` (32) predictions: its output-gradient rows (softmax
+  minus one-hot) are nearly orthogonal, so its blocked bound is within the slack (small BERT's 30,522 x 512 table
+  at 20 predictions: 9.9e-6 above its estimate), while the scan would write the whole table per example. Leaves
+  with 2 to 16 rows keep the bound; smaller leaves of 17 to 63 rows are materialized outright
+  (:func:`_materialize_count`).
   """
-  if not auto or method != NormMethod.GRAM or x.shape[1] < max(_SCAN_MIN_ROWS, 2):
+  n = x.shape[1]
+  if not auto or method != NormMethod.GRAM or n < 2:
     return 0
   per_example = int(x.shape[2]) * int(y.shape[2])
+  if n < _SCAN_MIN_ROWS:
+    if n <= _BOUND_MAX_ROWS or b * per_example <= _MATERIALIZE_SMALL_LEAF:
+      return 0  # the bound, or materialized outright (_materialize_count)
+    if rows is not None and n <= gram_lib.BLOCKED_MAX_ROWS:
+      return 0  # a tied table: the blocked bound (see above)
   return int(min(16, max(1, _SCAN_STEP_FLOATS // per_example)))
 
 

@@ -281,6 +281,20 @@ def test_auto_equals_vmap_on_a_benign_bert_sized_leaf_beyond_the_fallback_budget
                              rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want["params"]["kernel"]))))
 
 
+def _assert_scanned_dense_leaf_equals_vmap(model, x):
+  """One Dense over positions, every example clipped: "auto" (the scan) gives vmap's sum and stats; "ghost" keeps the
+  Gram bound (no materialization beyond the fallback budget): conservative, below vmap by more than 1e-5."""
+  params = model.init(jax.random.key(1), x[0])
+  loss = lambda p, ex: jnp.mean(model.apply(p, ex) ** 2)
+  got = clipping.clipped_grad_sum(loss, params, x, clip_norm=1e-3, clipping="auto")
+  want = clipping.clipped_grad_sum(loss, params, x, clip_norm=1e-3, clipping="vmap")
+  np.testing.assert_allclose(np.asarray(got[0]["params"]["kernel"]), np.asarray(want[0]["params"]["kernel"]),
+                             rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want[0]["params"]["kernel"]))))
+  np.testing.assert_allclose([got[2].norm_sum, got[2].norm_max], [want[2].norm_sum, want[2].norm_max], rtol=1e-5)
+  ghost_sum = clipping.clipped_grad_sum(loss, params, x, clip_norm=1e-3, clipping="ghost")[0]["params"]["kernel"]
+  assert float(jnp.linalg.norm(ghost_sum)) < float(jnp.linalg.norm(want[0]["params"]["kernel"])) * (1 - 1e-5)
+
+
 @pytest.mark.parametrize("step_floats", [1, 2 * 128 * 128])
 def test_auto_equals_vmap_on_a_benign_bert_sized_leaf_that_is_not_materialized_outright(step_floats, monkeypatch):
   # One Dense 128 -> 128 shared over 128 positions (a BERT projection), benign inputs, every example clipped: "auto"
@@ -294,16 +308,7 @@ def test_auto_equals_vmap_on_a_benign_bert_sized_leaf_that_is_not_materialized_o
   model = nn.Dense(128, use_bias=False)
   x = jax.random.normal(jax.random.key(0), (5, 128, 128))
   assert ghost._scan_unroll(ghost.NormMethod.GRAM, 5, x, x, None, auto=True) == max(1, step_floats // 128**2)
-  params = model.init(jax.random.key(1), x[0])
-  loss = lambda p, ex: jnp.mean(model.apply(p, ex) ** 2)
-  got = clipping.clipped_grad_sum(loss, params, x, clip_norm=1e-3, clipping="auto")
-  want = clipping.clipped_grad_sum(loss, params, x, clip_norm=1e-3, clipping="vmap")
-  np.testing.assert_allclose(np.asarray(got[0]["params"]["kernel"]), np.asarray(want[0]["params"]["kernel"]),
-                             rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want[0]["params"]["kernel"]))))
-  np.testing.assert_allclose([got[2].norm_sum, got[2].norm_max], [want[2].norm_sum, want[2].norm_max], rtol=1e-5)
-  # "ghost" keeps the Gram bound (no materialization beyond the fallback budget): conservative, ~1e-4 below.
-  ghost_sum = clipping.clipped_grad_sum(loss, params, x, clip_norm=1e-3, clipping="ghost")[0]["params"]["kernel"]
-  assert float(jnp.linalg.norm(ghost_sum)) < float(jnp.linalg.norm(want[0]["params"]["kernel"])) * (1 - 1e-5)
+  _assert_scanned_dense_leaf_equals_vmap(model, x)
 
 
 @pytest.mark.parametrize("predictions", [5, 16, 20])
@@ -336,15 +341,7 @@ def test_auto_equals_vmap_on_a_benign_leaf_of_32_rows_too_large_to_materialize_o
   x = jax.random.normal(jax.random.key(0), (20, 32, 512))
   assert 20 * 512 * 512 > ghost._MATERIALIZE_SMALL_LEAF
   assert ghost._scan_unroll(ghost.NormMethod.GRAM, 20, x, x, None, auto=True) > 0
-  params = model.init(jax.random.key(1), x[0])
-  loss = lambda p, ex: jnp.mean(model.apply(p, ex) ** 2)
-  got = clipping.clipped_grad_sum(loss, params, x, clip_norm=1e-3, clipping="auto")
-  want = clipping.clipped_grad_sum(loss, params, x, clip_norm=1e-3, clipping="vmap")
-  np.testing.assert_allclose(np.asarray(got[0]["params"]["kernel"]), np.asarray(want[0]["params"]["kernel"]),
-                             rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want[0]["params"]["kernel"]))))
-  np.testing.assert_allclose([got[2].norm_sum, got[2].norm_max], [want[2].norm_sum, want[2].norm_max], rtol=1e-5)
-  ghost_sum = clipping.clipped_grad_sum(loss, params, x, clip_norm=1e-3, clipping="ghost")[0]["params"]["kernel"]
-  assert float(jnp.linalg.norm(ghost_sum)) < float(jnp.linalg.norm(want[0]["params"]["kernel"])) * (1 - 1e-5)
+  _assert_scanned_dense_leaf_equals_vmap(model, x)
 
 
 @pytest.mark.parametrize("step_floats", [1, 1 << 14])

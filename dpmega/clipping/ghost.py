@@ -62,13 +62,14 @@ and stats) to float rounding. A leaf with 2 to ``_BOUND_MAX_ROWS`` (16) rows per
 example (a tied output table's predictions) takes the bound, whatever its size:
 from blocked Gram products (:func:`dpmega.clipping.floats.dot_rows`) it exceeds
 the estimate by ~5e-6 on benign operands, within the slack, so the sum is
-vmap's there too (to ~1e-6), without a per-example copy of the table; so is a
-tied table with 17 to 32 predictions beyond the 16 MiB (small BERT's 30,522 x
-512 at 20: 9.9e-6 above its estimate), whose Gram products are blocked too
-(:func:`_scan_unroll`). What is left to a looser bound: ``"ghost"`` (pure Gram
-norms, by request: conservative, below vmap's by the bound's excess on benign
-inputs, 1e-5 to 1e-3 relative, ``bench/large_leaf.py``), and under ``"auto"`` a
-tied table with 33 to 63 predictions beyond the 16 MiB.
+vmap's there too (to ~1e-6), without a per-example copy of the table. A tied
+table with 17 to 32 predictions beyond the 16 MiB keeps a blocked bound too
+(:func:`_scan_unroll`): 9.9e-6 above its estimate at small BERT's 30,522 x 512
+and 20 predictions (its clip factors vmap's to 5e-6, the model's sum to 2e-7),
+2e-5 at 32 on random operands. What is left to a looser bound: ``"ghost"`` (pure
+Gram norms, by request: conservative, below vmap's by the bound's excess on
+benign inputs, 1e-5 to 1e-3 relative, ``bench/large_leaf.py``), and under
+``"auto"`` a tied table with 33 to 63 predictions beyond the 16 MiB.
 An op the fast path does not recognise only makes it slower (``vmap``
 for the parameters involved), never different.
 
@@ -210,8 +211,9 @@ def _scan_unroll(method: NormMethod, b: int, x, y, rows, auto: bool) -> int:
   scan, exact, costs 1.3-1.6x the bound's time on such a leaf (each example's ``K x N`` gradient written and read for
   ``n K N`` multiply-adds; ``bench/large_leaf.py``; ``"ghost"`` keeps the bound). Except a tied table (lookups and
   an output projection) with at most ``gram.BLOCKED_MAX_ROWS`` (32) predictions: its output-gradient rows (softmax
-  minus one-hot) are nearly orthogonal, so its blocked bound is within the slack (small BERT's 30,522 x 512 table
-  at 20 predictions: 9.9e-6 above its estimate), while the scan would write the whole table per example. Leaves
+  minus one-hot) are nearly orthogonal, so its blocked bound is close to the norm (small BERT's 30,522 x 512 table
+  at 20 predictions: 9.9e-6 above its estimate, so its clip factors are vmap's to 5e-6; 2e-5 at 32 predictions on
+  random operands), while the scan would write the whole table per example. Leaves
   with 2 to 16 rows keep the bound; smaller leaves of 17 to 63 rows are materialized outright
   (:func:`_materialize_count`).
   """

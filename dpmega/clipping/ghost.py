@@ -53,16 +53,16 @@ clipped by: a leaf with at least ``_SCAN_MIN_ROWS`` (64) rows per example (a
 transformer's positions) one example at a time in a ``lax.scan``
 (:func:`_scanned_sum`: norms from the Gram estimate, each example's weight on
 the leaf capped by the norm of what it adds, so the estimate's error can only
-shrink a contribution; memory independent of the batch), and a leaf with 17 to
+shrink a contribution; memory independent of the batch), and a leaf with 2 to
 63 rows outright when the micro-batch's per-example gradients fit
-``_MATERIALIZE_SMALL_LEAF`` floats (16 MiB), else in the scan too (1.3-1.6x the
+``_MATERIALIZE_SMALL_LEAF`` floats (16 MiB), else in the scan too (1.3-3x the
 bound's time on such a leaf; ``"ghost"`` keeps the bound). On benign inputs the result then
 equals :func:`dpmega.clipping.vmap.clipped_sum_vmap` (same norms, clipped sum
-and stats) to float rounding. A leaf with 2 to ``_BOUND_MAX_ROWS`` (16) rows per
-example (a tied output table's predictions) takes the bound, whatever its size:
-from blocked Gram products (:func:`dpmega.clipping.floats.dot_rows`) it exceeds
-the estimate by ~5e-6 on benign operands, within the slack, so the sum is
-vmap's there too (to ~1e-6), without a per-example copy of the table. A tied
+and stats) to float rounding. A tied output table with 2 to ``_BOUND_MAX_ROWS``
+(16) predictions per example takes the bound, whatever its size: from blocked
+Gram products (:func:`dpmega.clipping.floats.dot_rows`) it exceeds the estimate
+by ~5e-6 on benign operands, within the slack, so the sum is vmap's there too
+(to ~1e-6), without a per-example copy of the table. A tied
 table with 17 to 32 predictions beyond the 16 MiB keeps a blocked bound too
 (:func:`_scan_unroll`): 9.9e-6 above its estimate at small BERT's 30,522 x 512
 and 20 predictions (its clip factors vmap's to 5e-6, the model's sum to 2e-7),
@@ -150,20 +150,20 @@ _MATERIALIZE_BUDGET = 1 << 16
 # BERT's 30,522 x 512 table alone, its clipped sum 1.38x -> 1.10x the non-private gradient) to gain that little;
 # those examples are clipped by their bound (conservative).
 _FALLBACK_LOOSENESS = 1e-2
-# Under "auto", a dense leaf (or a tied table) with _BOUND_MAX_ROWS + 1 to _SCAN_MIN_ROWS - 1 rows whose per-example
-# gradients for the whole micro-batch fit in this many floats (16 MiB) is materialized outright: no Gram matrices, no
-# bound, and the norm and the sum come from the same numbers (exactly vmap's). Beyond it, the Gram path keeps memory
-# independent of b.
+# Under "auto", a dense leaf (or a tied table with more than _BOUND_MAX_ROWS predictions) with fewer than
+# _SCAN_MIN_ROWS rows whose per-example gradients for the whole micro-batch fit in this many floats (16 MiB) is
+# materialized outright: no Gram matrices, no bound, and the norm and the sum come from the same numbers (exactly
+# vmap's). Beyond it, the scan (a tied table: the Gram bound) keeps memory independent of b.
 _MATERIALIZE_SMALL_LEAF = 1 << 22
 # Under "auto", a dense leaf with at least this many rows per example (a transformer's positions) is materialized one
 # example at a time in a scan, whatever its size (`_scan_unroll`): exact like the outright path, memory independent
 # of b, and faster than it on CPU (2-D products instead of a batched one: small BERT's clipped step 1.26x -> 1.14x).
 _SCAN_MIN_ROWS = 64
-# Under "auto", a leaf with 2 to this many rows per example (a tied output table's predictions, a head over a few
-# positions) is never materialized outright: its Gram bound, from blocked products (gram.BLOCKED_MAX_ROWS), exceeds
-# the estimate by ~5e-6 on benign operands (5.4e-6 at most on the demo's tied 512 x 32 table, 3.2e-5 unblocked), so
-# within _BOUND_SLACK of vmap's norm, while materializing such a table per example costs more than the whole leaf:
-# the demo's clipped sum 1.34x -> 1.12x of the non-private gradient (pre-issue-15: 1.12x; bench/clip_ratio.py).
+# Under "auto", a tied table (lookups and an output projection) with 2 to this many predictions per example is never
+# materialized: its Gram bound, from blocked products (gram.BLOCKED_MAX_ROWS), exceeds the estimate by ~5e-6 on
+# benign operands (5.4e-6 at most on the demo's tied 512 x 32 table, 3.2e-5 unblocked), so within _BOUND_SLACK of
+# vmap's norm, while materializing it per example copies the whole table: the demo's clipped sum 1.34x -> 1.12x of
+# the non-private gradient (pre-issue-15: 1.12x; bench/clip_ratio.py).
 _BOUND_MAX_ROWS = 16
 # Floats of per-example gradients live in one step of that scan (2 MiB, about a core's cache): unrolled further,
 # a 768 x 768 leaf's scan took 2.3x as long (7 examples a step vs 1, bench/large_leaf.py's shape 32,128,768,768).
@@ -204,28 +204,25 @@ def _scan_unroll(method: NormMethod, b: int, x, y, rows, auto: bool) -> int:
   at a time in a ``lax.scan`` (:func:`_scanned_sum`), unrolled to as many examples as fit
   ``_SCAN_STEP_FLOATS`` floats (at most 16): memory independent of ``b``, each example's norm taken from the
   numbers it adds, and one 2-D product per example (XLA's CPU runtime runs the batched ``[b, K, N]`` product of
-  outright materialization 1.5-3x slower than the same flops as 2-D products). So is a leaf with
-  ``_BOUND_MAX_ROWS + 1`` to ``_SCAN_MIN_ROWS - 1`` (17 to 63) rows whose per-example gradients exceed
-  ``_MATERIALIZE_SMALL_LEAF`` floats per micro-batch: there the Gram bound exceeds the norm by 1e-5 to 1e-4 on
+  outright materialization 1.5-3x slower than the same flops as 2-D products). So is a dense leaf (no lookups) with
+  2 to 63 rows whose per-example gradients exceed ``_MATERIALIZE_SMALL_LEAF`` floats per micro-batch (smaller ones
+  are materialized outright, :func:`_materialize_count`): there the Gram bound exceeds the norm by 1e-5 to 1e-4 on
   benign operands (its ``gamma_{n+2}`` book-keeping term; more where rows correlate, as attention's do), and the
-  scan, exact, costs 1.3-1.6x the bound's time on such a leaf (each example's ``K x N`` gradient written and read for
-  ``n K N`` multiply-adds; ``bench/large_leaf.py``; ``"ghost"`` keeps the bound). Except a tied table (lookups and
-  an output projection) with at most ``gram.BLOCKED_MAX_ROWS`` (32) predictions: its output-gradient rows (softmax
-  minus one-hot) are nearly orthogonal, so its blocked bound is close to the norm (small BERT's 30,522 x 512 table
-  at 20 predictions: 9.9e-6 above its estimate, so its clip factors are vmap's to 5e-6; 2e-5 at 32 predictions on
-  random operands), while the scan would write the whole table per example. Leaves
-  with 2 to 16 rows keep the bound; smaller leaves of 17 to 63 rows are materialized outright
-  (:func:`_materialize_count`).
+  scan, exact, costs 1.3-1.6x the bound's time on such a leaf at 32-48 rows (each example's ``K x N`` gradient
+  written and read for ``n K N`` multiply-adds; ~3x at 8-16 rows; ``bench/large_leaf.py``; ``"ghost"`` keeps the
+  bound). A tied table (lookups and an output projection) with fewer than 64 predictions is never scanned: the scan
+  would write the whole table per example. With at most ``_BOUND_MAX_ROWS`` (16) predictions it takes the blocked
+  bound, and with up to ``gram.BLOCKED_MAX_ROWS`` (32) beyond the outright path's size too: its output-gradient rows
+  (softmax minus one-hot) are nearly orthogonal, so the blocked bound is close to the norm (small BERT's 30,522 x
+  512 table at 20 predictions: 9.9e-6 above its estimate, so its clip factors are vmap's to 5e-6; 2e-5 at 32
+  predictions on random operands).
   """
   n = x.shape[1]
   if not auto or method != NormMethod.GRAM or n < 2:
     return 0
   per_example = int(x.shape[2]) * int(y.shape[2])
-  if n < _SCAN_MIN_ROWS:
-    if n <= _BOUND_MAX_ROWS or b * per_example <= _MATERIALIZE_SMALL_LEAF:
-      return 0  # the bound, or materialized outright (_materialize_count)
-    if rows is not None and n <= gram_lib.BLOCKED_MAX_ROWS:
-      return 0  # a tied table: the blocked bound (see above)
+  if n < _SCAN_MIN_ROWS and (rows is not None or b * per_example <= _MATERIALIZE_SMALL_LEAF):
+    return 0  # a tied table (the bound, or outright) or a small leaf (outright): _materialize_count
   return int(min(16, max(1, _SCAN_STEP_FLOATS // per_example)))
 
 
@@ -275,9 +272,9 @@ def _materialize_count(method: NormMethod, b: int, x, y, rows, auto: bool = Fals
 
   For a leaf that is not scanned (:func:`_scan_unroll`; the caller asks only
   for those). All of them under MATERIALIZE, and under "auto" (``auto``) for a
-  leaf with more than ``_BOUND_MAX_ROWS`` rows (a tied table's lookups included)
-  whose ``b K M`` is at most ``_MATERIALIZE_SMALL_LEAF`` (unless the budget is 0:
-  the bound alone, for tests). Otherwise, none when the bound cannot be loose (one row, no lookups:
+  multi-row leaf whose ``b K M`` is at most ``_MATERIALIZE_SMALL_LEAF`` (a tied
+  table with more than ``_BOUND_MAX_ROWS`` predictions included; unless the
+  budget is 0: the bound alone, for tests). Otherwise, none when the bound cannot be loose (one row, no lookups:
   no cancellation), else as many as fit in ``_MATERIALIZE_BUDGET`` floats, at
   least one: the examples whose bound is loosest, which on benign inputs covers
   every example of a small layer and a crafted one in a large layer; the others
@@ -288,7 +285,9 @@ def _materialize_count(method: NormMethod, b: int, x, y, rows, auto: bool = Fals
   if _MATERIALIZE_BUDGET <= 0:  # budget 0: the bound alone (the adversarial tests of the bound)
     return 0
   per_example = int(x.shape[2]) * int(y.shape[2])
-  if auto and x.shape[1] > _BOUND_MAX_ROWS and b * per_example <= _MATERIALIZE_SMALL_LEAF:
+  table = rows is not None
+  if auto and x.shape[1] > 1 and b * per_example <= _MATERIALIZE_SMALL_LEAF and not (
+      table and x.shape[1] <= _BOUND_MAX_ROWS):
     return b  # a tied table too (its summed lookup rows added to the materialized gradient)
   if x.shape[1] == 1 and rows is None:
     return 0

@@ -301,20 +301,17 @@ def test_dense_shared_over_positions_with_cancelling_features_is_clipped(budget)
     _assert_bounded(grads, 1.0, mode)
 
 
-def test_scanned_materialization_clips_a_cancelling_example_by_what_it_adds():
+def test_scanned_materialization_clips_a_cancelling_example_by_what_it_adds(monkeypatch):
   """The issue's repro 1 (features v and -v + d, |v| = 1e6) through the scanned path, with a benign example beside
   it: the crafted one's Gram estimate is off, its contribution still at most C; the benign one's is C, as vmap."""
   loss, params, crafted, rng = _cancelling_repro()
   x = np.stack([crafted, rng.normal(size=(2, 4)) * 30])
   batch = {"x": jnp.asarray(x, jnp.float32), "y": jnp.array([0, 1])}
-  saved = ghost._SCAN_MIN_ROWS
-  ghost._SCAN_MIN_ROWS = 2
-  try:
-    assert ghost._scan_unroll(ghost.NormMethod.GRAM, 2, x, x[..., :3], None, auto=True) > 0  # the premise: scanned
-    crafted = _assert_bounded(_contribution_fn(loss, 1.0, "auto")(params, batch, 0), 1.0, "crafted")
-    benign = _assert_bounded(_contribution_fn(loss, 1.0, "auto")(params, batch, 1), 1.0, "benign")
-  finally:
-    ghost._SCAN_MIN_ROWS = saved
+  monkeypatch.setattr(ghost, "_SCAN_MIN_ROWS", 2)
+  assert ghost._scan_unroll(ghost.NormMethod.GRAM, 2, x, x[..., :3], None, auto=True) > 0  # the premise: scanned
+  crafted = _assert_bounded(_contribution_fn(loss, 1.0, "auto")(params, batch, 0), 1.0, "crafted")
+  benign = _assert_bounded(_contribution_fn(loss, 1.0, "auto")(params, batch, 1), 1.0, "benign")
+  monkeypatch.undo()
   want = _f64_norm(_contribution_fn(loss, 1.0, "vmap")(params, batch, 1))
   assert crafted > 0.0
   np.testing.assert_allclose(benign, want, rtol=1e-5)

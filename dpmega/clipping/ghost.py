@@ -289,7 +289,7 @@ def _materialize_count(method: NormMethod, b: int, x, y, rows, auto: bool = Fals
   if auto and x.shape[1] > 1 and b * per_example <= _MATERIALIZE_SMALL_LEAF and not (
       table and x.shape[1] <= _BOUND_MAX_ROWS):
     return b  # a tied table too (its summed lookup rows added to the materialized gradient)
-  if x.shape[1] == 1 and rows is None:
+  if x.shape[1] == 1 and not table:
     return 0
   return int(min(b, max(1, _MATERIALIZE_BUDGET // max(per_example, 1))))
 

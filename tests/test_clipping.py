@@ -241,3 +241,27 @@ def test_scaled_norms_fast_path_is_taken_only_when_exact(jit):
                              rtol=1e-6)
   x[2, 3] = np.inf
   assert np.isinf(np.asarray(norms(jnp.asarray(x)))[2])
+
+
+@pytest.mark.parametrize("b", [1, 2, 3, 5, 8, 13])
+def test_weighted_sum_of_large_leaves_adds_each_example_once(b):
+  """The pairwise sum over examples (leaves of >= 256 floats) on odd batch sizes: the float64 sum, weight-0 rows
+  dropped even when NaN or Inf, and one example alone added exactly (fl(w g), nothing else)."""
+  rng = np.random.default_rng(b)
+  g = rng.normal(size=(b, 24, 20)).astype(np.float32) * 10.0 ** rng.uniform(-3, 3, size=(b, 1, 1)).astype(np.float32)
+  w = rng.uniform(0.1, 2.0, size=b).astype(np.float32)
+  w[::3] = 0.0
+  g[::3, 0, 0] = np.nan
+  g[::3, 1, 1] = np.inf
+  small = rng.normal(size=(b, 7)).astype(np.float32)  # below the pairwise size: jnp.sum
+  got = clipping.weighted_sum({"big": jnp.asarray(g), "small": jnp.asarray(small)}, jnp.asarray(w))
+  for name, x in (("big", g), ("small", small)):
+    keep = w > 0
+    want = np.einsum("i,i...->...", w[keep].astype(np.float64), x[keep].astype(np.float64))
+    np.testing.assert_allclose(np.asarray(got[name], np.float64), want, rtol=1e-5, atol=1e-6, err_msg=name)
+  for i in range(b):
+    alone = np.zeros_like(w)
+    alone[i] = w[i]
+    one = np.asarray(clipping.weighted_sum(jnp.asarray(g), jnp.asarray(alone)))
+    want = g[i] * w[i] if w[i] > 0 else np.zeros_like(g[i])
+    np.testing.assert_array_equal(one, want)

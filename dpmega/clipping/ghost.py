@@ -490,9 +490,7 @@ def clipped_sum_ghost(
     else:
       total, w_bk = None, w_leaf
       if sel is not None:
-        w_sel = w_leaf[sel]
-        g_w = jnp.where((w_sel > 0)[:, None, None], g_sel * w_sel[:, None, None], 0.0)
-        total = jnp.sum(g_w, axis=0)
+        total = vmap_lib.weighted_sum(g_sel, w_leaf[sel])
         # The materialized examples are not added again by the book-keeping below.
         w_bk = w_leaf.at[sel].set(0.0) if used is True else jnp.where(used, w_leaf.at[sel].set(0.0), w_leaf)
       if danger is not None:  # left to the book-keeping, underflow could add more than FLUSH_REL C: dropped

@@ -37,12 +37,34 @@ def global_norms(per_example_grads: PyTree) -> jax.Array:
   return floats.hypot([floats.scaled_norms(x) for x in leaves])
 
 
+# Per-example size (floats) from which `weighted_sum` adds the examples pairwise: XLA's CPU runtime runs a reduction
+# over the leading axis of a large array far below memory speed (8 x 512 x 512: 5.6-9 ms, pairwise 0.09-0.11 ms;
+# 64 x 768 x 768: 185-228 ms vs 11-16 ms), while below it the two take about the same time.
+_PAIRWISE_MIN_FLOATS = 256
+
+
+def sum_examples(x: jax.Array) -> jax.Array:
+  """``sum_i x_i`` over the leading axis: pairwise (``x[:h] + x[h:]``, halving) for large examples, else ``jnp.sum``.
+
+  The order of the additions only changes the rounding of the sum, not what each example adds: an example alone
+  (every other row 0) comes out exactly.
+  """
+  if x.ndim < 2 or x[0].size < _PAIRWISE_MIN_FLOATS:
+    return jnp.sum(x, axis=0)
+  while x.shape[0] > 1:
+    if x.shape[0] % 2:
+      x = jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)])
+    half = x.shape[0] // 2
+    x = x[:half] + x[half:]
+  return x[0]
+
+
 def weighted_sum(per_example_grads: PyTree, weights: jax.Array) -> PyTree:
   """``sum_i weights_i * g_i`` in float32; rows with weight 0 are dropped even if NaN."""
 
   def leaf_sum(g):
     w = weights.reshape((-1,) + (1,) * (g.ndim - 1))
-    return jnp.sum(jnp.where(w > 0, g.astype(jnp.float32) * w, 0.0), axis=0)
+    return sum_examples(jnp.where(w > 0, g.astype(jnp.float32) * w, 0.0))
 
   return jax.tree_util.tree_map(leaf_sum, per_example_grads)
 

@@ -485,22 +485,65 @@ def test_blocked_dot_products_meet_their_rounding_bound():
       assert np.all(np.abs(np.asarray(got, np.float64) - exact) <= g * scale + 4 * k * 2.0**-126), (k, g)
 
 
-@pytest.mark.parametrize("b, n, k, d", [(64, 5, 512, 32), (16, 20, 8192, 64)])
-def test_blocked_gram_bound_is_within_the_slack_on_a_benign_tied_table(b, n, k, d):
-  """A tied table's operands: n softmax-minus-one-hot rows beside hidden states, and 32 lookup rows. The demo's
-  512 x 32 table at 5 predictions, and small BERT's 20 predictions over a vocabulary of 8,192. From blocked products
-  the bound exceeds the estimate by less than ghost's slack + 1e-5, so the clip factor it gives is vmap's to the
-  1e-5 of the equality tests (4e-7 and 8e-6 here; from one einsum each: 1.8e-5 and 6.7e-4); and it still holds
-  (>= the exact norm)."""
-  rng = np.random.default_rng(0)
-  r = 32
+def _tied_table_operands(rng, b, n, k, d, r=32):
+  """A tied table's operands: n softmax-minus-one-hot rows (over k) beside N(0, 1) hidden states, r lookup rows."""
   logits = rng.normal(size=(b, n, k))
   x = np.exp(logits) / np.sum(np.exp(logits), axis=2, keepdims=True)
   x[np.arange(b)[:, None], np.arange(n)[None], rng.integers(0, k, size=(b, n))] -= 1.0
   y = rng.normal(size=(b, n, d))
   ids = np.stack([rng.permutation(k)[:r] for _ in range(b)])  # distinct ids: rows already summed
   rows = rng.normal(size=(b, r, d)) * 0.3
-  x, y, rows = (v.astype(np.float32) for v in (x, y, rows))
+  return x.astype(np.float32), y.astype(np.float32), ids, rows.astype(np.float32)
+
+
+def _abs_frobenius64(x, y):
+  """float64 ``||sum_s |x_s| |y_s|^T||_F`` per example."""
+  a = np.einsum("bnk,bnm->bkm", np.abs(x).astype(np.float64), np.abs(y).astype(np.float64))
+  return np.linalg.norm(a.reshape(a.shape[0], -1), axis=1)
+
+
+def test_absolute_frobenius_term_bounds_the_bookkeeping_rounding_for_every_input():
+  """gram's book-keeping term for a tied table (``u_dense``): never below ``||sum_s |x_s| |y_s|^T||_F`` (what the
+  book-keeping's rounding is bounded by, entry by entry), on crafted operands: magnitudes from 1e-30 to 1e15,
+  subnormals, rows that flush to 0, mixed signs, cancelling rows, one huge row beside tiny ones; and on a tied
+  table's benign operands within 5% of it, where ``U = sum_s |x_s| |y_s|`` (the term before) is ~sqrt(n) times it."""
+  rng = np.random.default_rng(7)
+  b, n, k, d, r = 6, 12, 300, 40, 8
+  cases = {"benign": (rng.normal(size=(b, n, k)), rng.normal(size=(b, n, d)))}
+  for lo, hi in ((-30, -20), (-20, 15), (5, 15)):
+    cases[f"1e{lo}..1e{hi}"] = tuple(rng.normal(size=(b, n, m)) * 10.0 ** rng.uniform(lo, hi, size=(b, n, m))
+                                     for m in (k, d))
+  x, y = rng.normal(size=(b, n, k)), rng.normal(size=(b, n, d))
+  x[:, 1::2] = -x[:, ::2] + 1e-6 * rng.normal(size=x[:, ::2].shape)  # cancelling pairs of rows
+  cases["cancelling"] = (x, y)
+  x, y = rng.normal(size=(b, n, k)) * 1e-40, rng.normal(size=(b, n, d)) * 1e-5  # subnormal x, products flushed
+  x[:, 0] = 1e10
+  cases["one huge row beside subnormal ones"] = (x, y)
+  rows, ids = rng.normal(size=(b, r, d)).astype(np.float32), np.tile(np.arange(r), (b, 1))
+  for name, (x, y) in cases.items():
+    x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+    u_dense = np.asarray(gram.bounds_in_units(jnp.asarray(x), jnp.asarray(y), jnp.asarray(ids, jnp.int32),
+                                              jnp.asarray(rows))[2], np.float64)
+    want = _abs_frobenius64(x, y)
+    assert np.all(u_dense >= want), (name, u_dense / want)
+  x, y, ids, rows = _tied_table_operands(rng, 4, 32, 4096, 64)
+  u_dense = np.asarray(gram.bounds_in_units(jnp.asarray(x), jnp.asarray(y), jnp.asarray(ids, jnp.int32),
+                                            jnp.asarray(rows))[2], np.float64)
+  frob = _abs_frobenius64(x, y)
+  u = np.sum(np.linalg.norm(x.astype(np.float64), axis=2) * np.linalg.norm(y.astype(np.float64), axis=2), axis=1)
+  assert np.all(u_dense >= frob) and np.all(u_dense <= 1.05 * frob), u_dense / frob
+  assert np.all(u > 3 * frob)  # what it replaces
+
+
+@pytest.mark.parametrize("b, n, k, d", [(64, 5, 512, 32), (16, 20, 8192, 64), (8, 40, 8192, 64),
+                                        (4, 63, 8192, 64)])
+def test_blocked_gram_bound_is_within_the_slack_on_a_benign_tied_table(b, n, k, d):
+  """A tied table's operands: n softmax-minus-one-hot rows beside hidden states, and 32 lookup rows. The demo's
+  512 x 32 table at 5 predictions, and small BERT's 20 predictions over a vocabulary of 8,192. From blocked products
+  the bound exceeds the estimate by less than ghost's slack + 1e-5, so the clip factor it gives is vmap's to the
+  1e-5 of the equality tests (4e-7 and 8e-6 here; from one einsum each: 1.8e-5 and 6.7e-4); and it still holds
+  (>= the exact norm)."""
+  x, y, ids, rows = _tied_table_operands(np.random.default_rng(0), b, n, k, d)
   g = np.einsum("bnk,bnm->bkm", x.astype(np.float64), y.astype(np.float64))
   np.add.at(g, (np.arange(b)[:, None], ids), rows.astype(np.float64))
   exact = np.linalg.norm(g.reshape(b, -1), axis=1)

@@ -311,7 +311,7 @@ def test_auto_equals_vmap_on_a_benign_bert_sized_leaf_that_is_not_materialized_o
   _assert_scanned_dense_leaf_equals_vmap(model, x)
 
 
-@pytest.mark.parametrize("predictions", [5, 16, 20])
+@pytest.mark.parametrize("predictions", [5, 16, 20, 40])
 def test_auto_equals_vmap_on_a_benign_tied_output_table_clipped_by_its_bound(predictions):
   # A tied 8,192 x 64 embedding: 16 lookups and the output projection at 5, 16 or 20 predicted positions (small
   # BERT's), 16 examples, every one clipped. Under "auto" it is clipped by its Gram bound (not materialized: 2 to 16
@@ -319,7 +319,7 @@ def test_auto_equals_vmap_on_a_benign_tied_output_table_clipped_by_its_bound(pre
   # Before, it took the bound from one einsum, whose gamma_K term (K = 8,192: 4.9e-4) put it ~2e-4 above the norm and
   # the sum that much below vmap.
   m = cm.TiedHead(vocab=8192, dim=64)
-  batch = cm.tied_head_batch(jax.random.key(0), 16, m, seq=16, predictions=predictions)
+  batch = cm.tied_head_batch(jax.random.key(0), 16, m, seq=max(16, predictions), predictions=predictions)
   loss_fn, params = cm.tied_head_loss(m), m.init(jax.random.key(1), batch["ids"][0], batch["positions"][0])
   x, y, rows = np.empty((16, predictions, m.vocab)), np.empty((16, predictions, m.dim)), np.empty((16, 16, m.dim))
   assert ghost._materialize_count(ghost.NormMethod.GRAM, 16, x, y, rows, auto=True) < 16  # the premise: the bound

@@ -51,7 +51,7 @@ FAST_REL2 = 2.0 ** -40
 # operands, and a rounding term of ~3e-6 instead of gamma_K. The demo's tied 512-row table (5 predictions): bound
 # 5.4e-6 above its estimate instead of 3.2e-5; small BERT's 30,522-row one (20 predictions): 1e-5 instead of 1.3e-3,
 # its clipped sum from 5.3e-4 below vmap's to 2e-7, at no measurable cost (the products run at one einsum's speed).
-BLOCKED_MAX_ROWS = 32
+BLOCKED_MAX_ROWS = 64
 
 
 def bounds_in_units(xs, ys, ids, rs):
@@ -88,8 +88,20 @@ def bounds_in_units(xs, ys, ids, rs):
     tree = lambda m: jnp.sum(flat(m), axis=1) / (1.0 - floats.gamma(n * n + 4))
   est2 = floats.sum_nonneg(flat(terms))
   s3 = tree(jnp.abs(terms))
-  s1 = tree(nx[:, :, None] * nx[:, None, :] * jnp.abs(bb))
-  s2 = tree(jnp.abs(aa) * ny[:, :, None] * ny[:, None, :])
+  if rs is None or n < 2:
+    # |aa_st - AA_st| <= g_kx sum_k |x_sk x_tk| <= g_kx nx_s nx_t (Cauchy-Schwarz), likewise for bb.
+    s1 = tree(nx[:, :, None] * nx[:, None, :] * jnp.abs(bb))
+    s2 = tree(jnp.abs(aa) * ny[:, :, None] * ny[:, None, :])
+    u_book = u_dense
+  else:
+    # A tied table: sum_k |x_sk x_tk| itself (_abs_grams), far below nx_s nx_t where the rows' supports barely
+    # overlap (softmax-minus-one-hot rows), and the book-keeping's rounding term from it.
+    ax, ay = _abs_grams(xs, ys)
+    s1 = tree(ax * jnp.abs(bb))
+    s2 = tree(jnp.abs(aa) * ay)
+    # (ax ay: 7 roundings per term, 3 more than `tree` divides out; the n^2 products and sums flushed: _ETA each.)
+    frob = jnp.sqrt(tree(ax * ay) * (1.0 + floats.gamma(4)) + 2 * n * n * _ETA) * (1.0 + 4 * floats.UNIT_ROUNDOFF)
+    u_book = jnp.minimum(u_dense, frob)
   big_x, big_y = jnp.max(nx, axis=1), jnp.max(ny, axis=1)
   # |aa_st - AA_st| <= g_kx nx_s nx_t + alpha and |bb_st| <= (1 + 2 g) big_y^2 + beta (likewise for bb), so the
   # underflow terms add n^2 (alpha big_y^2 + beta big_x^2) (1 + 2g) + 3 n^2 alpha beta; the n^2 products aa bb and
@@ -120,7 +132,24 @@ def bounds_in_units(xs, ys, ids, rs):
     # Underflow: each squared row (4 d _ETA), each entry of yi (beta, times |xi| <= big_x), each product and sum.
     abs2 = abs2 + 2.0 * (n_rows * 4 * d * _ETA + n * n_rows * (2.0 * beta * big_x + 4.0 * _ETA))
     u_rows = floats.sum_nonneg(nr)
-  return est2, err2 + abs2, u_dense, u_rows, abs2, jnp.sum(nx, axis=1) * (1.0 + 2.0 * floats.gamma(n))
+  return est2, err2 + abs2, u_book, u_rows, abs2, jnp.sum(nx, axis=1) * (1.0 + 2.0 * floats.gamma(n))
+
+
+def _abs_grams(xs, ys):
+  """``(ax, ay) [b, n, n]``: upper bounds on ``|x_s| . |x_t|`` and ``|y_s| . |y_t|`` (Gram matrices of the absolute
+  values), for every input.
+
+  They bound the rounding of the Gram matrices entry by entry (``|aa_st - AA_st| <= g_kx |x_s| . |x_t|``), and
+  ``||A||_F^2 = sum_{s,t} ax_st ay_st`` for ``A = sum_s |x_s| |y_s|^T``, which bounds the book-keeping's rounding
+  entry by entry (``gamma_{n+2} A``): at most ``U = sum_s |x_s| |y_s|`` (triangle inequality), ``~||G||`` instead of
+  ``~sqrt(n) ||G||`` on a tied output table's softmax-minus-one-hot rows. Every term is non-negative, so each computed
+  entry is ``>= exact (1 - gamma_K) - 2 K _ETA`` (rounding, and products or partial sums flushed to 0), which is undone
+  here, up to this correction's own 2 roundings (and the constant's): 3 roundings per entry, at most. Overflow
+  gives Inf, never less.
+  """
+  gram_abs = lambda m, k: ((jnp.einsum("bsk,btk->bst", jnp.abs(m), jnp.abs(m), precision=_HIGHEST) + 2 * k * _ETA)
+                           / (1.0 - floats.gamma(k)))
+  return gram_abs(xs, xs.shape[2]), gram_abs(ys, ys.shape[2])
 
 
 def upper_bound(est2, err2, u_dense, u_rows, n: int):

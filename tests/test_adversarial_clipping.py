@@ -395,6 +395,25 @@ def test_integer_params_leaf_is_refused_alike_in_every_mode():
       grad_fn(params, batch, jax.random.key(0))
 
 
+@pytest.mark.parametrize("length", [1000, 1 << 16, (1 << 16) * 3 + 7, (1 << 20) + 5])
+def test_tree_sums_count_every_term_once_and_meet_their_rounding_bound(length):
+  """floats.sum_nonneg, whose long levels are summed by halvings: every term counted once (exact sums of ones and of
+  one-hot rows, odd lengths padded), and within ``tree_gamma(n) sum x`` on a sum built to lose digits in sequence (a
+  1 followed by terms below its half ulp) with magnitudes from 1e-30 to 1e30 beside it."""
+  rng = np.random.default_rng(length)
+  rows = [np.ones(length), np.zeros(length), np.zeros(length)]
+  rows[1][rng.integers(length)] = 2.0**-30
+  rows[2][[0, length - 1]] = 3.0
+  lossy = np.full(length, 2.0**-25)
+  lossy[0] = 1.0
+  mixed = rng.uniform(0, 1, size=length) * 10.0 ** rng.uniform(-30, 30, size=length)
+  x = np.stack(rows + [lossy, mixed]).astype(np.float32)
+  got = np.asarray(floats.sum_nonneg(jnp.asarray(x)), np.float64)
+  exact = np.sum(x.astype(np.float64), axis=1)
+  np.testing.assert_array_equal(got[:3], [length, 2.0**-30, 6.0])
+  assert np.all(np.abs(got[3:] - exact[3:]) <= floats.tree_gamma(length) * exact[3:]), (got[3:] / exact[3:] - 1)
+
+
 def test_scaled_norms_neither_underflow_nor_overflow():
   x = jnp.stack([jnp.full((1000,), 1e-20), jnp.full((1000,), 1e20), jnp.zeros(1000)])
   np.testing.assert_allclose(clipping.scaled_norms(x), [1e-20 * np.sqrt(1000), 1e20 * np.sqrt(1000), 0.0], rtol=1e-6)

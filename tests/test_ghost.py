@@ -313,11 +313,12 @@ def test_auto_equals_vmap_on_a_benign_bert_sized_leaf_that_is_not_materialized_o
 
 @pytest.mark.parametrize("predictions", [5, 16, 20, 40])
 def test_auto_equals_vmap_on_a_benign_tied_output_table_clipped_by_its_bound(predictions):
-  # A tied 8,192 x 64 embedding: 16 lookups and the output projection at 5, 16 or 20 predicted positions (small
-  # BERT's), 16 examples, every one clipped. Under "auto" it is clipped by its Gram bound (not materialized: 2 to 16
-  # rows, or beyond 2^22 floats per micro-batch: 8.4M here), which comes from blocked dot products (up to 32 rows).
-  # Before, it took the bound from one einsum, whose gamma_K term (K = 8,192: 4.9e-4) put it ~2e-4 above the norm and
-  # the sum that much below vmap.
+  # A tied 8,192 x 64 embedding: 16 lookups and the output projection at 5, 16, 20 (small BERT's) or 40 (BERT at
+  # sequence length 256) predicted positions, 16 examples, every one clipped. Under "auto" it is clipped by its Gram
+  # bound (not materialized: 2 to 16 rows, or beyond 2^22 floats per micro-batch: 8.4M here), which comes from blocked
+  # dot products (up to 64 rows) and Gram matrices of absolute values. Before session 14, it took the bound from one
+  # einsum, whose gamma_K term (K = 8,192: 4.9e-4) put it ~2e-4 above the norm and the sum that much below vmap (at
+  # 40 predictions, until session 15, 1.2e-3).
   m = cm.TiedHead(vocab=8192, dim=64)
   batch = cm.tied_head_batch(jax.random.key(0), 16, m, seq=max(16, predictions), predictions=predictions)
   loss_fn, params = cm.tied_head_loss(m), m.init(jax.random.key(1), batch["ids"][0], batch["positions"][0])

@@ -63,13 +63,17 @@ and stats) to float rounding. A tied output table with 2 to ``_BOUND_MAX_ROWS``
 Gram products (:func:`dpmega.clipping.floats.dot_rows`) it exceeds the estimate
 by ~5e-6 on benign operands, within the slack, so the sum is vmap's there too
 (to ~1e-6), without a per-example copy of the table. A tied
-table with 17 to 32 predictions beyond the 16 MiB keeps a blocked bound too
-(:func:`_scan_unroll`): 9.9e-6 above its estimate at small BERT's 30,522 x 512
-and 20 predictions (its clip factors vmap's to 5e-6, the model's sum to 2e-7),
-2e-5 at 32 on random operands. What is left to a looser bound: ``"ghost"`` (pure
-Gram norms, by request: conservative, below vmap's by the bound's excess on
-benign inputs, 1e-5 to 1e-3 relative, ``bench/large_leaf.py``), and under
-``"auto"`` a tied table with 33 to 63 predictions beyond the 16 MiB.
+table with 17 to 63 predictions beyond the 16 MiB keeps that bound too
+(:func:`_scan_unroll`). A tied table's rounding terms come from Gram matrices of
+absolute values (:func:`dpmega.clipping.gram._abs_grams`), which its
+softmax-minus-one-hot rows keep near 0 off the diagonal: on such operands the
+bound exceeds the norm by 3.7e-6 to 8.5e-6 from 5 to 63 predictions
+(4.9e-6 at small BERT's 30,522 x 512 and 20 predictions, was 9.9e-6), so its clip
+factors are vmap's to ~4e-6; on dense random operands (not a softmax output)
+it is looser (1.1e-5, 1.6e-5, 3.2e-5 at 20, 32, 63). What is left to a looser bound:
+``"ghost"`` (pure Gram norms, by request: conservative, below vmap's by the
+bound's excess on benign inputs, 1e-5 to 1e-3 relative for dense layers,
+``bench/large_leaf.py``).
 An op the fast path does not recognise only makes it slower (``vmap``
 for the parameters involved), never different.
 
@@ -160,10 +164,11 @@ _MATERIALIZE_SMALL_LEAF = 1 << 22
 # of b, and faster than it on CPU (2-D products instead of a batched one: small BERT's clipped step 1.26x -> 1.14x).
 _SCAN_MIN_ROWS = 64
 # Under "auto", a tied table (lookups and an output projection) with 2 to this many predictions per example is never
-# materialized: its Gram bound, from blocked products (gram.BLOCKED_MAX_ROWS), exceeds the estimate by ~5e-6 on
-# benign operands (5.4e-6 at most on the demo's tied 512 x 32 table, 3.2e-5 unblocked), so within _BOUND_SLACK of
-# vmap's norm, while materializing it per example copies the whole table: the demo's clipped sum 1.34x -> 1.12x of
-# the non-private gradient (pre-issue-15: 1.12x; bench/clip_ratio.py).
+# materialized: its Gram bound, from blocked products (gram.BLOCKED_MAX_ROWS) and Gram matrices of absolute values
+# (gram._abs_grams), exceeds the estimate by ~4e-6 on benign operands (3.8e-6 at most on the demo's tied 512 x 32
+# table, 3.2e-5 from one einsum), so within _BOUND_SLACK of vmap's norm, while materializing it per example copies
+# the whole table: the demo's clipped sum 1.34x -> 1.12x of the non-private gradient (pre-issue-15: 1.12x;
+# bench/clip_ratio.py).
 _BOUND_MAX_ROWS = 16
 # Floats of per-example gradients live in one step of that scan (2 MiB, about a core's cache): unrolled further,
 # a 768 x 768 leaf's scan took 2.3x as long (7 examples a step vs 1, bench/large_leaf.py's shape 32,128,768,768).
@@ -212,10 +217,10 @@ def _scan_unroll(method: NormMethod, b: int, x, y, rows, auto: bool) -> int:
   written and read for ``n K N`` multiply-adds; ~3x at 8-16 rows; ``bench/large_leaf.py``; ``"ghost"`` keeps the
   bound). A tied table (lookups and an output projection) with fewer than 64 predictions is never scanned: the scan
   would write the whole table per example. With at most ``_BOUND_MAX_ROWS`` (16) predictions it takes the blocked
-  bound, and with up to ``gram.BLOCKED_MAX_ROWS`` (32) beyond the outright path's size too: its output-gradient rows
-  (softmax minus one-hot) are nearly orthogonal, so the blocked bound is close to the norm (small BERT's 30,522 x
-  512 table at 20 predictions: 9.9e-6 above its estimate, so its clip factors are vmap's to 5e-6; 2e-5 at 32
-  predictions on random operands).
+  bound, and with up to 63 beyond the outright path's size too: its output-gradient rows (softmax minus one-hot)
+  barely overlap, so the bound, whose rounding terms come from Gram matrices of absolute values, is close to the
+  norm (3.7e-6 to 8.5e-6 above it from 5 to 63 predictions; small BERT's 30,522 x 512 table at 20:
+  4.9e-6), and its clip factors are vmap's to ~4e-6.
   """
   n = x.shape[1]
   if not auto or method != NormMethod.GRAM or n < 2:

@@ -47,10 +47,12 @@ _ETA = 2.0 ** -126
 # Fast path of `dense_norm_bounds`: the unscaled bound is used when, in every example, its underflow part is below
 # this fraction of the rest (the bound then equals the scaled one to rounding).
 FAST_REL2 = 2.0 ** -40
-# Examples of at most this many rows get blocked Gram products (`floats.dot_rows`): scratch memory about that of the
-# operands, and a rounding term of ~3e-6 instead of gamma_K. The demo's tied 512-row table (5 predictions): bound
-# 5.4e-6 above its estimate instead of 3.2e-5; small BERT's 30,522-row one (20 predictions): 1e-5 instead of 1.3e-3,
-# its clipped sum from 5.3e-4 below vmap's to 2e-7, at no measurable cost (the products run at one einsum's speed).
+# Examples of at most this many rows get blocked Gram products (`floats.dot_rows`): scratch memory up to twice that
+# of the operands (b n^2 K / 32 floats), and a rounding term of ~3e-6 instead of gamma_K. The demo's tied 512-row
+# table (5 predictions): bound 5.4e-6 above its estimate instead of 3.2e-5; small BERT's 30,522-row one (20
+# predictions): 1e-5 instead of 1.3e-3, its clipped sum from 5.3e-4 below vmap's to 2e-7, at no measurable cost
+# (the products run at one einsum's speed). Up to 32 rows until session 15: a tied table at 40 or 63 predictions
+# (BERT at sequence length 256 to 512) was 1.2e-3 / 1.8e-3 above the norm, 6.6e-6 / 8e-6 now (with `_abs_grams`).
 BLOCKED_MAX_ROWS = 64
 
 

@@ -21,9 +21,9 @@ import jax.numpy as jnp
 from dpmega.clipping import floats
 from dpmega.clipping import vmap as vmap_lib
 
-# (b, per-example shape): small BERT's MLM transform (512 x 512, batch 8), a 768 x 768 leaf at 64 examples, tiny
-# BERT's 32 x 32 kernels at 256, a 128 x 128 leaf at 256, a bias at 256.
-EXAMPLE_SUMS = [(8, (512, 512)), (64, (768, 768)), (256, (32, 32)), (256, (128, 128)), (256, (32,))]
+# (b, per-example shape): small BERT's MLM transform (512 x 512, batch 8), a 768 x 768 leaf at 64 examples, a 128 x
+# 128 leaf at 256; below vmap._PAIRWISE_MIN_FLOATS (the same code both ways): tiny BERT's 32 x 32 kernels, a bias.
+EXAMPLE_SUMS = [(8, (512, 512)), (64, (768, 768)), (256, (128, 128)), (256, (32, 32)), (256, (256,))]
 # (rows, length) of sums of squares: one example's 512 x 2048 and 512 x 512 gradients (small BERT's scan), 8
 # examples' Gram terms (128 x 128 rows), 8 rows of 30,522, one example's 30,522 x 512 tied table.
 SQUARE_SUMS = [(1, 1 << 20), (1, 1 << 18), (8, 1 << 14), (8, 30522), (1, 30522 * 512)]

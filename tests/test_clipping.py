@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import dpmega
 from dpmega import clipping
+from dpmega.clipping import vmap as vmap_lib
 
 MODES = dpmega.clipping_modes()
 
@@ -245,14 +246,15 @@ def test_scaled_norms_fast_path_is_taken_only_when_exact(jit):
 
 @pytest.mark.parametrize("b", [1, 2, 3, 5, 8, 13])
 def test_weighted_sum_of_large_leaves_adds_each_example_once(b):
-  """The pairwise sum over examples (leaves of >= 256 floats) on odd batch sizes: the float64 sum, weight-0 rows
+  """The pairwise sum over examples (leaves of >= 2^14 floats) on odd batch sizes: the float64 sum, weight-0 rows
   dropped even when NaN or Inf, and one example alone added exactly (fl(w g), nothing else)."""
   rng = np.random.default_rng(b)
-  g = rng.normal(size=(b, 24, 20)).astype(np.float32) * 10.0 ** rng.uniform(-3, 3, size=(b, 1, 1)).astype(np.float32)
+  g = rng.normal(size=(b, 128, 130)).astype(np.float32) * 10.0 ** rng.uniform(-3, 3, size=(b, 1, 1)).astype(np.float32)
   w = rng.uniform(0.1, 2.0, size=b).astype(np.float32)
   w[::3] = 0.0
   g[::3, 0, 0] = np.nan
   g[::3, 1, 1] = np.inf
+  assert vmap_lib._PAIRWISE_MIN_FLOATS <= g[0].size
   small = rng.normal(size=(b, 7)).astype(np.float32)  # below the pairwise size: jnp.sum
   got = clipping.weighted_sum({"big": jnp.asarray(g), "small": jnp.asarray(small)}, jnp.asarray(w))
   for name, x in (("big", g), ("small", small)):

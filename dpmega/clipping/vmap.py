@@ -6,6 +6,7 @@ Works for any differentiable per-example loss; memory is ``b x |params|``.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import jax
@@ -39,8 +40,9 @@ def global_norms(per_example_grads: PyTree) -> jax.Array:
 
 # Per-example size (floats) from which `weighted_sum` adds the examples pairwise: XLA's CPU runtime runs a reduction
 # over the leading axis of a large array far below memory speed (8 x 512 x 512: 5.6-9 ms, pairwise 0.09-0.11 ms;
-# 64 x 768 x 768: 185-228 ms vs 11-16 ms), while below it the two take about the same time.
-_PAIRWISE_MIN_FLOATS = 256
+# 64 x 768 x 768: 185-228 ms vs 11-16 ms; bench/reductions.py). Below it the gain is small (256 x 32 x 32: 0.07 vs
+# 0.05-0.09 ms) and the halvings' extra ops can cost more in a whole step (a bias of 256 floats at batch 256: 8 ops).
+_PAIRWISE_MIN_FLOATS = 1 << 14
 
 
 def sum_examples(x: jax.Array) -> jax.Array:
@@ -49,7 +51,7 @@ def sum_examples(x: jax.Array) -> jax.Array:
   The order of the additions only changes the rounding of the sum, not what each example adds: an example alone
   (every other row 0) comes out exactly.
   """
-  if x.ndim < 2 or x[0].size < _PAIRWISE_MIN_FLOATS:
+  if x.ndim < 2 or x.shape[0] == 0 or math.prod(x.shape[1:]) < _PAIRWISE_MIN_FLOATS:
     return jnp.sum(x, axis=0)
   while x.shape[0] > 1:
     if x.shape[0] % 2:

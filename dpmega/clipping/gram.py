@@ -149,9 +149,13 @@ def _abs_grams(xs, ys):
   here, up to this correction's own 2 roundings (and the constant's): 3 roundings per entry, at most. Overflow
   gives Inf, never less.
   """
-  gram_abs = lambda m, k: ((jnp.einsum("bsk,btk->bst", jnp.abs(m), jnp.abs(m), precision=_HIGHEST) + 2 * k * _ETA)
-                           / (1.0 - floats.gamma(k)))
-  return gram_abs(xs, xs.shape[2]), gram_abs(ys, ys.shape[2])
+
+  def gram_abs(m):
+    m = jnp.abs(m)
+    q, g = floats.dot_rows(m, m, blocked=False)  # one einsum, g = gamma_K
+    return (q + 2 * m.shape[2] * _ETA) / (1.0 - g)
+
+  return gram_abs(xs), gram_abs(ys)
 
 
 def upper_bound(est2, err2, u_dense, u_rows, n: int):

@@ -1,11 +1,11 @@
 """Clipped sum of one dense leaf: "auto" (scanned materialization) vs "ghost" (Gram bound) vs non-private.
 
 One ``nn.Dense(M, use_bias=False)`` shared over ``n`` positions (a transformer projection), ``b`` examples,
-every example clipped. With at least ``_SCAN_MIN_ROWS`` (64) rows per example, or 17 to 63 beyond
+every example clipped. With at least ``_SCAN_MIN_ROWS`` (64) rows per example, or 2 to 63 beyond
 ``_MATERIALIZE_SMALL_LEAF`` floats per micro-batch, "auto" materializes the examples' gradients one at a time in a
-scan and takes each example's norm from the numbers it adds (equal to vmap on benign inputs); with 17 to 63 rows
-within it, outright; with 2 to 16 it clips by the (blocked) Gram bound, as "ghost" does for every shape
-(conservative, ~1e-4 relative below vmap at n = 128). Prints, per shape, the
+scan and takes each example's norm from the numbers it adds (equal to vmap on benign inputs); with 2 to 63 rows
+within it, outright. "ghost" clips by the Gram bound for every shape (conservative, ~1e-4 relative below vmap at
+n = 128). Prints, per shape, the
 median time of each (interleaved calls), the ratio to the non-private gradient of the mean loss, XLA's temp
 memory, and each mode's largest difference from vmap where vmap fits (relative to the largest entry).
 

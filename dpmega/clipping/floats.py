@@ -98,8 +98,8 @@ def dot_rows(a: jax.Array, c: jax.Array, blocked: bool) -> tuple[jax.Array, floa
   ``g = gamma(K)``. With ``blocked`` (and ``K`` large enough for it to help): dot products of 16 terms each, an
   optimization barrier (so XLA cannot merge them back into one contraction), and their sum by
   :func:`sum_nonneg`, so ``g = gamma(16 + 15 * tree_levels(K / 16))``: ``2.7e-6`` instead of ``3.1e-5`` at
-  ``K = 512`` (taken where it at least halves ``g``, ``K >= 62``). Its scratch memory is ``b n r K / 16`` floats
-  (callers block only where ``n <= 32``).
+  ``K = 512`` (taken where it at least halves ``g``, ``K >= 62``). Its scratch memory is ``b n r K / 16`` floats,
+  half that when ``a is c`` (callers block only where ``n <= gram.BLOCKED_MAX_ROWS``, 64).
   """
   k = a.shape[2]
   blocks = -(-k // _TREE_FAN_IN)

@@ -1,11 +1,11 @@
-"""Clipped sum of one dense leaf: "auto" (scanned materialization) vs "ghost" (Gram bound) vs non-private.
+"""Clipped sum of one dense leaf: "auto" (scanned materialization) vs the pure Gram bound vs non-private.
 
 One ``nn.Dense(M, use_bias=False)`` shared over ``n`` positions (a transformer projection), ``b`` examples,
 every example clipped. With at least ``_SCAN_MIN_ROWS`` (64) rows per example, or 2 to 63 beyond
 ``_MATERIALIZE_SMALL_LEAF`` floats per micro-batch, "auto" materializes the examples' gradients one at a time in a
 scan and takes each example's norm from the numbers it adds (equal to vmap on benign inputs); with 2 to 63 rows
-within it, outright. "ghost" clips by the Gram bound for every shape (conservative, ~1e-4 relative below vmap at
-n = 128). Prints, per shape, the
+within it, outright. "gram" (``ghost.clipped_sum_gram``, not a clipping mode; the "ghost" mode until session 16)
+clips by the Gram bound for every shape (conservative, ~1e-4 relative below vmap at n = 128). Prints, per shape, the
 median time of each (interleaved calls), the ratio to the non-private gradient of the mean loss, XLA's temp
 memory, and each mode's largest difference from vmap where vmap fits (relative to the largest entry).
 
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpmega import clipping
+from dpmega.clipping import ghost
 
 import timing  # bench/timing.py (this directory)
 
@@ -34,9 +35,8 @@ def run(b: int, n: int, k: int, m: int, reps: int, vmap_limit: int) -> None:
   loss = lambda p, ex: jnp.mean(model.apply(p, ex) ** 2)
   clip = 1e-3  # below every example's norm: all clipped
   fns = {"non-private": jax.jit(jax.grad(lambda p, xs: jnp.mean(jax.vmap(lambda e: loss(p, e))(xs))))}
-  for mode in ("auto", "ghost"):
-    fns[mode] = jax.jit(lambda p, xs, mode=mode: clipping.clipped_grad_sum(loss, p, xs, clip_norm=clip,
-                                                                           clipping=mode)[0])
+  fns["auto"] = jax.jit(lambda p, xs: clipping.clipped_grad_sum(loss, p, xs, clip_norm=clip, clipping="auto")[0])
+  fns["gram"] = jax.jit(lambda p, xs: ghost.clipped_sum_gram(loss, p, xs, jnp.ones(xs.shape[0]), clip)[0])
   if b * k * m <= vmap_limit:
     fns["vmap"] = jax.jit(lambda p, xs: clipping.clipped_grad_sum(loss, p, xs, clip_norm=clip, clipping="vmap")[0])
   outs = {name: jax.block_until_ready(f(params, x)) for name, f in fns.items()}  # compile + warm
@@ -47,7 +47,7 @@ def run(b: int, n: int, k: int, m: int, reps: int, vmap_limit: int) -> None:
   for name, f in fns.items():
     med = statistics.median(times[name])
     diff = ""
-    if "vmap" in outs and name in ("auto", "ghost"):
+    if "vmap" in outs and name in ("auto", "gram"):
       want = np.asarray(outs["vmap"]["params"]["kernel"])
       got = np.asarray(outs[name]["params"]["kernel"])
       diff = f"{np.max(np.abs(got - want)) / np.max(np.abs(want)):.1e}"

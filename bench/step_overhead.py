@@ -1,8 +1,8 @@
 """DP step / non-private step, same model and batch, jitted: the cost of exact per-example clipping.
 
 For each workload: the non-private ``jax.value_and_grad`` of the mean loss,
-then ``dpmega.private_value_and_grad`` with ``clipping="auto"`` (the default),
-``"ghost"`` and ``"vmap"``; median wall time over ``--reps`` calls, the ratio
+then ``dpmega.private_value_and_grad`` with ``clipping="auto"`` (the default;
+``"ghost"`` is the same since session 16) and ``"vmap"``; median wall time over ``--reps`` calls, the ratio
 to the non-private step, the compiled temp memory (XLA's memory analysis: the
 peak scratch one call needs besides its inputs and outputs), and which
 parameters took which path.
@@ -227,7 +227,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--only", choices=["mlp", "bert", "deepfm", "bert_tiny", "bert_small"], action="append")
   parser.add_argument("--reps", type=int, default=10)
-  parser.add_argument("--modes", default="auto,ghost,vmap")
+  parser.add_argument("--modes", default="auto,vmap")  # "ghost" is "auto" (session 16)
   parser.add_argument("--batch", type=int, action="append", help="batch size(s) instead of the workload's")
   parser.add_argument("--optimizer", action="store_true", help="also time whole steps with an adam update")
   args = parser.parse_args()

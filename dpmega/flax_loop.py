@@ -77,7 +77,7 @@ def nnx_value_and_grad(
     microbatch_size: examples per scan step; must divide the (padded) batch size.
     grad_dtype: None (float32) or ``"params"``.
     return_stats: also return the :class:`dpmega.ClipStats`.
-    clipping: ``"auto"``, ``"ghost"`` or ``"vmap"``.
+    clipping: ``"auto"``, ``"ghost"`` (the same as ``"auto"``) or ``"vmap"``.
     clip_rule: None or a :class:`dpmega.clipping.ClipRule` (normalized clipping, per-group clip budgets).
     noise_sampler: see :func:`dpmega.private_value_and_grad`.
 

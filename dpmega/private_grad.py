@@ -195,7 +195,7 @@ def private_value_and_grad(
       state keeps its dtype).
     return_stats: with ``batch_argnums``, also return the :class:`dpmega.ClipStats`.
     clipping: how per-example norms are computed: ``"auto"`` (default, fast ghost norms where possible),
-      ``"ghost"`` or ``"vmap"``; all exact (see :func:`dpmega.clipping.clipped_grad_sum`).
+      ``"ghost"`` (the same as ``"auto"``) or ``"vmap"``; all exact (see :func:`dpmega.clipping.clipped_grad_sum`).
     clip_rule: how norms become weights: None (``min(1, C / ||g||)``) or a :class:`dpmega.clipping.ClipRule`
       (normalized clipping, per-group clip budgets ``C sqrt(share)``); the sensitivity is ``C`` for every rule.
     noise_sampler: the Gaussian sampler (:class:`dpmega.noise.NoiseSampler`): ``"wide_tail"`` (default,

@@ -6,10 +6,15 @@ only depend on the clipping code.
 
 from __future__ import annotations
 
+import contextlib
+
 import flax.linen as nn
 from flax import nnx
 import jax
 import jax.numpy as jnp
+
+from dpmega import clipping
+from dpmega.clipping import ghost
 
 
 class MLP(nn.Module):
@@ -72,11 +77,12 @@ class TiedHead(nn.Module):
 
   vocab: int = 4096
   dim: int = 32
+  layer_norm: bool = True
 
   @nn.compact
   def __call__(self, ids, positions):
     embed = nn.Embed(self.vocab, self.dim, name="tok")
-    h = nn.LayerNorm()(embed(ids))
+    h = nn.LayerNorm()(embed(ids)) if self.layer_norm else embed(ids)
     return embed.attend(h[positions])  # [predictions, vocab]
 
 
@@ -84,6 +90,15 @@ def tied_head_loss(model):
   def loss(params, ex):
     logp = jax.nn.log_softmax(model.apply(params, ex["ids"], ex["positions"]))
     return -jnp.mean(jnp.take_along_axis(logp, ex["labels"][:, None], axis=1))
+  return loss
+
+
+def tied_head_distill_loss(model):
+  """Distillation onto a teacher's distribution (``ex["teacher"]``, ``[predictions, vocab]`` logits): the output
+  gradients ``softmax - teacher`` are dense rows that overlap, unlike a softmax against one-hot labels."""
+  def loss(params, ex):
+    logp = jax.nn.log_softmax(model.apply(params, ex["ids"], ex["positions"]))
+    return -jnp.mean(jnp.sum(jax.nn.softmax(ex["teacher"]) * logp, axis=-1))
   return loss
 
 
@@ -175,3 +190,15 @@ def ctr_batch(key, b, model, bag_len=5):
   bag = bag.at[:, -1].set(-1)  # padding id
   label = jax.random.bernoulli(k4, 0.3, (b,)).astype(jnp.float32)
   return {"fields": jnp.stack([f0, f1, f2], axis=1), "bag": bag, "label": label}
+
+
+@contextlib.contextmanager
+def gram_mode():
+  """``clipping="gram"`` for the tests of the Gram bound: ``ghost.clipped_sum_gram``, every recognised layer clipped
+  by its bound and nothing scanned. Not a public mode (its sums fall below vmap's by the bound's excess on benign
+  inputs); registered here so that the bound is tested through the public ``private_value_and_grad``."""
+  clipping._MODES["gram"] = ghost.clipped_sum_gram
+  try:
+    yield
+  finally:
+    del clipping._MODES["gram"]

@@ -154,16 +154,16 @@ def _contribution(name, dtype_name, mode, batch, budget=None, i=0, scan_all=Fals
   """The contribution of example ``i``; ``budget`` replaces ghost's fallback budget for the call, and with
   ``scan_all`` every multi-row dense leaf of "auto" takes the scanned materialization, whatever its rows."""
   fn, params, budget = _setup(name, dtype_name, mode, budget, scan_all)
-  saved = ghost._MATERIALIZE_BUDGET, ghost._SCAN_MIN_ROWS
+  saved = ghost._MATERIALIZE_BUDGET, ghost._SCAN_MIN_ROWS, ghost._MATERIALIZE_SMALL_LEAF
   if budget is not None:
     ghost._MATERIALIZE_BUDGET = budget
-  if scan_all:
-    ghost._SCAN_MIN_ROWS = 2
+  if scan_all:  # every leaf beyond the outright size, and every one of 2 rows or more scanned
+    ghost._SCAN_MIN_ROWS, ghost._MATERIALIZE_SMALL_LEAF = 2, 0
   try:
     # A fresh trace under these limits: the cache above keys on them.
     return fn(params, batch, i)
   finally:
-    ghost._MATERIALIZE_BUDGET, ghost._SCAN_MIN_ROWS = saved
+    ghost._MATERIALIZE_BUDGET, ghost._SCAN_MIN_ROWS, ghost._MATERIALIZE_SMALL_LEAF = saved
 
 
 # ---------------------------------------------------------------- crafted inputs
@@ -316,6 +316,7 @@ def test_scanned_materialization_clips_a_cancelling_example_by_what_it_adds(monk
   x = np.stack([crafted, rng.normal(size=(2, 4)) * 30])
   batch = {"x": jnp.asarray(x, jnp.float32), "y": jnp.array([0, 1])}
   monkeypatch.setattr(ghost, "_SCAN_MIN_ROWS", 2)
+  monkeypatch.setattr(ghost, "_MATERIALIZE_SMALL_LEAF", 0)
   assert ghost._leaf_plan(ghost.NormMethod.GRAM, 2, x, x[..., :3], None, auto=True).scan  # the premise: scanned
   crafted = _assert_bounded(_contribution_fn(loss, 1.0, "auto")(params, batch, 0), 1.0, "crafted")
   benign = _assert_bounded(_contribution_fn(loss, 1.0, "auto")(params, batch, 1), 1.0, "benign")

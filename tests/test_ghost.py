@@ -281,8 +281,8 @@ def test_auto_equals_vmap_on_a_benign_bert_sized_leaf_beyond_the_fallback_budget
                              rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want["params"]["kernel"]))))
 
 
-def _assert_scanned_dense_leaf_equals_vmap(model, x):
-  """One Dense over positions, every example clipped: "auto" (the scan) gives vmap's sum and stats, and so does
+def _assert_dense_leaf_equals_vmap(model, x):
+  """One Dense over positions, every example clipped: "auto" (scan or outright) gives vmap's sum and stats, and so does
   "ghost" (its alias); the pure Gram bound (``ghost.clipped_sum_gram``, not a mode) is below vmap by more than 1e-5."""
   params = model.init(jax.random.key(1), x[0])
   loss = lambda p, ex: jnp.mean(model.apply(p, ex) ** 2)
@@ -311,7 +311,21 @@ def test_auto_equals_vmap_on_a_benign_bert_sized_leaf_that_is_not_materialized_o
   x = jax.random.normal(jax.random.key(0), (5, 128, 128))
   plan = ghost._leaf_plan(ghost.NormMethod.GRAM, 5, x, x, None, auto=True)
   assert plan.scan and plan.unroll == max(1, step_floats // 128**2)
-  _assert_scanned_dense_leaf_equals_vmap(model, x)
+  _assert_dense_leaf_equals_vmap(model, x)
+
+
+def test_auto_materializes_a_small_many_row_leaf_outright_where_its_gram_costs_more():
+  # A 128 x 128 Dense over 128 positions (bench/step_overhead.py's "bert"): within the outright size, and its Gram
+  # estimate (n^2 (K + M) = 2 n K M) costs more than materializing it, so "auto" takes it outright (norms and sum
+  # from the same numbers, no Gram) instead of the scan (1.04x -> 0.90x of the non-private gradient there). Small
+  # BERT's 512 x 512 leaves at 8 examples (Gram n^2 (K + M) = n K M / 2) stay in the scan.
+  x = np.empty((5, 128, 128))
+  plan = ghost._leaf_plan(ghost.NormMethod.GRAM, 5, x, x, None, auto=True)
+  assert not plan.scan and plan.n_sel == 5
+  wide = np.empty((8, 128, 512))
+  assert ghost._leaf_plan(ghost.NormMethod.GRAM, 8, wide, wide, None, auto=True).scan
+  model = nn.Dense(128, use_bias=False)
+  _assert_dense_leaf_equals_vmap(model, jax.random.normal(jax.random.key(0), (5, 128, 128)))
 
 
 @pytest.mark.parametrize("predictions", [5, 16, 20, 40])
@@ -378,7 +392,7 @@ def test_auto_equals_vmap_on_a_benign_leaf_of_32_rows_too_large_to_materialize_o
   x = jax.random.normal(jax.random.key(0), (20, 32, 512))
   assert 20 * 512 * 512 > ghost._MATERIALIZE_SMALL_LEAF
   assert ghost._leaf_plan(ghost.NormMethod.GRAM, 20, x, x, None, auto=True).scan
-  _assert_scanned_dense_leaf_equals_vmap(model, x)
+  _assert_dense_leaf_equals_vmap(model, x)
 
 
 @pytest.mark.parametrize("step_floats", [1, 1 << 14])

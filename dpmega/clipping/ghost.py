@@ -162,8 +162,9 @@ _FALLBACK_LOOSENESS = 1e-2
 # vmap's). Beyond it, the scan (a tied table: the Gram bound) keeps memory independent of b.
 _MATERIALIZE_SMALL_LEAF = 1 << 22
 # Under "auto", a dense leaf with at least this many rows per example (a transformer's positions) is materialized one
-# example at a time in a scan, whatever its size (`_leaf_plan`): exact like the outright path, memory independent
-# of b, and faster than it on CPU (2-D products instead of a batched one: small BERT's clipped step 1.26x -> 1.14x).
+# example at a time in a scan (`_leaf_plan`): exact like the outright path, memory independent of b, and faster than
+# it on CPU (2-D products instead of a batched one: small BERT's clipped step 1.26x -> 1.14x). Not where the leaf fits
+# _MATERIALIZE_SMALL_LEAF and its Gram estimate (the scan's norms) costs more than materializing it: outright there.
 _SCAN_MIN_ROWS = 64
 # Under "auto", a tied table (lookups and an output projection) with 2 to this many predictions per example is never
 # materialized: its Gram bound, from blocked products (gram.BLOCKED_MAX_ROWS) and Gram matrices of absolute values
@@ -175,7 +176,8 @@ _BOUND_MAX_ROWS = 16
 # Under "auto", a leaf left to its Gram bound (such a tied table) is summed in the scan instead (one batch-level
 # lax.cond) when some example's bound exceeds its estimate by more than this: then its clip factors are within
 # _SCAN_LOOSENESS - _BOUND_SLACK (5e-6) of vmap's. A softmax output's table stays below it (3.7e-6 to 8.5e-6 from 5
-# to 63 predictions); dense output rows that overlap (a distillation loss: 1.1e-5 to 3.2e-5) take the scan.
+# to 63 predictions); dense output rows that overlap (distillation, a squared error on the logits: 1.1e-5 to 1.3e-5 at
+# 63 predictions; random operands 1.1e-5 to 3.2e-5) take the scan.
 _SCAN_LOOSENESS = 1e-5
 # Floats of per-example gradients live in one step of that scan (2 MiB, about a core's cache): unrolled further,
 # a 768 x 768 leaf's scan took 2.3x as long (7 examples a step vs 1, bench/large_leaf.py's shape 32,128,768,768).
@@ -218,13 +220,21 @@ class _LeafPlan(NamedTuple):
   unroll: int  # examples per step of the scan, either way
 
 
+def _gram_costs_more(n: int, k: int, m: int) -> bool:
+  """Whether the Gram estimate (``n^2 (K + M)`` multiply-adds) costs more than materializing (``n K M``)."""
+  return n * (int(k) + int(m)) >= int(k) * int(m)
+
+
 def _leaf_plan(method: NormMethod, b: int, x, y, rows, auto: bool) -> _LeafPlan:
   """The path of a GRAM or MATERIALIZE leaf with factors ``x [b, n, K]``, ``y [b, n, M]`` (+ tied ``rows``).
 
   * MATERIALIZE (``n^2 > K M``): every example's gradient materialized outright.
   * Under "auto" (``auto``), a multi-row GRAM leaf is **scanned** (:func:`_scanned_sum`) with at least
-    ``_SCAN_MIN_ROWS`` rows per example, or with 2 to 63 rows (no lookups) when its per-example gradients exceed
-    ``_MATERIALIZE_SMALL_LEAF`` floats per micro-batch: memory independent of ``b``, each example's norm taken
+    ``_SCAN_MIN_ROWS`` rows per example (unless it fits the outright size and its Gram estimate, ``n^2 (K + M)``
+    multiply-adds, costs at least its materialization, ``n K M``: then outright, no Gram at all; a 128 x 128
+    projection over 128 positions at batch 32: its clipped sum 1.04x -> 0.90x of the non-private gradient), or
+    with 2 to 63 rows (no lookups) when its per-example gradients exceed ``_MATERIALIZE_SMALL_LEAF`` floats per
+    micro-batch: memory independent of ``b``, each example's norm taken
     from the numbers it adds, one 2-D product per example (XLA's CPU runtime runs the batched ``[b, K, N]``
     product of outright materialization 1.5-3x slower than the same flops as 2-D products). There the Gram bound
     exceeds the norm by 1e-5 to 1e-3 on benign operands (its ``gamma_K`` and ``gamma_{n+2}`` terms; more where
@@ -240,9 +250,9 @@ def _leaf_plan(method: NormMethod, b: int, x, y, rows, auto: bool) -> _LeafPlan:
     the norm by only 3.7e-6 to 8.5e-6 from 5 to 63 predictions (small BERT's 30,522 x 512 table at 20: 4.9e-6).
     Beside the bound, the ``_MATERIALIZE_BUDGET`` fallback materializes the loosest examples (``n_sel`` of them,
     at least one) on cancellation. Under "auto" the leaf also has a **scan fallback**: when some example's bound
-    still exceeds its estimate by more than ``_SCAN_LOOSENESS`` (dense output rows that overlap, as a
-    distillation loss's: 1.1e-5 to 3.2e-5 at 20 to 63 predictions), one batch-level ``lax.cond`` sums the leaf
-    in the scan instead, so its clip factors stay vmap's.
+    still exceeds its estimate by more than ``_SCAN_LOOSENESS`` (dense output rows that overlap: a distillation
+    loss's or a squared error's, 1.1e-5 and 1.3e-5 at 63 predictions; random operands, 1.1e-5 to 3.2e-5 from 20
+    to 63), one batch-level ``lax.cond`` sums the leaf in the scan instead, so its clip factors stay vmap's.
   """
   n = x.shape[1]
   per_example = int(x.shape[2]) * int(y.shape[2])
@@ -251,7 +261,8 @@ def _leaf_plan(method: NormMethod, b: int, x, y, rows, auto: bool) -> _LeafPlan:
   if method == NormMethod.MATERIALIZE:
     return _LeafPlan(False, b, False, unroll)
   small = b * per_example <= _MATERIALIZE_SMALL_LEAF
-  if auto and n >= 2 and (n >= _SCAN_MIN_ROWS or not (table or small)):
+  many_rows = n >= _SCAN_MIN_ROWS and not (small and not table and _gram_costs_more(n, x.shape[2], y.shape[2]))
+  if auto and n >= 2 and (many_rows or not (table or small)):
     return _LeafPlan(True, 0, False, unroll)
   if _MATERIALIZE_BUDGET <= 0:  # budget 0: the bound alone (the adversarial tests of the bound)
     return _LeafPlan(False, 0, False, unroll)

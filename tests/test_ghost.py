@@ -328,6 +328,15 @@ def test_auto_materializes_a_small_many_row_leaf_outright_where_its_gram_costs_m
   _assert_dense_leaf_equals_vmap(model, jax.random.normal(jax.random.key(0), (5, 128, 128)))
 
 
+def _auto_and_vmap_every_example_clipped(loss_fn, params, batch):
+  """``(clip, auto's result, vmap's result, vmap's largest entry)`` at a quarter of the median norm (all clipped)."""
+  clip = _median_norm(loss_fn, params, batch) / 4
+  got = clipping.clipped_grad_sum(loss_fn, params, batch, clip_norm=clip, clipping="auto")
+  want = clipping.clipped_grad_sum(loss_fn, params, batch, clip_norm=clip, clipping="vmap")
+  assert int(want[2].num_clipped) == jax.tree_util.tree_leaves(batch)[0].shape[0]
+  return clip, got, want, max(float(jnp.max(jnp.abs(x))) for x in jax.tree_util.tree_leaves(want[0]))
+
+
 @pytest.mark.parametrize("predictions", [5, 16, 20, 40])
 def test_auto_equals_vmap_on_a_benign_tied_output_table_clipped_by_its_bound(predictions):
   # A tied 8,192 x 64 embedding: 16 lookups and the output projection at 5, 16, 20 (small BERT's) or 40 (BERT at
@@ -342,11 +351,7 @@ def test_auto_equals_vmap_on_a_benign_tied_output_table_clipped_by_its_bound(pre
   x, y, rows = np.empty((16, predictions, m.vocab)), np.empty((16, predictions, m.dim)), np.empty((16, 16, m.dim))
   plan = ghost._leaf_plan(ghost.NormMethod.GRAM, 16, x, y, rows, auto=True)
   assert not plan.scan and plan.n_sel < 16  # the premise: the bound
-  clip = _median_norm(loss_fn, params, batch) / 4
-  got = clipping.clipped_grad_sum(loss_fn, params, batch, clip_norm=clip, clipping="auto")
-  want = clipping.clipped_grad_sum(loss_fn, params, batch, clip_norm=clip, clipping="vmap")
-  assert int(want[2].num_clipped) == 16
-  scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree_util.tree_leaves(want[0]))
+  clip, got, want, scale = _auto_and_vmap_every_example_clipped(loss_fn, params, batch)
   _assert_trees_close(got[0], want[0], rtol=1e-5, atol=1e-5 * scale)
   np.testing.assert_allclose([got[2].norm_sum, got[2].norm_max], [want[2].norm_sum, want[2].norm_max], rtol=1e-5)
 
@@ -371,11 +376,7 @@ def test_auto_equals_vmap_on_a_tied_table_whose_bound_exceeds_the_slack(loss_nam
   x, y, rows = np.empty((16, predictions, m.vocab)), np.empty((16, predictions, m.dim)), np.empty((16, 63, m.dim))
   plan = ghost._leaf_plan(ghost.NormMethod.GRAM, 16, x, y, rows, auto=True)
   assert not plan.scan and plan.n_sel < 16 and plan.scan_fallback  # the premise: the bound, with the fallback
-  clip = _median_norm(loss_fn, params, batch) / 4
-  got = clipping.clipped_grad_sum(loss_fn, params, batch, clip_norm=clip, clipping="auto")
-  want = clipping.clipped_grad_sum(loss_fn, params, batch, clip_norm=clip, clipping="vmap")
-  assert int(want[2].num_clipped) == 16
-  scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree_util.tree_leaves(want[0]))
+  clip, got, want, scale = _auto_and_vmap_every_example_clipped(loss_fn, params, batch)
   _assert_trees_close(got[0], want[0], rtol=1e-5, atol=1e-6 * scale)
   np.testing.assert_allclose([got[2].norm_sum, got[2].norm_max], [want[2].norm_sum, want[2].norm_max], rtol=2e-6)
   # The bound alone (not a mode) is above: the case needs the fallback.

@@ -261,6 +261,25 @@ def test_rounding_bound_alone_is_never_permissive(name, p):
     _assert_bounded(_contribution(name, "float32", mode, batch, budget=0), C, (name, mode, p))
 
 
+@pytest.mark.parametrize("name", ["tied", "tied_wide"])
+@given(p=_inputs)
+def test_scan_fallback_bounds_the_examples_beyond_the_budget(name, p):
+  """Both crafted examples added, the fallback budget one example's gradient: the other one's bound is loose, so
+  the tied table is summed in the scan (its estimate as the norm, each example capped by what it adds). The sum of
+  the two contributions is at most 2 C; summing by the book-keeping with the estimate as the norm would not be."""
+  batch = _batch(name, p)
+  fn, params, _ = _setup(name, "float32", "auto", None)
+  saved = ghost._MATERIALIZE_BUDGET
+  ghost._MATERIALIZE_BUDGET = _VOCAB[name] * 4  # one example's table gradient: n_sel = 1
+  try:
+    f = dpmega.private_value_and_grad(_tied_loss(_Tied(vocab=_VOCAB[name])), clip_norm=C, noise_multiplier=0.0,
+                                      expected_batch_size=1.0, clipping="auto")
+    _, grads, _ = f(params, batch, jax.random.key(0), mask=jnp.ones((2,), jnp.float32))
+  finally:
+    ghost._MATERIALIZE_BUDGET = saved
+  _assert_bounded(grads, 2 * C, (name, p))
+
+
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
 @pytest.mark.parametrize("name", ["dense", "dense_general", "attention", "tied"])
 @given(p=_inputs)

@@ -15,7 +15,7 @@ Sweeps (``--sweep``):
 * ``schedule``: at epsilon 5.36 and final batch B (``--schedule_batch``), the geometric schedule B/8 -> B
   against fixed B over the same steps (with ``--match_examples``: the ramp, then batch B until it has processed
   as many examples as the fixed run, epsilon accounted for all its steps); accuracy against examples processed
-  (simulated, or real with ``--real``).
+  (simulated, or real with ``--real``); with ``--seeds 0,1,2`` each seed, then the seed means and their plot.
 * ``simulation``: one real run at ``--sim_check_batch`` against its simulations at k in {4, 16}.
 * ``ceiling``: the trainer's recipe with clipping and no noise at ``--ref_batch`` for ``--examples``, its curve.
 * ``long``: private runs for ``--examples`` at each of ``--batches``, with their curves: real, simulated at
@@ -251,7 +251,21 @@ def sweep_batch(args) -> list[dict]:
   return rows
 
 
+def reach(curve: list, target: float) -> tuple[int | None, float | None]:
+  """Examples at the first evaluation of ``curve`` at or above ``target``, and linearly interpolated between the
+  evaluations around it (None, None if it never gets there)."""
+  for i, (x, a) in enumerate(curve):
+    if a >= target:
+      if i == 0:
+        return x, float(x)
+      (x0, a0) = curve[i - 1]
+      return x, x0 + (target - a0) / (a - a0) * (x - x0)
+  return None, None
+
+
 def sweep_schedule(args) -> list[dict]:
+  if len(args.seeds) > 1:
+    return schedule_seeds(args)
   b, steps = args.schedule_batch, args.examples // args.schedule_batch
   k = 0 if args.real else max(1, b // 8 // (args.sim_batch // 2))  # the ramp starts at batch sim_batch / 2
   every = max(1, steps // 10)
@@ -265,9 +279,39 @@ def sweep_schedule(args) -> list[dict]:
   plot(args, "schedule", {r["schedule"] + ("" if args.real else f" (simulated k={k})"): r["curve"] for r in rows},
        f"eps {args.epsilons[0]:g}: fixed vs increasing batch")
   fixed, ramp = rows
-  reach = next((x for x, a in ramp["curve"] if a >= fixed["mlm_accuracy"]), None)
-  ramp["examples_to_reach_fixed"] = reach
-  ramp["fraction_of_fixed_examples"] = None if reach is None else reach / fixed["examples"]
+  first, _ = reach(ramp["curve"], fixed["mlm_accuracy"])
+  ramp["examples_to_reach_fixed"] = first
+  ramp["fraction_of_fixed_examples"] = None if first is None else first / fixed["examples"]
+  return rows
+
+
+def schedule_seeds(args) -> list[dict]:
+  """The ``schedule`` sweep for each of ``--seeds`` (init, noise and sampling differ), then the seed means: the
+  fraction of the fixed run's examples with which the ramp reaches the fixed run's final accuracy, per seed and on
+  the mean curves (the arms evaluate at the same example counts in every seed), and one plot of the means."""
+  out, seeds, rows = args.out, args.seeds, []
+  for seed in seeds:
+    args.seed, args.seeds = seed, [seed]
+    args.out = str(pathlib.Path(out).parent / f"seed{seed}" / pathlib.Path(out).name)
+    rows += sweep_schedule(args)
+  args.out, args.seeds = out, seeds
+  fixed, ramp = rows[0::2], rows[1::2]
+  mean = lambda arms: [(x, float(np.mean([r["curve"][i][1] for r in arms])))  # noqa: E731
+                       for i, (x, _) in enumerate(arms[0]["curve"])]
+  fixed_mean, ramp_mean = mean(fixed), mean(ramp)
+  total = fixed[0]["examples"]
+  lines = ["| seed | fixed B: final | ramp: final | ramp reaches the fixed final at (first evaluation) | "
+           "interpolated |", "|---:|---:|---:|---:|---:|"]
+  entries = [(seed, f["mlm_accuracy"], r["curve"]) for seed, f, r in zip(args.seeds, fixed, ramp)]
+  for label, target, curve in entries + [("mean", fixed_mean[-1][1], ramp_mean)]:
+    first, interp = reach(curve, target)
+    lines.append(f"| {label} | {target:.4f} | {curve[-1][1]:.4f} | "
+                 + ("never |  |" if first is None else f"{first:,} ({first / total:.0%}) | {interp / total:.0%} |"))
+  print("\n".join(lines))
+  b = args.schedule_batch
+  plot(args, "schedule_seeds", {f"constant:{b}, mean of {len(fixed)} seeds": fixed_mean,
+                                f"{ramp[0]['schedule']}, then {b}, mean of {len(ramp)} seeds": ramp_mean},
+       f"eps {args.epsilons[0]:g}, Adam b2 {args.b2:g}: fixed vs increasing batch")
   return rows
 
 
@@ -402,6 +446,8 @@ def main(argv=None) -> int:
   parser.add_argument("--ref_grid_steps", type=int, default=None)
   parser.add_argument("--ref_steps", type=int, default=None)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--seeds", default=None, help="schedule sweep: comma-separated seeds, each run, then the "
+                      "seed means (overrides --seed)")
   parser.add_argument("--b2", type=float, default=0.999, help="Adam's second-moment decay of the DP arms (a "
                       "shorter memory forgets the noisier small batches of a ramp sooner)")
   parser.add_argument("--optimizer", default="adam", choices=("adam", "adam_bc"), help="optimizer of the DP arms")
@@ -423,6 +469,7 @@ def main(argv=None) -> int:
   args.lrs = [float(x) for x in str(args.lrs).split(",")]
   args.epsilons = [float(x) for x in args.epsilons.split(",")]
   args.batches = [int(x) for x in args.batches.split(",")]
+  args.seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
   if args.schedule_lr is None:
     args.schedule_lr = 1e-2
   start = time.perf_counter()

@@ -183,3 +183,33 @@ def test_the_update_hands_the_optimizer_sigma_c_over_b():
   update = step_lib.make_update_fn(opt, mesh, *shardings, clip_norm=2.5)
   new, _ = update(state, {"w": jnp.zeros(3)}, noise_lib.step_key(noise_lib.secret_bytes(), 0), 1.5, 300.0)
   np.testing.assert_allclose(np.asarray(new.params["w"]), 1.5 * 2.5 / 300.0, rtol=1e-6)
+
+
+# ------------------------------------------------------------------- Adam's memory under an increasing batch
+def test_stale_noise_ratio_is_the_noise_adams_second_moment_holds_at_the_last_step():
+  sizes = np.array([64, 64, 128, 128, 256, 256, 512, 512, 1024, 1024])
+  d, b2 = 400_000, 0.9
+  tx = optax.scale_by_adam(b1=0.9, b2=b2, eps=0.0)
+  state = tx.init(jnp.zeros(d))
+  for t, b in enumerate(sizes):  # pure noise of std 1 / B_t on the mean gradient (sigma C = 1)
+    _, state = tx.update(jax.random.normal(jax.random.key(t), (d,)) / b, state)
+  nu_hat = np.asarray(state.nu) / (1 - b2 ** len(sizes))
+  measured = float(np.mean(nu_hat)) * sizes[-1] ** 2
+  assert measured == pytest.approx(optim.stale_noise_ratio(b2, sizes), rel=0.01)
+  assert measured > 3  # the early batches' noise is still most of it
+  assert optim.stale_noise_ratio(b2, np.full(10, 1024)) == pytest.approx(1.0)
+
+
+def test_schedule_note_names_a_b2_that_forgets_the_ramp_and_stays_quiet_otherwise():
+  ramp = np.geomspace(1024, 8192, 64).round()
+  ramp = np.concatenate([ramp, np.full(37, 8192)])
+  adam = config_lib.OptimizerConfig()
+  note = optim.schedule_note(adam, ramp)
+  assert note is not None and "b2 = 0.999" in note and "optimizer.b2 = 0.95" in note and "adam_bc" in note
+  assert optim.stale_noise_ratio(0.999, ramp) > 9 and optim.stale_noise_ratio(0.95, ramp) <= optim.STALE_NOISE_NOTE
+  assert optim.schedule_note(config_lib.OptimizerConfig(b2=0.95), ramp) is None
+  assert optim.schedule_note(adam, np.full(100, 8192)) is None  # a constant batch
+  for name in ("adam_bc", "sgd", "momentum"):  # adam_bc subtracts each step's noise; the others keep no moment
+    assert optim.schedule_note(config_lib.OptimizerConfig(name=config_lib.Optimizer(name)), ramp) is None
+  steep = np.concatenate([np.full(50, 16), np.full(5, 16384)])  # no common b2 forgets this one: adam_bc only
+  assert "optimizer.b2" not in optim.schedule_note(adam, steep) and "adam_bc" in optim.schedule_note(adam, steep)

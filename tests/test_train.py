@@ -175,6 +175,16 @@ def test_target_epsilon_calibrates_sigma_for_the_whole_schedule(tmp_path):
   assert all(a <= b for a, b in zip(eps, eps[1:])) and eps[-1] == result.epsilon
 
 
+def test_the_plan_says_when_adams_memory_spans_an_increasing_batch(tmp_path):
+  ramp = ("batch_schedule='linear:32->128'", "optimizer.name='adam'", "optimizer.learning_rate=0.01")
+  for overrides, noted in ((ramp, True), (ramp + ("optimizer.b2=0.5",), False),
+                           (("optimizer.name='adam'", "optimizer.learning_rate=0.01"), False)):
+    lines = []
+    _trainer(_config(tmp_path, *overrides, name=f"run{len(overrides)}{noted}"), lines).run()
+    notes = [line for line in lines if line.startswith("plan: note: at the last step adam's second moment")]
+    assert len(notes) == noted, lines
+
+
 def test_steps_that_draw_no_example_still_add_noise_and_count(tmp_path):
   # A public seed whose Poisson draws include empty steps (steps 1, 2, 7, 8): with a fresh secret, all 8
   # steps drew an example in 2.5% of the runs and the test failed by chance.

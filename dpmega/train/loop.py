@@ -41,6 +41,7 @@ from dpmega.train import averaging
 from dpmega.train import checkpoint as checkpoint_lib
 from dpmega.train import config as config_lib
 from dpmega.train import identity
+from dpmega.train import optim
 from dpmega.train import randomness as randomness_lib
 from dpmega.train import recalibration
 from dpmega.train import report
@@ -49,7 +50,6 @@ from dpmega.train import simulation
 from dpmega.train import sparse_tables
 from dpmega.train import step as step_lib
 from dpmega.train import workdir as workdir_lib
-from dpmega.train.optim import make_optimizer
 from dpmega.train.privacy import RunPrivacy
 from dpmega.train.report import TrainingError
 from dpmega.train.report import TrainResult
@@ -96,7 +96,7 @@ class Trainer:
     self.randomness = randomness_lib.describe(cfg)
     self.sampler = None
     self._set_randomness(randomness_lib.run_secret(cfg), generation=0)
-    self.optimizer = make_optimizer(cfg.optimizer, cfg.num_steps)
+    self.optimizer = optim.make_optimizer(cfg.optimizer, cfg.num_steps)
     self.num_traces = 0
     # delta_tail (invariant 8) depends on how many coordinates get noise: every parameter, plus the count.
     shapes = jax.eval_shape(task.init_params, self.init_key)
@@ -328,6 +328,9 @@ class Trainer:
     self.stage.name = "calibrating sigma to the target epsilon" if cfg.noise_multiplier is None else "planning"
     sigma, how = privacy.choose_sigma()
     privacy.print_plan(sigma, how, self.out, randomness=self.randomness, mesh=self.mesh)
+    note = optim.schedule_note(cfg.optimizer, self.full_batch_sizes[:cfg.num_steps])
+    if note:
+      self.out(f"plan: {note}")
 
     # --- restore or start. Every process reads the journal before process 0 appends to it, so all decide the
     # same generation; on resume every check runs before anything in the workdir is written.

@@ -264,8 +264,12 @@ def reach(curve: list, target: float) -> tuple[int | None, float | None]:
 
 
 def sweep_schedule(args) -> list[dict]:
-  if len(args.seeds) > 1:
-    return schedule_seeds(args)
+  return schedule_seeds(args) if len(args.seeds) > 1 else schedule_one(args)
+
+
+def schedule_one(args) -> list[dict]:
+  """The fixed batch and the ramp at ``args.seed``; the ramp's row gets the examples it needs to reach the fixed
+  run's final accuracy."""
   b, steps = args.schedule_batch, args.examples // args.schedule_batch
   k = 0 if args.real else max(1, b // 8 // (args.sim_batch // 2))  # the ramp starts at batch sim_batch / 2
   every = max(1, steps // 10)
@@ -289,12 +293,11 @@ def schedule_seeds(args) -> list[dict]:
   """The ``schedule`` sweep for each of ``--seeds`` (init, noise and sampling differ), then the seed means: the
   fraction of the fixed run's examples with which the ramp reaches the fixed run's final accuracy, per seed and on
   the mean curves (the arms evaluate at the same example counts in every seed), and one plot of the means."""
-  out, seeds, rows = args.out, args.seeds, []
-  for seed in seeds:
-    args.seed, args.seeds = seed, [seed]
-    args.out = str(pathlib.Path(out).parent / f"seed{seed}" / pathlib.Path(out).name)
-    rows += sweep_schedule(args)
-  args.out, args.seeds = out, seeds
+  out, rows = args.out, []
+  for seed in args.seeds:
+    args.seed, args.out = seed, str(pathlib.Path(out).parent / f"seed{seed}" / pathlib.Path(out).name)
+    rows += schedule_one(args)
+  args.out = out
   fixed, ramp = rows[0::2], rows[1::2]
   mean = lambda arms: [(x, float(np.mean([r["curve"][i][1] for r in arms])))  # noqa: E731
                        for i, (x, _) in enumerate(arms[0]["curve"])]

@@ -201,9 +201,9 @@ def schedule_note(cfg: config_lib.OptimizerConfig, batch_sizes: Any) -> str | No
   ratio = stale_noise_ratio(cfg.b2, batch_sizes)
   if ratio <= STALE_NOISE_NOTE:
     return None
-  better = next((b for b in (0.99, 0.98, 0.95, 0.9, 0.8) if b < cfg.b2
-                 and stale_noise_ratio(b, batch_sizes) <= STALE_NOISE_NOTE), None)
-  fix = (f"optimizer.b2 = {better:g} (ratio {stale_noise_ratio(better, batch_sizes):.3g})" if better else
+  shorter = ((b, stale_noise_ratio(b, batch_sizes)) for b in (0.99, 0.98, 0.95, 0.9, 0.8) if b < cfg.b2)
+  better = next(((b, r) for b, r in shorter if r <= STALE_NOISE_NOTE), None)
+  fix = (f"optimizer.b2 = {better[0]:g} (ratio {better[1]:.3g})" if better else
          "a smaller optimizer.b2, or optimizer.name = adam_bc (it subtracts each step's noise) with "
          "optimizer.adam_bc_floor near (sigma C / B)^2 (dpmega.train.dp_adam)")
   return (f"note: at the last step {cfg.name.value}'s second moment (b2 = {cfg.b2:g}) still holds {ratio:.3g}x the "
